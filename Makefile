@@ -1,0 +1,37 @@
+# The two commands of the README:
+#   make repro   set up .venv, install pinned packages, convert the bundled model, run `dvc repro`
+#   make test    set up .venv, run the default test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.locedit-installed
+
+.PHONY: setup repro test test-all lint bench clean-outputs
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+repro: setup
+	test -d .dvc || $(BIN)/dvc init --no-scm -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	@echo "Reports in reports/; MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db"
+
+test: setup
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+test-all: setup
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m ""
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/tracing.py
+	$(BIN)/python benchmarks/editing.py

@@ -1,0 +1,222 @@
+"""Loaders for CounterFact (ROME and EasyEdit formats), ROME's known facts, and zsRE.
+
+Every loader returns the valid records plus a count of skipped ones by reason; a data set in
+which most records are bad raises, since that means the wrong file or format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from locedit.data.records import FactRecord, RecordError
+
+log = logging.getLogger(__name__)
+
+ROME_DATA_URL = "https://rome.baulab.info/data/dsets"
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """Where a data set lives under the data root and where it is published."""
+
+    relative_path: str
+    published: str
+    note: str = ""
+
+    def missing_message(self, root: Path) -> str:
+        return (
+            f"data file {root / self.relative_path} is missing. It is published at "
+            f"{self.published}{(' (' + self.note + ')') if self.note else ''}. Fetch it with:\n"
+            f"  dvc import-url {self.published} {root / self.relative_path}\n"
+            "or set data.root in params.yaml to the folder that holds it."
+        )
+
+
+SOURCES: dict[str, DatasetSource] = {
+    "counterfact": DatasetSource("counterfact.json", f"{ROME_DATA_URL}/counterfact.json"),
+    "counterfact_easyedit": DatasetSource(
+        "counterfact_easyedit",
+        "https://github.com/zjunlp/EasyEdit (data release, counterfact/)",
+        "the folder with counterfact-edit.json, counterfact-train.json, counterfact-val.json",
+    ),
+    "known_1000": DatasetSource("known_1000.json", f"{ROME_DATA_URL}/known_1000.json"),
+    "zsre": DatasetSource("zsre_mem_eval.json", f"{ROME_DATA_URL}/zsre_mem_eval.json"),
+    "zsre_easyedit": DatasetSource(
+        "zsre_easyedit_portability/zsre_mend_eval_portability_gpt4.json",
+        "https://github.com/zjunlp/EasyEdit (data release, portability/)",
+    ),
+}
+
+
+class DatasetError(RuntimeError):
+    """A data set that is missing or mostly unusable."""
+
+
+@dataclass
+class LoadResult:
+    records: list[FactRecord]
+    skipped: Counter = field(default_factory=Counter)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+
+def _convert_all(
+    raw: Iterable[dict], convert: Callable[[dict], FactRecord], name: str, max_bad_fraction: float
+) -> LoadResult:
+    result = LoadResult(records=[])
+    total = 0
+    for row in raw:
+        total += 1
+        try:
+            result.records.append(convert(row).validate())
+        except RecordError as err:
+            result.skipped[str(err)] += 1
+        except (KeyError, TypeError, IndexError, AttributeError) as err:
+            result.skipped[f"malformed record ({type(err).__name__}: {err})"] += 1
+    if total and result.n_skipped / total > max_bad_fraction:
+        raise DatasetError(
+            f"{name}: {result.n_skipped} of {total} records are unusable "
+            f"({dict(result.skipped.most_common(3))}); is this the right file and format?"
+        )
+    if result.n_skipped:
+        log.warning("%s: skipped %d of %d records: %s", name, result.n_skipped, total, dict(result.skipped))
+    return result
+
+
+def _read_json(path: Path) -> list[dict]:
+    with path.open() as handle:
+        data = json.load(handle)
+    if not isinstance(data, list):
+        raise DatasetError(f"{path}: expected a JSON list of records")
+    return data
+
+
+def _require(source: str, root: Path) -> Path:
+    path = root / SOURCES[source].relative_path
+    if not path.exists():
+        raise FileNotFoundError(SOURCES[source].missing_message(root))
+    return path
+
+
+def _rome_counterfact(row: dict) -> FactRecord:
+    rewrite = row["requested_rewrite"]
+    subject = rewrite["subject"]
+    return FactRecord(
+        fact_id=f"cf-{row['case_id']}",
+        subject=subject,
+        prompt=rewrite["prompt"].format(subject),
+        target_true=rewrite["target_true"]["str"],
+        target_new=rewrite["target_new"]["str"],
+        paraphrase_prompts=tuple(row.get("paraphrase_prompts", ())),
+        neighborhood_prompts=tuple(row.get("neighborhood_prompts", ())),
+        relation_id=rewrite.get("relation_id"),
+        source="counterfact",
+    )
+
+
+def _easyedit_counterfact(row: dict) -> FactRecord:
+    return FactRecord(
+        fact_id=f"cf-{row['case_id']}",
+        subject=row["subject"],
+        prompt=row["prompt"],
+        target_true=row["ground_truth"],
+        target_new=row["target_new"],
+        paraphrase_prompts=(row["rephrase_prompt"],) if row.get("rephrase_prompt") else (),
+        neighborhood_prompts=(row["locality_prompt"],) if row.get("locality_prompt") else (),
+        source="counterfact_easyedit",
+    )
+
+
+def _known(row: dict) -> FactRecord:
+    return FactRecord(
+        fact_id=f"known-{row['known_id']}",
+        subject=row["subject"],
+        prompt=row["prompt"],
+        target_true=row["attribute"],
+        relation_id=row.get("relation_id"),
+        source="known_1000",
+    )
+
+
+def _zsre(row: dict) -> FactRecord:
+    """zsRE question as prompt; o_true is the gold answer, o_false the ``alt`` answer."""
+    question = row["src"]
+    return FactRecord(
+        fact_id=f"zsre-{row['_index']}",
+        subject=row["subject"],
+        prompt=question,
+        target_true=row["answers"][0],
+        target_new=row["alt"],
+        paraphrase_prompts=(row["rephrase"],) if row.get("rephrase") else (),
+        neighborhood_prompts=(row["loc"].removeprefix("nq question: ") + "?",) if row.get("loc") else (),
+        source="zsre",
+        extra={"neighborhood_answers": [row.get("loc_ans", "")]},
+    )
+
+
+def load_counterfact(root: Path, max_bad_fraction: float = 0.5) -> LoadResult:
+    """CounterFact in ROME's format if present, else EasyEdit's split files, in case_id order."""
+    root = Path(root)
+    if (root / SOURCES["counterfact"].relative_path).exists():
+        return _convert_all(
+            _read_json(root / "counterfact.json"), _rome_counterfact, "counterfact", max_bad_fraction
+        )
+    folder = _require("counterfact_easyedit", root)
+    rows = [row for file in sorted(folder.glob("*.json")) for row in _read_json(file)]
+    rows.sort(key=lambda r: r.get("case_id", 0) if isinstance(r, dict) else 0)
+    return _convert_all(rows, _easyedit_counterfact, "counterfact_easyedit", max_bad_fraction)
+
+
+def load_known(root: Path, max_bad_fraction: float = 0.5) -> LoadResult:
+    return _convert_all(_read_json(_require("known_1000", Path(root))), _known, "known_1000", max_bad_fraction)
+
+
+def load_zsre(root: Path, max_bad_fraction: float = 0.5) -> LoadResult:
+    """ROME's ``zsre_mem_eval.json`` if present, else EasyEdit's portability subset."""
+    root = Path(root)
+    name = "zsre" if (root / SOURCES["zsre"].relative_path).exists() else "zsre_easyedit"
+    rows = _read_json(_require(name, root))
+    for index, row in enumerate(rows):
+        if isinstance(row, dict):
+            row.setdefault("_index", index)
+    return _convert_all(rows, _zsre, name, max_bad_fraction)
+
+
+def load_json_file(path: Path, fmt: str, max_bad_fraction: float = 0.5) -> LoadResult:
+    """Load any file in one of the known formats (for user-supplied data)."""
+    converters = {
+        "rome_counterfact": _rome_counterfact,
+        "easyedit_counterfact": _easyedit_counterfact,
+        "known": _known,
+        "zsre": _zsre,
+    }
+    if fmt not in converters:
+        raise ValueError(f"unknown format {fmt!r}; choose from {sorted(converters)}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {path} is missing")
+    rows = _read_json(path)
+    for index, row in enumerate(rows):
+        if isinstance(row, dict):
+            row.setdefault("_index", index)
+    return _convert_all(rows, converters[fmt], path.name, max_bad_fraction)
+
+
+LOADERS: dict[str, Callable[[Path], LoadResult]] = {
+    "counterfact": load_counterfact,
+    "known_1000": load_known,
+    "zsre": load_zsre,
+}
+
+
+def load_dataset(name: str, root: Path, max_bad_fraction: float = 0.5) -> LoadResult:
+    if name not in LOADERS:
+        raise ValueError(f"unknown data set {name!r}; choose from {sorted(LOADERS)}")
+    return LOADERS[name](Path(root), max_bad_fraction)

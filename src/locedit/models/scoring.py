@@ -1,0 +1,92 @@
+"""Target probabilities by teacher forcing, with logits only where they are read.
+
+Gemma's 262k-token unembedding costs more than all its layers together (DESIGN.md §7), so
+every probability here runs the base model once and unembeds just the positions that predict
+a target token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def unembed(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from final-layer hidden states (after the final norm), as the LM head does."""
+    logits = model.get_output_embeddings()(hidden)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask, so positions stay those of the unpadded prompt."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def pad_token_id(model: nn.Module) -> int:
+    config = model.config
+    for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(config, attr, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def target_log_probs(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """log p(target | prompt) summed over target tokens, one value per (prompt, target) pair.
+
+    The probability of a multi-token object is the product of its token probabilities under
+    teacher forcing (DESIGN.md §4), so the log-probabilities add.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError("prompts and targets must pair up")
+    out: list[torch.Tensor] = []
+    pad = pad_token_id(model)
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            chunk = range(start, min(start + batch_size, len(prompts)))
+            out.append(_log_probs_batch(model, [prompts[i] for i in chunk], [targets[i] for i in chunk], pad))
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def _log_probs_batch(model, prompts, targets, pad: int) -> torch.Tensor:
+    sequences = [list(p) + list(t[:-1]) for p, t in zip(prompts, targets, strict=True)]
+    ids, mask = pad_right(sequences, pad)
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    rows, cols, token_ids = [], [], []
+    for row, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+        for offset, token in enumerate(target):
+            rows.append(row)
+            cols.append(len(prompt) - 1 + offset)
+            token_ids.append(token)
+    logits = unembed(model, hidden[torch.tensor(rows), torch.tensor(cols)]).float()
+    picked = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(token_ids)[:, None])[:, 0]
+    totals = torch.zeros(len(prompts), dtype=picked.dtype)
+    return totals.index_add(0, torch.tensor(rows), picked)
+
+
+def next_token_log_probs(model: nn.Module, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """log-softmax over the vocabulary at the last position of each prompt: [n, vocab]."""
+    ids, mask = pad_right(prompts, pad_token_id(model))
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        last = torch.tensor([len(p) - 1 for p in prompts])
+        logits = unembed(model, hidden[torch.arange(len(prompts)), last]).float()
+    return torch.log_softmax(logits, dim=-1)

@@ -1,0 +1,74 @@
+"""Weight snapshots that make an edited model impossible to leak out of a ``with`` block."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class RestorationError(RuntimeError):
+    """The weights after restoration differ from the snapshot: the model must not be used."""
+
+
+class WeightSnapshot:
+    """Exact copies of named parameters, restorable and verifiable bit for bit."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
+        params = dict(model.named_parameters())
+        self.model = model
+        self.saved: dict[str, torch.Tensor] = {}
+        for name in names:
+            if name not in params:
+                raise KeyError(f"parameter {name!r} not in model")
+            self.saved[name] = params[name].detach().clone()
+
+    def changed(self) -> list[str]:
+        """Names of parameters that differ from the snapshot now."""
+        params = dict(self.model.named_parameters())
+        return [n for n, saved in self.saved.items() if not torch.equal(params[n].detach(), saved)]
+
+    def restore(self) -> None:
+        """Copy the saved values back and verify bit-identity."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, saved in self.saved.items():
+                params[name].copy_(saved)
+        still_changed = self.changed()
+        if still_changed:
+            raise RestorationError(f"restoration failed for {still_changed}")
+
+
+@contextmanager
+def preserved_weights(model: nn.Module, names: Iterable[str]) -> Iterator[WeightSnapshot]:
+    """Snapshot ``names`` on entry; restore and verify on exit, also when the body raises."""
+    snapshot = WeightSnapshot(model, names)
+    try:
+        yield snapshot
+    finally:
+        snapshot.restore()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short content hash of the model's config and weights (for cache keys).
+
+    Hashes every tensor's shape and dtype, a strided sample of its values and its full sum and
+    absolute sum: enough to tell checkpoints and edited weights apart without hashing a gigabyte.
+    """
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        digest.update(config.to_json_string(use_diff=False).encode())
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step].float().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+        # Full-tensor moments catch a change anywhere, such as one edited row.
+        moments = torch.stack([flat.double().sum(), flat.double().abs().sum()])
+        digest.update(moments.numpy().tobytes())
+    return digest.hexdigest()[:16]

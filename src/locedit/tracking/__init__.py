@@ -1,0 +1,104 @@
+"""MLflow set-up and logging helpers shared by every stage.
+
+Tracking goes to ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/`` (DESIGN.md §3),
+so ``mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`` shows every run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_EXPERIMENT = "locedit"
+
+
+def configure(tracking_uri: str | None = None, experiment: str | None = None) -> str:
+    """Point MLflow at our store (creating ``mlruns/``) and select the experiment."""
+    import mlflow
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///"):
+        db_path = Path(uri.removeprefix("sqlite:///"))
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        artifact_root = (db_path.parent / "artifacts").resolve().as_uri()
+    else:
+        artifact_root = None
+    mlflow.set_tracking_uri(uri)
+    name = experiment or DEFAULT_EXPERIMENT
+    if mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=artifact_root)
+    mlflow.set_experiment(name)
+    return uri
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``a.b.c`` keys with string values, as MLflow params want."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+            flat[name] = text[:6000]
+    return flat
+
+
+@contextmanager
+def stage_run(
+    stage: str,
+    params: Mapping[str, Any] | None = None,
+    mlflow_cfg: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+) -> Iterator[Any]:
+    """An MLflow run for one stage (nested under ``parent_run_id`` when given)."""
+    import mlflow
+
+    cfg = dict(mlflow_cfg or {})
+    configure(cfg.get("tracking_uri"), cfg.get("experiment"))
+    tags = {"locedit.stage": stage}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    with mlflow.start_run(run_name=run_name or stage, tags=tags, nested=parent_run_id is not None) as run:
+        if params:
+            mlflow.log_params(flatten(params))
+        yield run
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log finite numeric metrics; MLflow keys allow only a limited character set."""
+    import math
+
+    import mlflow
+
+    clean = {
+        _metric_key(k): float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and math.isfinite(float(v))
+    }
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def _metric_key(key: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in key)
+
+
+def log_artifacts(paths: list[Path] | Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    for path in [paths] if isinstance(paths, Path) else paths:
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+        elif path.exists():
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
