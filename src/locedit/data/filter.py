@@ -1,0 +1,138 @@
+"""The known-fact filter of the paper (App. A): keep facts the model actually completes.
+
+A fact is kept when o_true appears in the first 36 greedily generated tokens of its prompt.
+Fact Erasure further needs p(o_true | s, r) >= 0.02, stored per fact as ``erasure_ok``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from locedit.data.records import FactRecord
+from locedit.models.scoring import target_log_probs
+from locedit.models.tokens import TokenizationError, encode_prompt, encode_target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    max_new_tokens: int = 36
+    batch_size: int = 8
+    erasure_min_prob: float = 0.02
+    max_facts: int | None = None
+
+
+@dataclass
+class FilterResult:
+    kept: list[FactRecord]
+    n_candidates: int
+    n_known: int
+    dropped: Counter = field(default_factory=Counter)
+
+    @property
+    def completion_accuracy(self) -> float:
+        """Share of tokenisable candidates whose greedy completion contains o_true."""
+        scored = self.n_candidates - sum(v for k, v in self.dropped.items() if k.startswith("tokenization"))
+        return self.n_known / scored if scored else math.nan
+
+
+def greedy_completions(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int = 36,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy continuations (text after the prompt), batched with left padding.
+
+    Left padding keeps every prompt's last token at the end of the row, which decoder-only
+    generation needs; the attention mask gives pad positions no weight.
+    """
+    original_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[str] = []
+    try:
+        batches = range(0, len(prompts), batch_size)
+        for start in tqdm(batches, desc="greedy completions", unit="batch", disable=not progress):
+            chunk = list(prompts[start : start + batch_size])
+            enc = tokenizer(chunk, return_tensors="pt", padding=True)
+            with torch.no_grad():
+                generated = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=pad_id,
+                    top_k=None,
+                    top_p=None,
+                    temperature=None,
+                )
+            new_tokens = generated[:, enc["input_ids"].shape[1] :]
+            out.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = original_side
+    return out
+
+
+def is_known(completion: str, target_true: str) -> bool:
+    """o_true appears in the completion (App. A)."""
+    return target_true.strip() in completion
+
+
+def filter_known_facts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[FactRecord],
+    config: FilterConfig,
+    progress: bool = True,
+) -> FilterResult:
+    """Keep the facts the model knows, annotated with p(o_true|s,r) and the erasure flag."""
+    dropped: Counter = Counter()
+    usable: list[tuple[FactRecord, list[int], list[int]]] = []
+    for record in records:
+        try:
+            encoded = encode_prompt(tokenizer, record.prompt, record.subject)
+            target_ids = encode_target(tokenizer, record.prompt, record.target_true)
+            if record.target_new is not None:
+                encode_target(tokenizer, record.prompt, record.target_new)
+        except TokenizationError as err:
+            dropped[f"tokenization: {err}"] += 1
+            continue
+        usable.append((record, encoded.input_ids, target_ids))
+
+    completions = greedy_completions(
+        model, tokenizer, [r.prompt for r, _, _ in usable], config.max_new_tokens, config.batch_size, progress
+    )
+    log_p = target_log_probs(model, [p for _, p, _ in usable], [t for _, _, t in usable], config.batch_size)
+
+    kept: list[FactRecord] = []
+    n_known = 0
+    for (record, _, _), completion, lp in zip(usable, completions, log_p.tolist(), strict=True):
+        if not is_known(completion, record.target_true):
+            dropped["o_true not in the greedy completion"] += 1
+            continue
+        n_known += 1
+        if config.max_facts is not None and len(kept) >= config.max_facts:
+            dropped["beyond max_facts"] += 1
+            continue
+        p_true = math.exp(lp)
+        extra = {
+            **record.extra,
+            "completion": completion,
+            "p_true": p_true,
+            "erasure_ok": p_true >= config.erasure_min_prob,
+        }
+        kept.append(replace(record, extra=extra))
+    return FilterResult(kept=kept, n_candidates=len(records), n_known=n_known, dropped=dropped)

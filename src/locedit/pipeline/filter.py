@@ -1,0 +1,53 @@
+"""Stage `filter`: keep the facts the model knows (paper App. A) and log the counts."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from omegaconf import DictConfig
+
+from locedit.data.filter import FilterConfig, filter_known_facts
+from locedit.data.records import read_records, write_records
+from locedit.models.snapshot import model_fingerprint
+from locedit.pipeline.common import model_from_params, output_dir, to_container
+from locedit.tracking import log_metrics, stage_run
+
+log = logging.getLogger(__name__)
+
+
+def run(params: DictConfig) -> None:
+    records = read_records(output_dir(params, "prepare") / "facts.jsonl")
+    model, tokenizer = model_from_params(params)
+    cfg = params.data
+    config = FilterConfig(
+        max_new_tokens=int(cfg.filter.max_new_tokens),
+        batch_size=int(cfg.filter.batch_size),
+        erasure_min_prob=float(cfg.filter.erasure_min_prob),
+        max_facts=None if cfg.max_facts is None else int(cfg.max_facts),
+    )
+    result = filter_known_facts(model, tokenizer, records, config)
+    out = output_dir(params, "filter")
+    write_records(out / "facts.jsonl", result.kept)
+    n_erasure = sum(bool(r.extra.get("erasure_ok")) for r in result.kept)
+    summary = {
+        "model": str(params.model.name),
+        "model_fingerprint": model_fingerprint(model),
+        "candidates": result.n_candidates,
+        "known": result.n_known,
+        "kept": len(result.kept),
+        "erasure_eligible": n_erasure,
+        "completion_accuracy": result.completion_accuracy,
+        "dropped": dict(result.dropped),
+    }
+    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with stage_run("filter", {"model": to_container(params.model), "data": to_container(params.data)}, params.mlflow):
+        log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
+        log_metrics({f"dropped.{k}": v for k, v in result.dropped.items()})
+    print(
+        f"filter: kept {len(result.kept)} of {result.n_candidates} facts "
+        f"(model knows {result.n_known}; completion accuracy {result.completion_accuracy:.1%}; "
+        f"{n_erasure} eligible for Fact Erasure)"
+    )
+    for reason, count in result.dropped.most_common():
+        print(f"  dropped {count:4d}: {reason}")

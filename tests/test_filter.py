@@ -1,0 +1,90 @@
+"""The known-fact filter keeps a fact exactly when o_true is within the first 36 greedy tokens."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from locedit.data.filter import FilterConfig, filter_known_facts, greedy_completions
+from locedit.data.records import FactRecord
+from locedit.testing import gpt2_tokenizer, tiny_model
+
+WORDS = (
+    "apple banana cherry delta echo fox golf hotel uniform whiskey red blue green yellow black "
+    "white brown orange purple silver gold iron copper one two three four five six seven eight "
+    "nine ten dog cat horse cow bird fish"
+).split()
+
+
+def _chain_model(tokenizer, chain_ids):
+    """GPT-2 whose greedy continuation of token chain[i] is chain[i + 1], whatever came before.
+
+    Attention and MLP outputs are zeroed, so the final hidden state depends on the current token
+    only; the unembedding row of chain[i + 1] points along that state.
+    """
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=64, n_head=4, n_positions=128, tie_word_embeddings=False)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        block = model.transformer.h[0]
+        for proj in (block.attn.c_proj, block.mlp.c_proj):
+            proj.weight.zero_()
+            proj.bias.zero_()
+        model.transformer.wpe.weight.zero_()
+        model.lm_head.weight.zero_()
+        for current, following in zip(chain_ids, chain_ids[1:], strict=False):
+            state = model.transformer.ln_f(model.transformer.wte.weight[current])
+            model.lm_head.weight[following] = 10 * state / state.norm()
+    return model
+
+
+def test_fact_kept_exactly_when_o_true_is_within_36_tokens():
+    tokenizer = gpt2_tokenizer()
+    chain_words = [" is"] + [f" {w}" for w in WORDS]
+    chain = [tokenizer(w)["input_ids"] for w in chain_words]
+    assert all(len(ids) == 1 for ids in chain), "every chain word must be one GPT-2 token"
+    model = _chain_model(tokenizer, [ids[0] for ids in chain])
+    completion = greedy_completions(model, tokenizer, ["Alice is"], max_new_tokens=36, progress=False)[0]
+    assert completion == "".join(chain_words[1:37])
+
+    def fact(i, target):
+        return FactRecord(f"f{i}", "Alice", "Alice is", target, "zzz")
+
+    records = [fact(0, WORDS[0]), fact(1, WORDS[35]), fact(2, WORDS[36]), fact(3, "Paris")]
+    result = filter_known_facts(model, tokenizer, records, FilterConfig(batch_size=3), progress=False)
+    assert [r.fact_id for r in result.kept] == ["f0", "f1"]
+    assert result.n_known == 2
+    assert result.dropped["o_true not in the greedy completion"] == 2
+    assert result.completion_accuracy == 0.5
+
+
+def test_batched_left_padded_generation_equals_one_by_one():
+    tokenizer = gpt2_tokenizer()
+    model = tiny_model("gpt2", n_layers=2, seed=3)
+    prompts = ["The Eiffel Tower is in", "Paris", "Toko Yasuda plays the instrument called the"]
+    batched = greedy_completions(model, tokenizer, prompts, max_new_tokens=8, batch_size=3, progress=False)
+    single = [greedy_completions(model, tokenizer, [p], max_new_tokens=8, progress=False)[0] for p in prompts]
+    assert batched == single
+
+
+def test_erasure_flag_and_probability_are_stored():
+    tokenizer = gpt2_tokenizer()
+    chain = [tokenizer(w)["input_ids"][0] for w in (" is", " apple", " banana")]
+    model = _chain_model(tokenizer, chain)
+    record = FactRecord("f", "Alice", "Alice is", "apple", "pear")
+    result = filter_known_facts(model, tokenizer, [record], FilterConfig(max_new_tokens=2), progress=False)
+    (kept,) = result.kept
+    p_true = kept.extra["p_true"]
+    with torch.no_grad():
+        logits = model(torch.tensor([tokenizer("Alice is")["input_ids"]])).logits[0, -1]
+    assert abs(p_true - torch.softmax(logits, -1)[chain[1]].item()) < 1e-5
+    assert kept.extra["erasure_ok"] == (p_true >= 0.02)
+
+
+def test_untokenisable_facts_are_dropped_with_a_reason():
+    tokenizer = gpt2_tokenizer()
+    model = tiny_model("gpt2", n_layers=1)
+    records = [FactRecord("bad", "Bob", "Bob is", "x", " ")]
+    result = filter_known_facts(model, tokenizer, records, FilterConfig(max_new_tokens=2), progress=False)
+    assert result.kept == [] and sum(result.dropped.values()) == 1
+    assert next(iter(result.dropped)).startswith("tokenization")
