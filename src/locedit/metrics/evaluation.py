@@ -1,0 +1,217 @@
+"""Probabilities an edit is judged on, measured before (once per fact) and after each edit.
+
+A fact's probes cover every problem at once (o_false, o_true, o_noise on the prompt and the
+paraphrases, o_false and o_true on the neighbours, the noised prompt for Fact Forcing), so the
+unedited model is scored once per fact and reused for every layer, method and problem.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from locedit.data.records import FactRecord
+from locedit.metrics import scores
+from locedit.models.scoring import target_log_probs
+from locedit.models.tokens import TokenizationError, encode_prompt, encode_target
+from locedit.problems import EditingProblem, NoiseConfig, d_model_of, fact_noise
+from locedit.tracing.noise import fact_seed, noised_subject
+
+
+@dataclass(frozen=True)
+class Probe:
+    """p(target | prompt), optionally with the fact's subject noise on the prompt."""
+
+    key: str
+    prompt_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]
+    subject_span: tuple[int, int] | None = None  # set when the subject is noised
+
+
+def _object_strings(record: FactRecord, o_noise: str | None) -> dict[str, str]:
+    objects = {"o_true": record.target_true}
+    if record.target_new:
+        objects["o_false"] = record.target_new
+    if o_noise:
+        objects["o_noise"] = o_noise
+    return objects
+
+
+def build_probes(
+    tokenizer: PreTrainedTokenizerBase, record: FactRecord, o_noise: str | None, noised: bool
+) -> list[Probe]:
+    """Every probe any problem needs for this fact. Paraphrases that lose the subject are
+    still scored (clean); they are only left out of the noised probes."""
+    probes: list[Probe] = []
+    objects = _object_strings(record, o_noise)
+    prompts = {"rewrite": [record.prompt], "paraphrase": list(record.paraphrase_prompts)}
+    for group, texts in prompts.items():
+        for index, text in enumerate(texts):
+            ids = tuple(tokenizer(text)["input_ids"])
+            for name, obj in objects.items():
+                probes.append(Probe(f"{group}/{index}/{name}", ids, tuple(encode_target(tokenizer, text, obj))))
+            if noised:
+                try:
+                    enc = encode_prompt(tokenizer, text, record.subject)
+                except TokenizationError:
+                    continue
+                target = tuple(encode_target(tokenizer, text, record.target_true))
+                span = (enc.subject_start, enc.subject_end)
+                probes.append(Probe(f"{group}/{index}/o_true_noised", tuple(enc.input_ids), target, span))
+    for index, text in enumerate(record.neighborhood_prompts):
+        ids = tuple(tokenizer(text)["input_ids"])
+        for name in ("o_false", "o_true"):
+            if name in objects:
+                target = tuple(encode_target(tokenizer, text, objects[name]))
+                probes.append(Probe(f"neighborhood/{index}/{name}", ids, target))
+    return probes
+
+
+def probe_probabilities(
+    model: nn.Module, probes: Sequence[Probe], record: FactRecord, noise: NoiseConfig | None
+) -> dict[str, float]:
+    """Probabilities of all probes; noised probes average over the fact's noise samples."""
+    clean = [p for p in probes if p.subject_span is None]
+    out: dict[str, float] = {}
+    if clean:
+        log_p = target_log_probs(model, [p.prompt_ids for p in clean], [p.target_ids for p in clean])
+        out.update({p.key: math.exp(v) for p, v in zip(clean, log_p.tolist(), strict=True)})
+    for probe in probes:
+        if probe.subject_span is None:
+            continue
+        if noise is None:
+            raise ValueError("noised probes need the tracing noise configuration")
+        start, end = probe.subject_span
+        tensor = fact_noise(record, end - start, d_model_of(model), noise)
+        with noised_subject(model, start, end, tensor):
+            log_p = target_log_probs(
+                model, [probe.prompt_ids] * noise.n_samples, [probe.target_ids] * noise.n_samples,
+                batch_size=noise.n_samples,
+            )
+        out[probe.key] = float(log_p.exp().mean())
+    return out
+
+
+def _group(probs: dict[str, float], group: str, name: str) -> list[float]:
+    """Values of ``group/<index>/name`` in index order (pre and post align by construction)."""
+    items = []
+    for key, value in probs.items():
+        key_group, index, obj = key.split("/")
+        if key_group == group and obj == name:
+            items.append((int(index), value))
+    return [value for _, value in sorted(items)]
+
+
+def score_edit(
+    problem: EditingProblem, target_name: str, pre: dict[str, float], post: dict[str, float],
+    essence_before: float | None = None, essence_after: float | None = None,
+) -> dict[str, float]:
+    """All metric columns for one edit (Sec. 3.4 and App. C).
+
+    ``target_name`` is the probe object the problem edits (o_false, o_noise or o_true, with
+    ``_noised`` for Fact Forcing). The neighbourhood score always tracks o_false on s*, as the
+    paper does for every problem ("neighborhood is entirely identical").
+    """
+    direction = problem.direction
+    rewrite = scores.rewrite_score(pre[f"rewrite/0/{target_name}"], post[f"rewrite/0/{target_name}"], direction)
+    paraphrase = scores.paraphrase_score(
+        _group(pre, "paraphrase", target_name), _group(post, "paraphrase", target_name), direction
+    )
+    neighbour_object = "o_false" if any(k.endswith("/o_false") for k in pre) else "o_true"
+    neighborhood = scores.neighborhood_score(
+        _group(pre, "neighborhood", neighbour_object), _group(post, "neighborhood", neighbour_object)
+    )
+    row = {
+        "rewrite_score": rewrite,
+        "paraphrase_score": paraphrase,
+        "neighborhood_score": neighborhood,
+        "overall_score": scores.overall_score(rewrite, paraphrase, neighborhood),
+        "p_target_pre": pre[f"rewrite/0/{target_name}"],
+        "p_target_post": post[f"rewrite/0/{target_name}"],
+    }
+    if essence_before is not None and essence_after is not None:
+        essence = scores.essence_score(essence_before, essence_after)
+        row.update(
+            essence_score=essence,
+            ppl_essence_pre=essence_before,
+            ppl_essence_post=essence_after,
+            overall_score_with_essence=scores.overall_score(rewrite, paraphrase, neighborhood, essence),
+        )
+    row.update(_rome_unscaled(post))
+    return row
+
+
+def _rome_unscaled(post: dict[str, float]) -> dict[str, float]:
+    """ROME's original metrics after the edit: magnitudes p(o_false) - p(o_true) and the
+    share of prompts where the new object wins (neighbours: where the true object still wins)."""
+    if not any(k.endswith("/o_false") for k in post):
+        return {}
+    row: dict[str, float] = {}
+    for group, sign in (("rewrite", 1.0), ("paraphrase", 1.0), ("neighborhood", -1.0)):
+        new, true = _group(post, group, "o_false"), _group(post, group, "o_true")
+        diffs = [sign * scores.rome_magnitude(n, t) for n, t in zip(new, true, strict=True)]
+        row[f"rome_{group}_prob_diff"] = sum(diffs) / len(diffs) if diffs else math.nan
+        row[f"rome_{group}_success"] = sum(d > 0 for d in diffs) / len(diffs) if diffs else math.nan
+    return row
+
+
+@dataclass(frozen=True)
+class EssenceTexts:
+    """Samples from the unedited model given "{s} is a" (App. C), as token ids."""
+
+    prompt_length: int
+    sequences: tuple[tuple[int, ...], ...]
+
+
+def sample_essence_texts(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, record: FactRecord,
+    n_samples: int = 5, top_k: int = 5, max_new_tokens: int = 30, seed: int = 0,
+) -> EssenceTexts:
+    """Five top-k=5 samples, seeded per fact so a rerun draws the same texts."""
+    prompt = f"{record.subject} is a"
+    enc = tokenizer(prompt, return_tensors="pt")
+    torch.manual_seed(fact_seed(seed, f"essence:{record.fact_id}"))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        generated = model.generate(
+            **enc, do_sample=True, top_k=top_k, top_p=None, temperature=None,
+            max_new_tokens=max_new_tokens, num_return_sequences=n_samples, pad_token_id=pad,
+        )
+    length = enc["input_ids"].shape[1]
+    sequences = []
+    for row in generated.tolist():
+        continuation = row[length:]
+        if tokenizer.eos_token_id in continuation:
+            continuation = continuation[: continuation.index(tokenizer.eos_token_id)]
+        if continuation:
+            sequences.append(tuple(row[:length] + continuation))
+    return EssenceTexts(length, tuple(sequences))
+
+
+def essence_perplexity(model: nn.Module, texts: EssenceTexts) -> float:
+    """Mean over samples of exp(mean NLL of the sampled continuation given the prompt)."""
+    if not texts.sequences:
+        return math.nan
+    prompts = [seq[: texts.prompt_length] for seq in texts.sequences]
+    continuations = [seq[texts.prompt_length :] for seq in texts.sequences]
+    log_p = target_log_probs(model, prompts, continuations)
+    ppl = [math.exp(-lp / len(c)) for lp, c in zip(log_p.tolist(), continuations, strict=True)]
+    return sum(ppl) / len(ppl)
+
+
+def target_probe_name(problem: EditingProblem) -> str:
+    return f"{problem.target}_noised" if problem.noised_input else problem.target
+
+
+def noise_for_request(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, record: FactRecord, noise: NoiseConfig
+) -> torch.Tensor:
+    """Fact Forcing's edit input: the fact's noise over its subject tokens in the prompt."""
+    enc = encode_prompt(tokenizer, record.prompt, record.subject)
+    return fact_noise(record, enc.subject_end - enc.subject_start, d_model_of(model), noise)
+

@@ -1,0 +1,131 @@
+"""Stage `edit`: the resumable sweep over facts x layers x methods x problems, in MLflow."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from locedit.data.records import read_records
+from locedit.models.architecture import n_layers
+from locedit.models.snapshot import model_fingerprint
+from locedit.pipeline.common import model_from_params, output_dir, to_container
+from locedit.problems import NoiseConfig
+from locedit.sweep import (
+    EvaluationConfig,
+    ResultStore,
+    SweepSpec,
+    plan_tasks,
+    resolved_hparams,
+    results_table,
+    run_sweep,
+    sweep_layers,
+)
+from locedit.sweep.plan import content_id
+from locedit.tracking import log_artifacts, log_metrics, stage_run
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = [
+    "rewrite_score", "paraphrase_score", "neighborhood_score", "essence_score",
+    "overall_score", "overall_score_with_essence",
+]
+
+
+def noise_config(params: DictConfig) -> NoiseConfig:
+    """The tracing stage's calibrated sigma (or the pinned ``trace.noise_sigma``)."""
+    sigma = params.trace.get("noise_sigma")
+    if sigma is None:
+        path = Path(params.paths.outputs) / "trace" / "noise.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run the trace stage first (dvc repro trace)")
+        sigma = json.loads(path.read_text())["sigma"]
+    return NoiseConfig(float(sigma), int(params.trace.noise_samples), int(params.seed))
+
+
+def tuned_hparams(params: DictConfig) -> dict:
+    """Hyperparameters chosen by the tune stage, when it wrote any."""
+    path = params.edit.get("tuned_params")
+    if not path or not Path(path).exists():
+        return {}
+    return json.loads(Path(path).read_text()).get("hparams", {}) or {}
+
+
+def evaluation_config(params: DictConfig) -> EvaluationConfig:
+    essence = params.edit.get("essence", {}) or {}
+    return EvaluationConfig(
+        noise=noise_config(params),
+        essence=bool(essence.get("enabled", True)),
+        essence_samples=int(essence.get("n_samples", 5)),
+        essence_top_k=int(essence.get("top_k", 5)),
+        essence_max_new_tokens=int(essence.get("max_new_tokens", 30)),
+        seed=int(params.seed),
+    )
+
+
+def build_spec(params: DictConfig) -> SweepSpec:
+    records = read_records(Path(params.paths.outputs) / "filter" / "facts.jsonl")
+    cfg = params.edit
+    if cfg.get("max_facts") is not None:
+        records = records[: int(cfg.max_facts)]
+    model, _ = model_from_params(params)
+    layers = sweep_layers(cfg, n_layers(model))
+    plain = to_container(params)
+    hparams = resolved_hparams(plain, list(cfg.methods), list(cfg.problems), tuned_hparams(params))
+    config = evaluation_config(params)
+    context = content_id([model_fingerprint(model), asdict(config)])
+    tasks = plan_tasks([r.fact_id for r in records], layers, hparams, context)
+    return SweepSpec(
+        params=plain, records={r.fact_id: r for r in records}, tasks=tasks, hparams=hparams,
+        config=config, out_dir=output_dir(params, "edit"), context=context,
+        threads=cfg.get("threads"),
+    )
+
+
+def log_sweep(table: pd.DataFrame, spec: SweepSpec, parent_id: str, mlflow_cfg) -> None:
+    """A nested run per (method, problem): hyperparameters and mean metrics per layer."""
+    ok = table[table["status"] == "ok"] if "status" in table else table
+    for (method, problem), hparams in spec.hparams.items():
+        with stage_run("edit", {"method": method, "problem": problem, **hparams.to_dict()},
+                       mlflow_cfg, parent_run_id=parent_id, run_name=f"{method}/{problem}"):
+            subset = ok[(ok["method"] == method) & (ok["problem"] == problem)]
+            for layer, group in subset.groupby("layer"):
+                means = {c: group[c].mean() for c in METRIC_COLUMNS if c in group}
+                log_metrics(means, step=int(layer))
+            rows = table[(table["method"] == method) & (table["problem"] == problem)]
+            log_metrics({
+                "edits_ok": float((rows["status"] == "ok").sum()),
+                "edits_failed": float((rows["status"] == "failed").sum()),
+                "edits_skipped": float((rows["status"] == "skipped").sum()),
+                "seconds_per_edit": float(subset["seconds"].mean()) if len(subset) else float("nan"),
+            })
+
+
+def run(params: DictConfig) -> None:
+    spec = build_spec(params)
+    cfg = params.edit
+    out = spec.out_dir
+    logged = {k: to_container(params[k]) for k in ("model", "edit", "method", "problem", "trace")}
+    with stage_run("edit", logged, params.mlflow, run_name="edit sweep") as parent:
+        (out / "mlflow_run.json").write_text(json.dumps({"run_id": parent.info.run_id}) + "\n")
+        start = time.perf_counter()
+        ran = run_sweep(spec, cfg.get("executor", "local"), int(cfg.get("workers", 1)), cfg.get("ray_address"))
+        elapsed = time.perf_counter() - start
+        table = results_table(ResultStore(out).rows(), [t.key for t in spec.tasks])
+        table.to_parquet(out / "results.parquet", index=False)
+        table.to_csv(out / "results.csv", index=False)
+        counts = table["status"].value_counts().to_dict() if len(table) else {}
+        summary = {"edits": len(table), "ran_now": ran, "seconds": elapsed, **{f"status_{k}": v for k, v in counts.items()}}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log_metrics({k: float(v) for k, v in summary.items()})
+        log_artifacts([out / "results.csv", out / "summary.json"], "edit")
+        log_sweep(table, spec, parent.info.run_id, params.mlflow)
+    failed = table[table["status"] == "failed"] if len(table) else table
+    print(f"edit: {len(table)} edits ({counts}); ran {ran} now in {elapsed:.0f} s")
+    for reason, count in (failed["reason"].value_counts().items() if len(failed) else []):
+        print(f"  failed {count:4d}: {reason}")

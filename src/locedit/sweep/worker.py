@@ -1,0 +1,169 @@
+"""Run the edits of one fact: pre-edit probabilities once, then every (method, problem, layer).
+
+A failed edit becomes a row with ``status = failed`` and its reason; only a failed weight
+restoration stops the sweep, because the model could no longer be trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from locedit.data.records import FactRecord
+from locedit.editing import EditFailed, EditRequest, edited
+from locedit.metrics.evaluation import (
+    EssenceTexts,
+    build_probes,
+    essence_perplexity,
+    noise_for_request,
+    probe_probabilities,
+    sample_essence_texts,
+    score_edit,
+    target_probe_name,
+)
+from locedit.models.snapshot import RestorationError
+from locedit.models.tokens import TokenizationError
+from locedit.problems import (
+    NoiseConfig,
+    ProblemNotApplicable,
+    compute_o_noise,
+    edit_target,
+    get_problem,
+)
+from locedit.sweep.plan import EditTask
+from locedit.tracing.noise import fact_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """How edits are judged: the tracing noise and the essence samples (App. C)."""
+
+    noise: NoiseConfig
+    essence: bool = True
+    essence_samples: int = 5
+    essence_top_k: int = 5
+    essence_max_new_tokens: int = 30
+    seed: int = 0
+
+
+@dataclass
+class PreEdit:
+    """The unedited model's view of one fact, computed once and reused for every edit."""
+
+    probs: dict[str, float]
+    o_noise: str | None
+    essence: EssenceTexts | None
+    ppl_before: float | None
+
+
+def _pre_edit(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, record: FactRecord,
+    problems: Sequence[str], config: EvaluationConfig, cache_dir: Path | None, context: str,
+) -> PreEdit:
+    cache = cache_dir / f"{record.fact_id}-{context}.json" if cache_dir else None
+    if cache is not None and cache.exists():
+        data = json.loads(cache.read_text())
+        essence = data["essence"]
+        return PreEdit(
+            data["probs"], data["o_noise"],
+            EssenceTexts(essence["prompt_length"], tuple(map(tuple, essence["sequences"]))) if essence else None,
+            data["ppl_before"],
+        )
+    o_noise = compute_o_noise(model, tokenizer, record, config.noise) if "tracing_reversal" in problems else None
+    probes = build_probes(tokenizer, record, o_noise, noised="fact_forcing" in problems)
+    probs = probe_probabilities(model, probes, record, config.noise)
+    essence, ppl = None, None
+    if config.essence:
+        essence = sample_essence_texts(
+            model, tokenizer, record, config.essence_samples, config.essence_top_k,
+            config.essence_max_new_tokens, config.seed,
+        )
+        ppl = essence_perplexity(model, essence)
+    pre = PreEdit(probs, o_noise, essence, ppl)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "probs": probs, "o_noise": o_noise, "ppl_before": ppl,
+            "essence": None if essence is None else {
+                "prompt_length": essence.prompt_length, "sequences": [list(s) for s in essence.sequences]
+            },
+        }
+        cache.write_text(json.dumps(payload))
+    return pre
+
+
+def _base_row(task: EditTask, record: FactRecord) -> dict[str, Any]:
+    return {
+        "key": task.key, "fact_id": task.fact_id, "layer": task.layer, "method": task.method,
+        "problem": task.problem, "dataset": record.source, "status": "failed", "reason": "",
+    }
+
+
+def run_fact(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    covariance: Any,
+    record: FactRecord,
+    tasks: Sequence[EditTask],
+    hparams: Mapping[tuple[str, str], Any],
+    config: EvaluationConfig,
+    on_row: Callable[[dict], None],
+    cache_dir: Path | None = None,
+    context: str = "",
+) -> None:
+    """Edit ``record`` for each task and report one row per task through ``on_row``."""
+    if not tasks:
+        return
+    problems = sorted({t.problem for t in tasks})
+    try:
+        pre = _pre_edit(model, tokenizer, record, problems, config, cache_dir, context)
+    except (TokenizationError, ProblemNotApplicable, ValueError) as err:
+        for task in tasks:
+            on_row({**_base_row(task, record), "reason": f"pre-edit evaluation: {err}"})
+        return
+    probes = build_probes(tokenizer, record, pre.o_noise, noised="fact_forcing" in problems)
+    for task in tasks:
+        on_row(_run_task(model, tokenizer, covariance, record, task, hparams[(task.method, task.problem)],
+                         config, pre, probes))
+
+
+def _run_task(model, tokenizer, covariance, record, task, hparams, config, pre, probes) -> dict[str, Any]:
+    row = _base_row(task, record)
+    row["hparams"] = json.dumps(hparams.to_dict(), sort_keys=True, default=str)
+    problem = get_problem(task.problem)
+    try:
+        target = edit_target(problem, record, pre.o_noise)
+        row["target"] = target
+        noise = noise_for_request(model, tokenizer, record, config.noise) if problem.noised_input else None
+        request = EditRequest(record.prompt, record.subject, target, problem.direction, noise)
+        torch.manual_seed(fact_seed(config.seed, task.key))
+        with edited(model, tokenizer, task.method, request, task.layer, hparams, covariance) as result:
+            post = probe_probabilities(model, probes, record, config.noise)
+            ppl_after = essence_perplexity(model, pre.essence) if pre.essence is not None else None
+        scores = score_edit(problem, target_probe_name(problem), pre.probs, post, pre.ppl_before, ppl_after)
+        if math.isnan(scores["p_target_post"]):
+            raise EditFailed(task.method, "NaN target probability after the edit")
+        row.update(scores)
+        row.update(
+            status="ok", seconds=result.seconds, edit_layers=json.dumps(result.layers),
+            diagnostics=json.dumps(result.to_record()["diagnostics"]), flags=",".join(result.flags),
+        )
+    except RestorationError:
+        raise
+    except ProblemNotApplicable as err:
+        row.update(status="skipped", reason=str(err))
+    except (EditFailed, TokenizationError, ValueError, RuntimeError, FloatingPointError) as err:
+        log.warning("edit %s failed: %s", task.key, err)
+        row.update(status="failed", reason=str(err))
+    return row

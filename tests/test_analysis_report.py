@@ -1,0 +1,209 @@
+"""The analyze stage end to end on synthetic tables: tables, figures, summary, MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from locedit.analysis import AnalysisConfig, analyze, fit_regressions, mlflow_metrics, write_report
+from locedit.analysis.synthetic import synthetic_effects, synthetic_results
+from locedit.analysis.tables import all_tables
+
+EDIT_LAYERS = (1, 4, 7)
+
+
+@pytest.fixture(scope="module")
+def tables() -> tuple[pd.DataFrame, pd.DataFrame]:
+    effects = synthetic_effects(
+        n_facts=10, n_model_layers=9, windows=(5, 3), seed=1, low_denominator_facts=1
+    )
+    results = pd.concat(
+        [
+            synthetic_results(
+                effects,
+                EDIT_LAYERS,
+                methods=("rome", "ft5"),
+                problems=("error_injection", "fact_forcing"),
+                trace_effect=0.3,
+                n_failed=2,
+                seed=2,
+            ),
+            synthetic_results(effects, EDIT_LAYERS, methods=("rome",), dataset="zsre", seed=3),
+        ],
+        ignore_index=True,
+    )
+    return effects, results
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory) -> str:
+    """One MLflow store for the module: creating the sqlite schema costs seconds."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlruns')}/mlflow.db"
+
+
+def params_for(root: Path, tracking_uri: str, **analysis) -> OmegaConf:
+    return OmegaConf.create(
+        {
+            "seed": 0,
+            "paths": {"outputs": str(root / "outputs"), "reports": str(root / "reports")},
+            "model": {"name": "tiny-synthetic"},
+            "mlflow": {"tracking_uri": tracking_uri, "experiment": "locedit-test"},
+            "analysis": {"bootstrap_samples": 20, **analysis},
+        }
+    )
+
+
+def test_stage_writes_reports_and_logs_them_into_the_sweep_run(tmp_path, tables, tracking_uri):
+    import mlflow
+
+    from locedit import tracking
+    from locedit.pipeline import analyze as stage
+
+    effects, results = tables
+    (tmp_path / "outputs" / "trace").mkdir(parents=True)
+    (tmp_path / "outputs" / "edit").mkdir(parents=True)
+    effects.to_parquet(tmp_path / "outputs" / "trace" / "effects.parquet")
+    results.to_parquet(tmp_path / "outputs" / "edit" / "results.parquet")
+    params = params_for(
+        tmp_path,
+        tracking_uri,
+        metrics=["rewrite_score", "overall_score"],
+        variants=["last_subject", "windows"],
+    )
+    tracking.configure(params.mlflow.tracking_uri, params.mlflow.experiment)
+    with mlflow.start_run(run_name="sweep") as parent:
+        mlflow.log_param("edit.methods", "rome,ft5")
+    (tmp_path / "outputs" / "edit" / "mlflow_run.json").write_text(
+        json.dumps({"run_id": parent.info.run_id})
+    )
+
+    stage.run(params)
+
+    reports = tmp_path / "reports"
+    summary = (reports / "summary.md").read_text()
+    assert "tiny-synthetic" in summary and "## Finding" in summary
+    assert "edit layer explains" in summary and "failed edits excluded" in summary
+    for name in ("table1", "table3", "table6", "table7", "table8"):
+        assert (reports / "tables" / f"{name}.csv").exists(), name
+        assert (reports / "tables" / f"{name}.md").read_text().startswith("### Table")
+    assert not (reports / "tables" / "table4.csv").exists()  # paraphrase not in analysis.metrics
+    assert "Table 4 skipped" in summary
+    figures = {p.name.split("_")[0] for p in (reports / "figures").glob("*.png")}
+    assert {
+        "fig01",
+        "fig04",
+        "fig06",
+        "fig07",
+        "fig08",
+        "fig09",
+        "fig12",
+        "fig15",
+        "fig16",
+        "fig17",
+        "fig19",
+    } <= figures
+
+    # Table 1 carries the same numbers as the regression on the joined slice
+    table1 = pd.read_csv(reports / "tables" / "table1.csv")
+    regressions = pd.read_csv(reports / "tables" / "regressions.csv")
+    row = regressions[
+        (regressions["variant"] == "main")
+        & (regressions["dataset"] == "counterfact")
+        & (regressions["method"] == "rome")
+        & (regressions["problem"] == "error_injection")
+        & (regressions["metric"] == "rewrite_score")
+    ].iloc[0]
+    assert table1.loc[0, "Layer"] == pytest.approx(row["r2_layer"])
+    assert table1.loc[0, "Diff"] == pytest.approx(row["added_r2"])
+    assert row["n"] < 10 * len(EDIT_LAYERS)  # the low-denominator fact and failed edits are out
+    assert math.isfinite(row["mixed_lr_pvalue"]) and math.isfinite(row["added_r2_lo"])
+
+    run = mlflow.get_run(parent.info.run_id)
+    key = "main.counterfact.error_injection.rome.rewrite_score.r2_layer"
+    assert run.data.metrics[key] == pytest.approx(row["r2_layer"])
+    assert "zsre" in " ".join(run.data.metrics)
+    assert run.data.params["edit.methods"] == "rome,ft5"  # the sweep's run, not a new one
+    client = mlflow.MlflowClient()
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "analysis")}
+    assert {"analysis/summary.md", "analysis/tables", "analysis/figures"} <= logged
+    figs = [a.path for a in client.list_artifacts(parent.info.run_id, "analysis/figures")]
+    assert any(p.endswith(".png") for p in figs)
+
+
+def test_without_a_sweep_run_file_the_analysis_gets_a_fresh_run(tmp_path, tables, tracking_uri):
+    import mlflow
+
+    from locedit.pipeline.analyze import log_to_mlflow
+
+    effects, results = tables
+    cfg = AnalysisConfig(bootstrap_samples=0, mixed_effects=False, variants=())
+    an = analyze(effects, results, cfg)
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "summary.md").write_text("# summary\n")
+    params = params_for(tmp_path, tracking_uri)
+    run_id = log_to_mlflow(params, an, reports, tmp_path / "missing.json", seconds=1.0)
+    run = mlflow.get_run(run_id)
+    assert run.info.run_name == "analyze"
+    assert run.data.metrics == pytest.approx({**mlflow_metrics(an), "analysis.seconds": 1.0})
+
+
+def test_tables_follow_the_paper_layout_and_skip_with_notes(tables):
+    effects, results = tables
+    cfg = AnalysisConfig(bootstrap_samples=10, variants=("concentrated",), mixed_effects=False)
+    an = analyze(effects, results[results["dataset"] == "counterfact"], cfg)
+    made, notes = all_tables(an)
+    names = [t.name for t in made]
+    assert names == ["table1", "table2", "table3", "table4", "table5", "table6", "table7"]
+    assert any(n.startswith("Table 8 skipped") for n in notes)
+    table3 = next(t for t in made if t.name == "table3")
+    assert list(table3.frame.columns[:7]) == [
+        "Editing Problem",
+        "Method",
+        "Layer",
+        "Trace",
+        "Both",
+        "Diff",
+        "p-value",
+    ]
+    assert list(table3.frame["Editing Problem"]) == ["Error Injection"] * 2 + ["Fact Forcing"] * 2
+    assert list(table3.frame["Method"]) == ["FT (5 layers)", "ROME (1 layer)"] * 2
+    md = table3.to_markdown()
+    assert "| Diff 95% CI |" in md and "<1e-4" in md
+    table7 = next(t for t in made if t.name == "table7").frame
+    assert set(table7["Regression Metric"]) == {"R²", "RMSE", "MAE"}
+    assert set(table7["Predictor(s)"]) == {"Layer", "Tracing Effect", "Both"}
+
+    joined = an.joined["main"]
+    part = joined[(joined["method"] == "rome") & (joined["problem"] == "error_injection")]
+    direct = fit_regressions(part, "overall_score")
+    rmse = table7[
+        (table7["Method"] == "ROME (1 layer)")
+        & (table7["Edit Metric"] == "Overall Score")
+        & (table7["Regression Metric"] == "RMSE")
+        & (table7["Predictor(s)"] == "Layer")
+    ]["Value"]
+    assert float(rmse.iloc[0]) == pytest.approx(direct.rmse_layer)
+
+
+def test_tiny_and_degenerate_inputs_produce_a_report_not_a_crash(tmp_path):
+    effects = synthetic_effects(n_facts=2, n_model_layers=3, windows=(5,), zeroing=False, seed=4)
+    results = synthetic_results(effects, edit_layers=(1,), methods=("rome",), seed=5)
+    results["rewrite_score"] = 0.75  # constant outcome
+    results["essence_score"] = np.nan  # not computed
+    an = analyze(effects, results, AnalysisConfig(bootstrap_samples=20, variants=("zeroing",)))
+    files = write_report(an, tmp_path, "tiny")
+    row = an.regression("main", "counterfact", "rome", "error_injection", "rewrite_score")
+    assert math.isnan(row["r2_layer"]) and "constant" in row["reason"]
+    assert any("Variant 'zeroing'" in n for n in an.notes)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Skipped" in summary and "Fig. 8 skipped" in summary
+    assert all(p.exists() for p in files)
+    table1 = (tmp_path / "tables" / "table1.md").read_text()
+    assert "n/a" in table1 and "score is constant" in table1

@@ -1,0 +1,109 @@
+"""The edit sweep: row count, resume without recomputation, failure rows, and Ray equality."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from locedit.data.records import FactRecord, write_records
+from locedit.pipeline import edit as edit_stage
+from locedit.pipeline.common import compose_params
+from locedit.sweep import ResultStore, results_table, run_sweep
+from locedit.sweep import worker as sweep_worker
+from locedit.testing import save_tiny
+
+FACTS = [
+    FactRecord("f1", "Eiffel Tower", "The Eiffel Tower is located in", "Paris", "Rome",
+               ("Where is the Eiffel Tower? It is in",), ("The Louvre is located in",),
+               extra={"erasure_ok": True}),
+    FactRecord("f2", "Danielle Darrieux", "Danielle Darrieux speaks", "French", "English",
+               ("The language of Danielle Darrieux is",), ("Michel Rocard speaks",),
+               extra={"erasure_ok": True}),
+    FactRecord("f3", "Toko Yasuda", "Toko Yasuda plays the", "guitar", "piano",
+               (), ("Jimi Hendrix plays the",), extra={"erasure_ok": False}),
+]
+TIMING = ["seconds", "diagnostics", "key"]
+
+
+def make_params(tmp_path, methods=("rome", "ft1"), problems=("error_injection", "fact_amplification")):
+    model_dir = save_tiny(tmp_path / "tiny", "gpt2", n_layers=3)
+    params = compose_params(
+        "conf",
+        [
+            f"model.name={model_dir}",
+            f"paths.outputs={tmp_path / 'outputs'}",
+            f"edit.methods=[{','.join(methods)}]",
+            f"edit.problems=[{','.join(problems)}]",
+            "edit.layers=[0,2]", "edit.threads=1",
+            "edit.essence.n_samples=2", "edit.essence.max_new_tokens=4",
+            "trace.noise_sigma=0.5", "trace.noise_samples=3",
+            "stats.n_samples=8", "stats.sample_length=12",
+            "method.rome.v_steps=4", "method.rome.n_context_templates=2",
+            "method.ft.steps=3",
+        ],
+    )
+    write_records(tmp_path / "outputs" / "filter" / "facts.jsonl", FACTS)
+    return params
+
+
+def comparable(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.drop(columns=[c for c in TIMING if c in frame.columns])
+
+
+def test_sweep_rows_resume_and_ray_equality(tmp_path, monkeypatch):
+    params = make_params(tmp_path)
+    spec = edit_stage.build_spec(params)
+    assert len(spec.tasks) == 3 * 2 * 2 * 2 == 24
+
+    # interrupt after 7 edits, as a kill would
+    calls = {"n": 0}
+    original = sweep_worker._run_task
+
+    def interrupted(*args, **kwargs):
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_worker, "_run_task", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, progress=False)
+    first_rows = ResultStore(spec.out_dir).rows()
+    assert len(first_rows) == 7
+
+    monkeypatch.setattr(sweep_worker, "_run_task", original)
+    ran = run_sweep(spec, progress=False)
+    assert ran == 17
+    rows = ResultStore(spec.out_dir).rows()
+    assert len(rows) == 24 and rows[:7] == first_rows
+    table = results_table(rows, [t.key for t in spec.tasks])
+    assert len(table) == 24
+    ok = table[table.status == "ok"]
+    assert set(ok.method) == {"rome", "ft1"} and len(ok) >= 20
+    assert ok["rewrite_score"].notna().all() and ok["neighborhood_score"].between(-1e-9, 1 + 1e-9).all()
+    assert run_sweep(spec, progress=False) == 0
+
+    # the Ray executor gives the same table
+    ray_params = OmegaConf.merge(params, {"paths": {"outputs": str(tmp_path / "ray_outputs")}})
+    write_records(tmp_path / "ray_outputs" / "filter" / "facts.jsonl", FACTS)
+    ray_spec = edit_stage.build_spec(ray_params)
+    assert run_sweep(ray_spec, executor="ray", workers=2, progress=False) == 24
+    ray_table = results_table(ResultStore(ray_spec.out_dir).rows(), [t.key for t in ray_spec.tasks])
+    pd.testing.assert_frame_equal(comparable(table), comparable(ray_table))
+
+
+def test_bad_target_and_nan_edit_become_failure_rows(tmp_path):
+    params = make_params(tmp_path, methods=("ft1",), problems=("error_injection",))
+    broken = FactRecord("bad", "Eiffel Tower", "The Eiffel Tower is in", "Paris", " ")
+    write_records(tmp_path / "outputs" / "filter" / "facts.jsonl", [FACTS[0], broken])
+    params = OmegaConf.merge(params, {"method": {"ft": {"lr": float("nan")}}})
+    spec = edit_stage.build_spec(params)
+    run_sweep(spec, progress=False)
+    table = results_table(ResultStore(spec.out_dir).rows())
+    assert len(table) == 4 and (table.status == "failed").all()
+    bad = table[table.fact_id == "bad"]
+    assert bad.reason.str.contains("empty target").all()
+    nan_rows = table[table.fact_id == "f1"]
+    assert nan_rows.reason.str.contains("NaN|non-finite|nan", case=False).all()
+    assert "rewrite_score" not in nan_rows or nan_rows["rewrite_score"].isna().all()
