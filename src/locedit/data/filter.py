@@ -30,6 +30,9 @@ class FilterConfig:
     batch_size: int = 8
     erasure_min_prob: float = 0.02
     max_facts: int | None = None
+    #: False keeps facts the model does not complete (smoke tests on random models, or
+    #: tracing arbitrary facts); the paper always filters.
+    require_known: bool = True
 
 
 @dataclass
@@ -120,10 +123,11 @@ def filter_known_facts(
     kept: list[FactRecord] = []
     n_known = 0
     for (record, _, _), completion, lp in zip(usable, completions, log_p.tolist(), strict=True):
-        if not is_known(completion, record.target_true):
+        known = is_known(completion, record.target_true)
+        if not known and config.require_known:
             dropped["o_true not in the greedy completion"] += 1
             continue
-        n_known += 1
+        n_known += known
         if config.max_facts is not None and len(kept) >= config.max_facts:
             dropped["beyond max_facts"] += 1
             continue
@@ -133,6 +137,7 @@ def filter_known_facts(
             "completion": completion,
             "p_true": p_true,
             "erasure_ok": p_true >= config.erasure_min_prob,
+            "known": known,
         }
         kept.append(replace(record, extra=extra))
     return FilterResult(kept=kept, n_candidates=len(records), n_known=n_known, dropped=dropped)

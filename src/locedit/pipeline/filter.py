@@ -25,6 +25,7 @@ def run(params: DictConfig) -> None:
         batch_size=int(cfg.filter.batch_size),
         erasure_min_prob=float(cfg.filter.erasure_min_prob),
         max_facts=None if cfg.max_facts is None else int(cfg.max_facts),
+        require_known=bool(cfg.filter.get("require_known", True)),
     )
     result = filter_known_facts(model, tokenizer, records, config)
     out = output_dir(params, "filter")
