@@ -1,0 +1,42 @@
+"""What a user meets when something is wrong: one clear message, not a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from locedit.cli import main
+from locedit.models.loading import ModelLoadError, convert_bundled, load_model
+from locedit.sweep import sweep_layers
+
+
+def test_wrong_model_name_says_what_is_accepted(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as err:
+        load_model("no-such-model-anywhere", cache_dir=tmp_path)
+    assert "gemma-3-270m" in str(err.value) and "hub id" in str(err.value)
+
+
+def test_missing_data_file_through_the_cli(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    assert main(["compose", "--conf", str(_conf()), "--output", "params.yaml"]) == 0
+    code = main(["run", "prepare", "--set", f"data.root={tmp_path / 'nowhere'}"])
+    assert code == 2
+    assert "dvc import-url" in caplog.text and "counterfact" in caplog.text
+
+
+def test_layer_beyond_the_model_is_named():
+    with pytest.raises(IndexError, match=r"edit.layers \[40\] out of range: the model has layers 0..17"):
+        sweep_layers({"layers": [3, 40], "methods": ["rome"]}, 18)
+
+
+def test_unwritable_cache_directory_is_explained(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ModelLoadError, match="not writable.*LOCEDIT_CACHE"):
+        convert_bundled("gemma-3-270m", cache_dir=blocker / "cache")
+
+
+def _conf():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "conf"
