@@ -12,7 +12,7 @@ from locedit.sweep import sweep_layers
 def test_wrong_model_name_says_what_is_accepted(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError) as err:
-        load_model("no-such-model-anywhere", cache_dir=tmp_path)
+        load_model(str(tmp_path / "no" / "such-model"), cache_dir=tmp_path)
     assert "gemma-3-270m" in str(err.value) and "hub id" in str(err.value)
 
 

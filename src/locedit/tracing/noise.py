@@ -7,13 +7,20 @@ o_noise and for Fact Forcing's noised input, so all three see the identical s_no
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
+from locedit.data.records import FactRecord, RecordError
 from locedit.models.architecture import embedding_module
+from locedit.models.tokens import TokenizationError, encode_prompt
+
+log = logging.getLogger(__name__)
 
 
 def noise_sigma(subject_embeddings: Sequence[torch.Tensor], multiplier: float = 3.0) -> float:
@@ -62,3 +69,56 @@ def noised_subject(
         yield
     finally:
         handle.remove()
+
+
+@dataclass(frozen=True)
+class NoiseCalibration:
+    """The noise level used for every fact of a run, and where it came from."""
+
+    sigma: float
+    multiplier: float
+    n_facts: int
+    calibrated: bool
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def subject_embeddings(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: Iterable[FactRecord]
+) -> list[torch.Tensor]:
+    """Embedding-module outputs at each fact's subject tokens, as they sit in its prompt.
+
+    An embedding lookup only (no forward pass); facts whose subject cannot be located are
+    left out with a log line.
+    """
+    embed = embedding_module(model)
+    out = []
+    with torch.no_grad():
+        for record in records:
+            try:
+                record.validate()
+                encoded = encode_prompt(tokenizer, record.prompt, record.subject)
+            except (RecordError, TokenizationError) as err:
+                log.info("noise calibration skips fact %s: %s", record.fact_id, err)
+                continue
+            ids = torch.tensor([encoded.input_ids[encoded.subject_start : encoded.subject_end]])
+            out.append(embed(ids)[0].detach())
+    return out
+
+
+def calibrate_noise(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[FactRecord],
+    multiplier: float = 3.0,
+    override: float | None = None,
+) -> NoiseCalibration:
+    """sigma = ``multiplier`` x std of the subject-token embeddings over ``records`` (ROME's rule).
+
+    ``override`` (params ``trace.noise_sigma``) replaces the calibrated value.
+    """
+    if override is not None:
+        return NoiseCalibration(float(override), float(multiplier), 0, calibrated=False)
+    embeddings = subject_embeddings(model, tokenizer, records)
+    return NoiseCalibration(noise_sigma(embeddings, multiplier), float(multiplier), len(embeddings), True)
