@@ -130,7 +130,8 @@ def _easyedit_counterfact(row: dict) -> FactRecord:
         target_new=row["target_new"],
         paraphrase_prompts=(row["rephrase_prompt"],) if row.get("rephrase_prompt") else (),
         neighborhood_prompts=(row["locality_prompt"],) if row.get("locality_prompt") else (),
-        source="counterfact_easyedit",
+        source="counterfact",
+        extra={"format": "easyedit"},
     )
 
 
