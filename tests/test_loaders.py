@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from locedit.data.loaders import DatasetError, load_counterfact, load_dataset, load_json_file, load_known, load_zsre
+from locedit.data.loaders import (
+    DatasetError,
+    load_counterfact,
+    load_dataset,
+    load_json_file,
+    load_known,
+    load_zsre,
+)
 from locedit.data.records import FactRecord, read_records, write_records
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

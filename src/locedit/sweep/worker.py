@@ -6,6 +6,7 @@ restoration stops the sweep, because the model could no longer be trusted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -71,7 +72,9 @@ def _pre_edit(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, record: FactRecord,
     problems: Sequence[str], config: EvaluationConfig, cache_dir: Path | None, context: str,
 ) -> PreEdit:
-    cache = cache_dir / f"{record.fact_id}-{context}.json" if cache_dir else None
+    # The problems decide which probes exist (o_noise, noised prompts), so they key the cache.
+    problems_id = hashlib.sha256(",".join(sorted(problems)).encode()).hexdigest()[:8]
+    cache = cache_dir / f"{record.fact_id}-{context}-{problems_id}.json" if cache_dir else None
     if cache is not None and cache.exists():
         data = json.loads(cache.read_text())
         essence = data["essence"]

@@ -1,0 +1,232 @@
+"""What each study tunes (paper App. A) and how it is configured.
+
+ROME and MEMIT tune the KL regularisation weight of the v* optimisation; constrained
+finetuning (FT-1, FT-5) tunes the radius of its L-infinity ball. ``grid`` mode evaluates the
+paper's values exactly; ``search`` mode lets TPE explore log-uniform ranges around them and,
+where the paper changed the number of optimisation steps (Fact Forcing: FT 25 -> 50, ROME
+v* 20 -> 25), also chooses between the two step counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import optuna
+
+from locedit.editing.layers import check_method
+
+Mode = Literal["grid", "search"]
+Fallback = Literal["least_violation", "conf"]
+MODES: tuple[str, ...] = ("grid", "search")
+FALLBACKS: tuple[str, ...] = ("least_violation", "conf")
+OBJECTIVES: tuple[str, ...] = ("overall_score", "overall_score_with_essence")
+
+#: The hyperparameter each method is tuned over (App. A).
+TUNED_FIELDS: dict[str, str] = {
+    "rome": "kl_factor",
+    "memit": "kl_factor",
+    "ft1": "linf_eps",
+    "ft5": "linf_eps",
+}
+
+#: The optimisation-steps field of each method (v* steps for ROME/MEMIT, Adam steps for FT).
+STEP_FIELDS: dict[str, str] = {
+    "rome": "v_steps",
+    "memit": "v_steps",
+    "ft1": "steps",
+    "ft5": "steps",
+}
+
+#: The paper's grids (App. A): KL weight for ROME/MEMIT, L-infinity radius for finetuning.
+PAPER_GRIDS: dict[str, tuple[float, ...]] = {
+    "kl_factor": (0.0625, 0.9, 1.0),
+    "linf_eps": (1e-4, 5e-5, 2e-5, 1e-5),
+}
+
+#: Log-uniform ranges for ``search`` mode: about a decade beyond the paper's grid each way.
+DEFAULT_RANGES: dict[str, tuple[float, float]] = {
+    "kl_factor": (1e-2, 10.0),
+    "linf_eps": (1e-6, 1e-3),
+}
+
+#: Where the paper changed the number of steps (App. A, Fact Forcing): the choices to search.
+DEFAULT_STEP_CHOICES: dict[str, dict[str, tuple[int, ...]]] = {
+    "fact_forcing": {"rome": (20, 25), "memit": (20, 25), "ft1": (25, 50), "ft5": (25, 50)},
+}
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The ``tune`` config group as typed data (``conf/tune/default.yaml`` documents each field)."""
+
+    enabled: bool = False
+    mode: Mode = "grid"
+    n_facts: int | None = 100
+    layer: int | None = None
+    n_trials: int = 20
+    storage: str = "sqlite:///outputs/tune/state/optuna.db"
+    max_rewrite: float = 0.99
+    objective: str = "overall_score"
+    fallback: Fallback = "least_violation"
+    grid: Mapping[str, tuple[float, ...]] = field(default_factory=lambda: dict(PAPER_GRIDS))
+    ranges: Mapping[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_RANGES))
+    step_choices: Mapping[str, Mapping[str, tuple[int, ...]]] = field(
+        default_factory=lambda: {k: dict(v) for k, v in DEFAULT_STEP_CHOICES.items()}
+    )
+    n_startup_trials: int = 5
+    pruner: Literal["median", "none"] = "median"
+    pruner_warmup_facts: int = 10
+    heartbeat_interval: int | None = 60
+    grace_period: int | None = 180
+    plots: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"tune.mode {self.mode!r}: choose from {', '.join(MODES)}")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"tune.fallback {self.fallback!r}: choose from {', '.join(FALLBACKS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(
+                f"tune.objective {self.objective!r}: choose from {', '.join(OBJECTIVES)}"
+            )
+        if self.pruner not in ("median", "none"):
+            raise ValueError(f"tune.pruner {self.pruner!r}: choose median or none")
+        if self.n_facts is not None and self.n_facts < 1:
+            raise ValueError("tune.n_facts must be at least 1 (or null for every fact)")
+        for name, (low, high) in self.ranges.items():
+            if not 0 < low < high:
+                raise ValueError(f"tune.search.{name} needs 0 < low < high for a log-uniform range")
+
+    @classmethod
+    def from_params(cls, tune: Mapping[str, Any], seed: int = 0, **overrides: Any) -> TuneConfig:
+        """From the composed ``tune`` group; ``overrides`` (e.g. ``mode``) win over it."""
+        cfg = dict(tune or {})
+        search = dict(cfg.get("search") or {})
+        grid = {k: tuple(float(x) for x in v) for k, v in (cfg.get("grid") or PAPER_GRIDS).items()}
+        ranges = {
+            name: (float(search[name][0]), float(search[name][1])) if name in search else default
+            for name, default in DEFAULT_RANGES.items()
+        }
+        steps = search.get("steps", DEFAULT_STEP_CHOICES) or {}
+        step_choices = {
+            problem: {
+                method: tuple(int(x) for x in choices) for method, choices in (per or {}).items()
+            }
+            for problem, per in steps.items()
+        }
+        values = {
+            "enabled": bool(cfg.get("enabled", False)),
+            "mode": cfg.get("mode", "grid"),
+            "n_facts": None if cfg.get("n_facts") is None else int(cfg["n_facts"]),
+            "layer": None if cfg.get("layer") is None else int(cfg["layer"]),
+            "n_trials": int(cfg.get("n_trials", 20)),
+            "storage": str(cfg.get("storage") or cls.storage),
+            "max_rewrite": float(cfg.get("max_rewrite", 0.99)),
+            "objective": str(cfg.get("objective", "overall_score")),
+            "fallback": cfg.get("fallback", "least_violation"),
+            "grid": grid,
+            "ranges": ranges,
+            "step_choices": step_choices,
+            "n_startup_trials": int(search.get("n_startup_trials", 5)),
+            "pruner": str(search.get("pruner", "median") or "none"),
+            "pruner_warmup_facts": int(search.get("pruner_warmup_facts", 10)),
+            "heartbeat_interval": cfg.get("heartbeat_interval", 60),
+            "grace_period": cfg.get("grace_period", 180),
+            "plots": bool(cfg.get("plots", True)),
+            "seed": int(seed),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The hyperparameters one (method, problem) study chooses, and how a trial suggests them."""
+
+    method: str
+    problem: str
+    mode: Mode
+    field: str
+    grid: tuple[float, ...]
+    low: float
+    high: float
+    step_field: str | None = None
+    step_choices: tuple[int, ...] = ()
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Hyperparameter fields a trial sets (Optuna parameter names are these field names)."""
+        return (self.field,) + ((self.step_field,) if self.step_field else ())
+
+    def grid_points(self) -> list[dict[str, float]]:
+        """Every point of the grid, in the paper's order."""
+        return [{self.field: value} for value in self.grid]
+
+    def grid_search_space(self) -> dict[str, list[float]]:
+        """The search space in :class:`optuna.samplers.GridSampler`'s format."""
+        return {self.field: list(self.grid)}
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """The trial's hyperparameter overrides (``grid``: values come from the grid sampler)."""
+        if self.mode == "grid":
+            low, high = min(self.grid), max(self.grid)
+            return {self.field: trial.suggest_float(self.field, low, high, log=low > 0)}
+        values: dict[str, Any] = {
+            self.field: trial.suggest_float(self.field, self.low, self.high, log=True)
+        }
+        if self.step_field:
+            values[self.step_field] = trial.suggest_categorical(
+                self.step_field, list(self.step_choices)
+            )
+        return values
+
+    def contains(self, point: Mapping[str, Any], params: Mapping[str, Any]) -> bool:
+        """Whether a trial's ``params`` are the grid ``point`` (floats compared with tolerance)."""
+        return all(
+            name in params
+            and math.isclose(float(params[name]), float(value), rel_tol=1e-9, abs_tol=0.0)
+            for name, value in point.items()
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "method": self.method,
+            "problem": self.problem,
+            "mode": self.mode,
+            "field": self.field,
+        }
+        if self.mode == "grid":
+            out["grid"] = list(self.grid)
+        else:
+            out["range"] = [self.low, self.high]
+            if self.step_field:
+                out[self.step_field] = list(self.step_choices)
+        return out
+
+
+def search_space(method: str, problem: str, config: TuneConfig) -> SearchSpace:
+    """The space of one study, from the config's grids, ranges and step choices."""
+    check_method(method)
+    name = TUNED_FIELDS[method]
+    grid = tuple(float(x) for x in config.grid.get(name, PAPER_GRIDS[name]))
+    if not grid:
+        raise ValueError(f"tune.grid.{name} is empty")
+    low, high = config.ranges.get(name, DEFAULT_RANGES[name])
+    choices: Sequence[int] = ()
+    if config.mode == "search":
+        choices = tuple((config.step_choices.get(problem) or {}).get(method) or ())
+    return SearchSpace(
+        method=method,
+        problem=problem,
+        mode=config.mode,
+        field=name,
+        grid=grid,
+        low=low,
+        high=high,
+        step_field=STEP_FIELDS[method] if len(choices) > 1 else None,
+        step_choices=tuple(choices),
+    )
