@@ -24,10 +24,10 @@ repro: setup
 	@echo "Reports in reports/; MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db"
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist load --durations=15
 
 test-all: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m ""
+	$(BIN)/python -m pytest -q -n 2 --dist load -m ""
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

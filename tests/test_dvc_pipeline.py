@@ -38,7 +38,7 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
     overrides = [
         o for o in tiny_overrides(tmp_path, model_dir, data_root)
         if not o.startswith(("paths.", "mlflow."))
-    ]
+    ] + ["edit.methods=[ft1]"]
     params = compose_params(repo / "conf", overrides)
     (repo / "params.yaml").write_text(OmegaConf.to_yaml(params))
     _dvc(repo, "init", "--no-scm", "-q")
