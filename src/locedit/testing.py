@@ -104,3 +104,38 @@ def save_tiny(directory: Path, family: str = "gpt2", **kwargs) -> Path:
     model.save_pretrained(directory)
     gpt2_tokenizer().save_pretrained(directory)
     return directory
+
+
+def editable_tiny_model(
+    family: str = "gpt2", n_layers: int = 6, std: float = 0.1, seed: int = 0, **kwargs
+) -> torch.nn.Module:
+    """A tiny model whose weight matrices are redrawn with standard deviation ``std``.
+
+    At the default initialisation (std 0.02) a random d_model-64 model's logits barely depend
+    on its input, so no edit can move p(target) measurably; larger weights make the effect of
+    an edit visible while everything stays random and offline.
+    """
+    model = tiny_model(family, n_layers=n_layers, seed=seed, **kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model
+
+
+def top_word(model: torch.nn.Module, tokenizer, prompt: str, among: int = 50) -> str:
+    """The model's most likely next word after ``prompt`` that is a single alphabetic token.
+
+    Tests of Fact Erasure's direction need an object the model already favours.
+    """
+    from locedit.models.tokens import encode_target
+
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+    for token in logits.argsort(descending=True)[:among].tolist():
+        word = tokenizer.decode([token]).strip()
+        if word.isalpha() and encode_target(tokenizer, prompt, word) == [token]:
+            return word
+    raise ValueError(f"no single-token word among the model's top {among} predictions")

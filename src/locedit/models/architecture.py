@@ -6,7 +6,7 @@ module; it never branches on model names. Adding a family is one entry here and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -31,6 +31,9 @@ class ArchSpec:
     embed: str
     final_norm: str
     n_layers_attr: str = "num_hidden_layers"
+    #: RMSNorm applied to the MLP output before it joins the residual stream (Gemma 2/3's
+    #: ``post_feedforward_layernorm``); ``None`` where the MLP output is added as it is.
+    mlp_post_norm: str | None = None
 
     def layer(self, index: int) -> str:
         return f"{self.layers}.{index}"
@@ -58,6 +61,8 @@ _LLAMA_LIKE = ArchSpec(
     embed="model.embed_tokens",
     final_norm="model.norm",
 )
+
+_GEMMA_POST_NORM = replace(_LLAMA_LIKE, mlp_post_norm="model.layers.{}.post_feedforward_layernorm")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(
@@ -93,8 +98,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma2": _GEMMA_POST_NORM,
+    "gemma3_text": _GEMMA_POST_NORM,
 }
 
 

@@ -121,4 +121,6 @@ def calibrate_noise(
     if override is not None:
         return NoiseCalibration(float(override), float(multiplier), 0, calibrated=False)
     embeddings = subject_embeddings(model, tokenizer, records)
-    return NoiseCalibration(noise_sigma(embeddings, multiplier), float(multiplier), len(embeddings), True)
+    return NoiseCalibration(
+        noise_sigma(embeddings, multiplier), float(multiplier), len(embeddings), True
+    )

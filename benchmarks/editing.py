@@ -1,0 +1,244 @@
+"""Seconds per edit of ROME, MEMIT, FT-1 and FT-5 on the bundled model at a middle layer.
+
+Edits the first CounterFact facts towards o_false (Error Injection) through
+``locedit.editing.edited`` and writes benchmarks/results/editing.json: seconds per edit per
+method (mean, median, each fact), p(o_false) before and after, the one-time costs (model
+fingerprint, context templates, key statistics), peak memory, threads and machine load. The
+whole run is kept under ``--budget-s``: a method that would overrun it edits fewer facts, and
+the JSON says so.
+
+    .venv/bin/python benchmarks/editing.py                    # Gemma-3-270M, 10 facts, 2 threads
+    .venv/bin/python benchmarks/editing.py --n-facts 3 --methods rome ft1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from locedit.data.loaders import load_counterfact
+from locedit.editing import (
+    METHODS,
+    CorpusSpec,
+    CovarianceStore,
+    EditRequest,
+    edited,
+    hparams_for,
+    layers_for,
+)
+from locedit.models import load_model, n_layers
+from locedit.models.loading import default_cache_dir
+from locedit.models.scoring import target_log_probs
+from locedit.models.tokens import TokenizationError, encode_prompt, encode_target
+
+log = logging.getLogger("benchmarks.editing")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--n-facts", type=int, default=10)
+    parser.add_argument("--layer", type=int, default=None, help="default: the middle layer")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument(
+        "--stats-dir",
+        type=Path,
+        default=default_cache_dir() / "benchmark-stats",
+        help="key statistics cache, reused across runs (keyed by model and corpus)",
+    )
+    parser.add_argument(
+        "--corpus-samples",
+        type=int,
+        default=64,
+        help="key-statistics corpus size (params stats.n_samples, 200 by default, "
+        "costs proportionally more once; it does not change the seconds per edit)",
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=900.0, help="wall-clock budget of the whole run"
+    )
+    parser.add_argument(
+        "--output", type=Path, default=Path(__file__).parent / "results" / "editing.json"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("lightning", "lightning.pytorch", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    started = time.perf_counter()
+    load_start = load_average()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    depth = n_layers(model)
+    layer = args.layer if args.layer is not None else depth // 2
+
+    facts = []
+    for record in load_counterfact(args.data_root).records:
+        try:
+            ids = encode_prompt(tokenizer, record.prompt, record.subject).input_ids
+            target = encode_target(tokenizer, record.prompt, record.target_new)
+        except TokenizationError:
+            continue
+        facts.append((record, ids, target))
+        if len(facts) == args.n_facts:
+            break
+
+    # One-time costs, reported apart from the per-edit seconds.
+    store = CovarianceStore(
+        args.stats_dir, CorpusSpec(n_samples=args.corpus_samples, sample_length=64), tokenizer
+    )
+    t0 = time.perf_counter()
+    fingerprint = store.fingerprint(model)
+    fingerprint_s = time.perf_counter() - t0
+    hparams = {m: hparams_for(m) for m in args.methods}
+    needed = sorted(
+        {
+            x
+            for m in args.methods
+            if m in ("rome", "memit")
+            for x in layers_for(m, layer, model, hparams[m])
+        }
+    )
+    t0 = time.perf_counter()
+    cached = all(store.path(model, x).exists() for x in needed)
+    store.ensure(model, needed)
+    stats_s = time.perf_counter() - t0
+    templates_s = {}
+    for method in ("rome", "memit"):
+        if method in args.methods:
+            t0 = time.perf_counter()
+            hp = hparams[method]
+            store.context_templates(
+                model, tokenizer, hp.context_template_lengths, hp.n_context_templates, hp.seed
+            )
+            templates_s[method] = time.perf_counter() - t0
+    for method in ("rome", "memit"):  # factorise the covariances outside the timed edits
+        if method in args.methods:
+            for x in layers_for(method, layer, model, hparams[method]):
+                store.solver(model, x, hparams[method].covariance_ridge)
+    setup_s = time.perf_counter() - started
+
+    per_method: dict[str, dict] = {}
+    remaining_methods = list(args.methods)
+    for method in args.methods:
+        remaining_methods.remove(method)
+        budget = (args.budget_s - (time.perf_counter() - started)) / (len(remaining_methods) + 1)
+        method_start = time.perf_counter()
+        seconds, before, after, edit_layers, flags = [], [], [], None, 0
+        for record, ids, target in facts:
+            request = EditRequest(record.prompt, record.subject, record.target_new)
+            p_before = float(target_log_probs(model, [ids], [target]).exp())
+            with edited(model, tokenizer, method, request, layer, hparams[method], store) as result:
+                p_after = float(target_log_probs(model, [ids], [target]).exp())
+            seconds.append(result.seconds)
+            before.append(p_before)
+            after.append(p_after)
+            edit_layers = result.layers
+            flags += bool(result.flags)
+            log.info(
+                "%s %s: %.1f s, p(o_false) %.4f -> %.4f",
+                method,
+                record.fact_id,
+                result.seconds,
+                p_before,
+                p_after,
+            )
+            spent = time.perf_counter() - method_start
+            if spent + statistics.mean(seconds) > budget and len(seconds) < len(facts):
+                log.warning(
+                    "%s: stopping after %d facts to stay within the budget", method, len(seconds)
+                )
+                break
+        per_method[method] = {
+            "layers": edit_layers,
+            "n_facts": len(seconds),
+            "seconds_mean": statistics.mean(seconds),
+            "seconds_median": statistics.median(seconds),
+            "seconds_min": min(seconds),
+            "seconds_max": max(seconds),
+            "seconds": [round(s, 3) for s in seconds],
+            "p_target_before_mean": statistics.mean(before),
+            "p_target_after_mean": statistics.mean(after),
+            "n_flagged": flags,
+            "peak_rss_mb_after": peak_rss_mb(),
+            "hparams": hparams[method].to_dict(),
+        }
+        if len(seconds) < len(facts):
+            per_method[method]["note"] = (
+                f"reduced from {len(facts)} facts to stay within --budget-s {args.budget_s:g}"
+            )
+
+    result = {
+        "benchmark": "editing",
+        "model": args.model,
+        "model_fingerprint": fingerprint,
+        "n_layers": depth,
+        "layer": layer,
+        "problem": "error_injection (maximise p(o_false) of CounterFact facts)",
+        "facts": [record.fact_id for record, _, _ in facts],
+        "methods": per_method,
+        "one_time": {
+            "model_fingerprint_s": fingerprint_s,
+            "key_statistics_s": stats_s,
+            "key_statistics_cached": cached,
+            "key_statistics_layers": needed,
+            "corpus": store.corpus.to_dict(),
+            "context_templates_s": templates_s,
+            "setup_total_s": setup_s,
+        },
+        "total_s": time.perf_counter() - started,
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": args.threads,
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "note": (
+            "Seconds per edit are EditResult.seconds (the edit itself; restoring the weights and "
+            "evaluation are outside). The one-time costs are paid once per model and process "
+            "(statistics once per corpus, cached on disk). A load average above the core count "
+            "means other processes shared the CPU and the seconds are inflated."
+        ),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    log.info("wrote %s", args.output)
+    for method, row in per_method.items():
+        log.info(
+            "%-5s %5.1f s per edit (median %.1f) over %d facts; p(o_false) %.3f -> %.3f",
+            method,
+            row["seconds_mean"],
+            row["seconds_median"],
+            row["n_facts"],
+            row["p_target_before_mean"],
+            row["p_target_after_mean"],
+        )
+    return result
+
+
+if __name__ == "__main__":
+    main()

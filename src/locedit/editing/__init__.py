@@ -1,0 +1,53 @@
+"""Model editing behind one interface: ROME, MEMIT, FT-1 and FT-5 (paper Sec. 5.2, App. A).
+
+``edited(model, tokenizer, method, request, layer, hparams, covariance)`` applies an edit for
+the duration of a ``with`` block and restores the weights bit for bit afterwards. Layers are
+0-based indices into the architecture table, so every supported family works.
+"""
+
+from locedit.editing.corpus import CorpusSpec, generate_context_templates
+from locedit.editing.covariance import (
+    CovarianceSolver,
+    CovarianceStore,
+    SingularCovarianceError,
+    second_moments,
+)
+from locedit.editing.editor import edited, layers_for, touched_params
+from locedit.editing.finetune import ConstrainedFinetune
+from locedit.editing.hparams import FTHParams, HParams, MemitHParams, RomeHParams, hparams_for
+from locedit.editing.layers import (
+    METHODS,
+    PAPER_GRIDS,
+    default_layer,
+    edit_layers,
+    layer_grid,
+    layers_needing_covariance,
+)
+from locedit.editing.types import EditFailed, EditRequest, EditResult
+
+__all__ = [
+    "METHODS",
+    "PAPER_GRIDS",
+    "ConstrainedFinetune",
+    "CorpusSpec",
+    "CovarianceSolver",
+    "CovarianceStore",
+    "EditFailed",
+    "EditRequest",
+    "EditResult",
+    "FTHParams",
+    "HParams",
+    "MemitHParams",
+    "RomeHParams",
+    "SingularCovarianceError",
+    "default_layer",
+    "edit_layers",
+    "edited",
+    "generate_context_templates",
+    "hparams_for",
+    "layer_grid",
+    "layers_for",
+    "layers_needing_covariance",
+    "second_moments",
+    "touched_params",
+]

@@ -1,0 +1,146 @@
+"""One interface to every editing method: a ``with`` block that edits and always restores.
+
+with edited(model, tok, "rome", request, layer, hparams, covariance) as result:
+    ...  # the model is edited here
+# the model is bit-identical to before, verified, even if the block or the edit raised
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from locedit.editing.covariance import CovarianceStore
+from locedit.editing.finetune import apply_finetune, finetuned_param_names
+from locedit.editing.hparams import FTHParams, HParams, MemitHParams, RomeHParams, hparams_for
+from locedit.editing.layers import check_method, edit_layers
+from locedit.editing.memit import apply_memit
+from locedit.editing.rome import apply_rome
+from locedit.editing.types import EditFailed, EditRequest, EditResult
+from locedit.models.architecture import down_proj_name, n_layers
+from locedit.models.snapshot import preserved_weights
+
+log = logging.getLogger(__name__)
+
+_EXPECTED = {"rome": RomeHParams, "memit": MemitHParams, "ft1": FTHParams, "ft5": FTHParams}
+
+
+def layers_for(
+    method: str, layer: int, model: nn.Module, hparams: HParams | None = None
+) -> list[int]:
+    """The layers an edit of ``method`` at ``layer`` changes on this model."""
+    total = n_layers(model)
+    if method == "memit" and isinstance(hparams, MemitHParams) and hparams.n_layers != 5:
+        window = hparams.n_layers
+        return list(range(max(0, layer - window // 2), min(total, layer - (-window // 2))))
+    return edit_layers(method, layer, total)
+
+
+def touched_params(method: str, model: nn.Module, layers: list[int], hparams: HParams) -> list[str]:
+    """Names of every parameter the edit may change (what the snapshot must cover)."""
+    if method in ("rome", "memit"):
+        return [down_proj_name(model, layer) for layer in layers]
+    return finetuned_param_names(model, layers, hparams.params)  # type: ignore[union-attr]
+
+
+def context_templates(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    hparams: RomeHParams | MemitHParams,
+    covariance: CovarianceStore | None,
+) -> list[str]:
+    """The method's context templates, from the store (generated once per model and seed)."""
+    if hparams.n_context_templates == 0 or not hparams.context_template_lengths:
+        return ["{}"]
+    if covariance is None or not hasattr(covariance, "context_templates"):
+        raise ValueError(
+            "ROME and MEMIT need a CovarianceStore (key statistics and context templates)"
+        )
+    return covariance.context_templates(
+        model,
+        tokenizer,
+        hparams.context_template_lengths,
+        hparams.n_context_templates,
+        hparams.seed,
+        hparams.template_top_k,
+    )
+
+
+@contextmanager
+def edited(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    method: str,
+    request: EditRequest,
+    layer: int,
+    hparams: HParams | None = None,
+    covariance: CovarianceStore | None = None,
+) -> Iterator[EditResult]:
+    """Apply one edit in place for the duration of the block and yield its :class:`EditResult`.
+
+    On exit the touched weights are restored and verified bit-identical
+    (:func:`locedit.models.preserved_weights`), also when the edit or the block raises. An
+    edit that hits NaN/Inf in a loss or update raises :class:`EditFailed` after restoring.
+    ``covariance`` (a :class:`CovarianceStore`) is required by ROME and MEMIT only.
+    """
+    check_method(method)
+    hparams = hparams if hparams is not None else hparams_for(method)
+    if not isinstance(hparams, _EXPECTED[method]):
+        raise TypeError(
+            f"{method} needs {_EXPECTED[method].__name__}, got {type(hparams).__name__}"
+        )
+    layers = layers_for(method, layer, model, hparams)
+    names = touched_params(method, model, layers, hparams)
+    templates = (
+        context_templates(model, tokenizer, hparams, covariance)
+        if method in ("rome", "memit")
+        else None
+    )
+    with preserved_weights(model, names) as snapshot:
+        start = time.perf_counter()
+        try:
+            if method == "rome":
+                result = apply_rome(
+                    model, tokenizer, request, layer, hparams, covariance, templates
+                )
+            elif method == "memit":
+                result = apply_memit(
+                    model, tokenizer, request, layer, layers, hparams, covariance, templates
+                )
+            else:
+                result = apply_finetune(model, tokenizer, request, method, layer, layers, hparams)
+        except EditFailed as err:
+            raise EditFailed(method, err.reason) from err
+        except FloatingPointError as err:
+            raise EditFailed(method, str(err)) from err
+        result.method = method
+        result.seconds = time.perf_counter() - start
+        result.changed = snapshot.changed()
+        params = dict(model.named_parameters())
+        for name in result.changed:
+            if not bool(torch.isfinite(params[name]).all()):
+                raise EditFailed(method, f"non-finite weights in {name}")
+        if not result.changed:
+            result.flags.append("no_change")
+        if result.flags:
+            log.warning(
+                "%s edit at layer %d flagged %s: %s",
+                method,
+                layer,
+                result.flags,
+                {
+                    k: round(v, 4)
+                    for k, v in result.diagnostics.items()
+                    if k.startswith(("division", "update_norm_ratio"))
+                },
+            )
+        log.debug(
+            "%s edit at layer %d took %.2f s; flags %s", method, layer, result.seconds, result.flags
+        )
+        yield result

@@ -1,0 +1,231 @@
+"""Constrained finetuning (FT-1, FT-5): Adam on MLP weights inside an L-infinity ball.
+
+What is optimised is a :class:`ConstrainedFinetune` LightningModule (loss in
+``training_step``, Adam in ``configure_optimizers``, the projection back into the ball of
+radius eps around the original weights after every optimiser step); how it runs is a
+``lightning.Trainer`` on CPU with no logger, checkpoints or progress bar, so nothing is left
+on disk. The paper's code trains the down-projection (weight and bias) of each layer in the
+window; ``params: mlp`` trains every MLP parameter instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import tempfile
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from locedit.editing.batch import (
+    EditBatch,
+    build_batch,
+    frozen_layers,
+    hidden_states,
+    objective,
+    target_log_probs,
+)
+from locedit.editing.hparams import FTHParams
+from locedit.editing.types import Direction, EditFailed, EditRequest, EditResult
+from locedit.models.architecture import arch_spec, check_layer, mlp_param_names
+from locedit.models.scoring import pad_token_id
+from locedit.models.tokens import encode_target
+
+log = logging.getLogger(__name__)
+
+
+def finetuned_param_names(
+    model: nn.Module, layers: list[int], which: str = "down_proj"
+) -> list[str]:
+    """Parameters constrained finetuning trains at ``layers``."""
+    if which == "mlp":
+        return [name for layer in layers for name in mlp_param_names(model, layer)]
+    if which != "down_proj":
+        raise ValueError(f"unknown FT params {which!r}; use down_proj or mlp")
+    names = dict(model.named_parameters())
+    out = []
+    for layer in layers:
+        prefix = arch_spec(model).mlp_down.format(check_layer(model, layer))
+        out.extend(n for n in (f"{prefix}.weight", f"{prefix}.bias") if n in names)
+    return out
+
+
+def linf_bounds(original: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise [lo, hi] in the weight dtype with |bound - original| <= eps exactly.
+
+    original +- eps rounded to float32 can land just outside the ball; such bounds are moved
+    one representable value back towards the original.
+    """
+    exact = original.double()
+    hi = (exact + eps).to(original.dtype)
+    hi = torch.where(hi.double() - exact > eps, torch.nextafter(hi, original), hi)
+    lo = (exact - eps).to(original.dtype)
+    lo = torch.where(exact - lo.double() > eps, torch.nextafter(lo, original), lo)
+    return lo, hi
+
+
+class ConstrainedFinetune(pl.LightningModule):
+    """Maximise (or minimise) log p(target | prompt) with weights kept near the originals."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: EditBatch,
+        param_names: list[str],
+        hp: FTHParams,
+        direction: Direction,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.batch = batch
+        self.hp = hp
+        self.direction = direction
+        named = dict(model.named_parameters())
+        self.param_names = list(param_names)
+        self.trained = [named[name] for name in self.param_names]
+        self.bounds = [linf_bounds(p.detach(), hp.linf_eps) for p in self.trained]
+        self.losses: list[float] = []
+        self.nlls: list[float] = []
+        self.converged = False
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.trained, lr=self.hp.lr, weight_decay=self.hp.weight_decay)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(list(range(self.hp.steps)), batch_size=None)
+
+    def on_train_start(self) -> None:
+        self.model.eval()  # the Trainer switches to train mode; dropout must stay off
+
+    def on_train_epoch_start(self) -> None:
+        self.model.eval()
+
+    def on_train_batch_start(self, _batch, _batch_idx):
+        return -1 if self.converged else None
+
+    def training_step(self, _batch, batch_idx):
+        hidden = hidden_states(self.model, self.batch)
+        loss, nll = objective(
+            target_log_probs(self.model, hidden, self.batch), self.batch.n_target, self.direction
+        )
+        loss_value, nll_value = float(loss.detach()), float(nll.detach())
+        if not (math.isfinite(loss_value) and math.isfinite(nll_value)):
+            raise EditFailed("ft", f"non-finite loss {loss_value} at step {batch_idx}")
+        self.losses.append(loss_value)
+        self.nlls.append(nll_value)
+        stop = self.hp.early_stop_loss
+        if self.direction == "maximize" and stop is not None and nll_value < stop:
+            self.converged = True
+            return None
+        return loss
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.project_to_linf_ball()
+
+    @torch.no_grad()
+    def project_to_linf_ball(self) -> None:
+        """Clamp every trained weight back into [original - eps, original + eps]."""
+        for param, (lo, hi) in zip(self.trained, self.bounds, strict=True):
+            if not bool(torch.isfinite(param).all()):
+                raise EditFailed("ft", "non-finite weights after an optimiser step")
+            param.copy_(torch.maximum(torch.minimum(param, hi), lo))
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """Lightning's info lines and data-loader warnings are noise for a 25-step fit."""
+    names = ("lightning", "lightning.pytorch", "lightning.fabric")
+    levels = {name: logging.getLogger(name).level for name in names}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="lightning")
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        for name in names:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+
+
+def apply_finetune(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    request: EditRequest,
+    method: str,
+    layer: int,
+    layers: list[int],
+    hp: FTHParams,
+) -> EditResult:
+    """Finetune ``model`` in place; the caller (:func:`locedit.editing.edited`) restores it."""
+    if hp.steps < 1:
+        raise ValueError("FT needs steps >= 1")
+    target_ids = encode_target(tokenizer, request.prompt, request.target)
+    batch = build_batch(tokenizer, request, target_ids, pad_id=pad_token_id(model))
+    names = finetuned_param_names(model, layers, hp.params)
+    module = ConstrainedFinetune(model, batch, names, hp, request.direction)
+    flags_before = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    named = dict(model.named_parameters())
+    originals = {name: named[name].detach().clone() for name in names}
+    try:
+        for name in names:
+            named[name].requires_grad_(True)
+        with _quiet_lightning(), tempfile.TemporaryDirectory(prefix="locedit-ft-") as root:
+            trainer = pl.Trainer(
+                accelerator="cpu",
+                devices=1,
+                max_epochs=1,
+                max_steps=hp.steps,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                default_root_dir=root,
+            )
+            with frozen_layers(model, lambda: hidden_states(model, batch), min(layers)):
+                trainer.fit(module)
+    finally:
+        for name, flag in flags_before.items():
+            named[name].requires_grad_(flag)
+        model.train(was_training)
+        for param in model.parameters():
+            param.grad = None
+    with torch.no_grad():
+        hidden = hidden_states(model, batch)
+        _, nll_after = objective(
+            target_log_probs(model, hidden, batch), batch.n_target, request.direction
+        )
+    diagnostics: dict[str, float] = {
+        "ft_steps": float(len(module.losses)),
+        "ft_loss_first": module.losses[0] if module.losses else math.nan,
+        "ft_loss_last": module.losses[-1] if module.losses else math.nan,
+        "ft_target_prob_first": math.exp(-module.nlls[0]) if module.nlls else math.nan,
+        "ft_target_prob_after": math.exp(-float(nll_after)),
+        "linf_eps": hp.linf_eps,
+    }
+    max_change, change_sq, original_sq = 0.0, 0.0, 0.0
+    for name in names:
+        change = named[name].detach().double() - originals[name].double()
+        max_change = max(max_change, float(change.abs().max()))
+        change_sq += float(change.square().sum())
+        original_sq += float(originals[name].double().square().sum())
+    diagnostics["max_abs_change"] = max_change
+    # ||dtheta|| / ||theta|| over all trained parameters together (biases may start at zero).
+    diagnostics["update_norm_ratio"] = (
+        math.sqrt(change_sq / original_sq) if original_sq else math.inf
+    )
+    return EditResult(
+        method=method,
+        layer=layer,
+        layers=list(layers),
+        diagnostics=diagnostics,
+        hparams=hp.to_dict(),
+    )

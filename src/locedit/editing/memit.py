@@ -1,0 +1,187 @@
+"""MEMIT (Meng et al. 2022b) for a single request, spread over a window of layers.
+
+z* is the residual stream after the window's last layer that makes the target likely (the
+same optimisation as ROME's v*, :mod:`locedit.editing.vstar`). Then, for each layer i of the
+window in ascending order, with the layers below already updated:
+    r_i = (z* - z_current) / (number of window layers from i on)
+    dW_i = r_i k_i^T (lambda C_i + k_i k_i^T)^-1
+where k_i is the template-averaged key at layer i and lambda the covariance weight. The solve
+uses a cached Cholesky factor of C_i and the Sherman-Morrison identity, in float64, and checks
+the residual of the full system.
+
+Architectures whose MLP output passes an RMSNorm before joining the residual stream (Gemma
+2/3, ``ArchSpec.mlp_post_norm``) break MEMIT's additive assumption; there the residual share
+r_i is first turned into the MLP-output change that moves the normed output by r_i, to first
+order and as far as the norm allows (:func:`mlp_change_for`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from locedit.editing.batch import (
+    build_batch,
+    captured_io,
+    recorded_outputs,
+    run_until,
+    template_mean,
+)
+from locedit.editing.covariance import SingularCovarianceError, down_proj_module
+from locedit.editing.hparams import MemitHParams
+from locedit.editing.types import EditFailed, EditRequest, EditResult
+from locedit.editing.vstar import optimise_vstar
+from locedit.models.architecture import (
+    arch_spec,
+    component_module,
+    down_proj_weight,
+    from_out_in,
+    get_module,
+)
+from locedit.models.scoring import pad_token_id
+from locedit.models.tokens import encode_target
+
+
+def effective_mom2_weight(hp: MemitHParams, d_mlp: int) -> float:
+    """lambda scaled from the reference width (GPT-J's d_mlp) to this model's."""
+    if hp.mom2_weight_reference_d_mlp is None:
+        return hp.mom2_weight
+    return hp.mom2_weight * d_mlp / hp.mom2_weight_reference_d_mlp
+
+
+def mlp_change_for(
+    norm: nn.Module, mlp_out: torch.Tensor, wanted: torch.Tensor, damping: float = 1e-3
+) -> tuple[torch.Tensor, float]:
+    """The MLP-output change that moves ``norm(mlp_out)`` by ``wanted`` (post-MLP norms).
+
+    MEMIT assumes the MLP output joins the residual stream as it is. Gemma 2/3 first pass it
+    through an RMSNorm, whose output has a fixed size and whose gain nearly vanishes in some
+    directions. The change is the damped least-squares solution of J dm = wanted, with J the
+    norm's Jacobian at the current output (dm = (J^T J + mu I)^-1 J^T wanted, mu = ``damping``
+    x the mean eigenvalue of J^T J), so unreachable directions are not chased; MEMIT's later
+    layers correct what is left. Returns the change and ||J dm|| / ||wanted||.
+    """
+    point, wanted = mlp_out.detach().double(), wanted.detach().double()
+    jacobian = torch.autograd.functional.jacobian(
+        lambda x: norm(x[None].float())[0].double(), point, vectorize=True
+    ).detach()
+    normal = jacobian.T @ jacobian
+    mu = damping * float(torch.trace(normal)) / int(point.shape[0])
+    change = torch.linalg.solve(
+        normal + mu * torch.eye(int(point.shape[0]), dtype=torch.float64), jacobian.T @ wanted
+    )
+    realised = float((jacobian @ change).norm() / wanted.norm().clamp_min(1e-300))
+    return change, realised
+
+
+def apply_memit(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    request: EditRequest,
+    layer: int,
+    layers: list[int],
+    hp: MemitHParams,
+    covariance,
+    templates: list[str],
+) -> EditResult:
+    """Edit ``model`` in place over ``layers`` (the window around ``layer``)."""
+    target_ids = encode_target(tokenizer, request.prompt, request.target)
+    kl_prompts = [hp.kl_prompt] if hp.kl_factor else []
+    batch = build_batch(
+        tokenizer,
+        request,
+        target_ids,
+        templates,
+        kl_prompts,
+        pad_token_id(model),
+        hp.noise_per_template,
+    )
+    z_layer = max(layers)
+    z_module = component_module(model, "resid", z_layer)
+
+    zstar = optimise_vstar(model, batch, z_module, z_layer + 1, hp, request.direction, "memit")
+    z_target = zstar.target.double()
+
+    diagnostics: dict[str, float] = {"z_layer": float(z_layer), **zstar.diagnostics("z")}
+    flags: list[str] = []
+    tensors: dict[str, torch.Tensor] = {"z_star": z_target.float()}
+    z_initial = None
+    post_norm = arch_spec(model).mlp_post_norm
+    for position, edit_layer in enumerate(layers):
+        keys_module = down_proj_module(model, edit_layer)
+        with (
+            captured_io(keys_module, batch.lookup) as found,
+            recorded_outputs({"z": z_module}) as rec,
+        ):
+            run_until(model, batch, z_module)
+        k = template_mean(found["input"].double(), batch)
+        mlp_out = found["output"].double()[batch.bare].mean(0)
+        z_now = _lookup_mean(rec["z"], batch).double()
+        if z_initial is None:
+            z_initial = z_now
+        residual = (z_target - z_now) / (len(layers) - position)
+        if post_norm is not None:
+            norm = get_module(model, post_norm.format(edit_layer))
+            residual, realised = mlp_change_for(norm, mlp_out, residual)
+            diagnostics[f"post_norm_realised_l{edit_layer}"] = realised
+
+        d_mlp = int(k.shape[0])
+        weight_lambda = effective_mom2_weight(hp, d_mlp)
+        try:
+            solver = covariance.solver(model, edit_layer, hp.covariance_ridge)
+            x = solver.solve(k) / weight_lambda
+        except SingularCovarianceError as err:
+            raise EditFailed("memit", f"layer {edit_layer}: {err}") from err
+        adjusted = x / (1.0 + float(k @ x))
+        full = weight_lambda * (solver.matrix @ adjusted) + k * float(k @ adjusted)
+        check = float((full - k).norm() / k.norm())
+        if not check <= 1e-6:
+            raise EditFailed("memit", f"layer {edit_layer}: solve residual {check:.2e}")
+        delta_out_in = torch.outer(residual, adjusted)
+        if not bool(torch.isfinite(delta_out_in).all()):
+            raise EditFailed("memit", f"non-finite update at layer {edit_layer}")
+        weight = down_proj_weight(model, edit_layer)
+        with torch.no_grad():
+            weight_norm = float(weight.double().norm())
+            weight.add_(from_out_in(model, delta_out_in).to(weight.dtype))
+        if not bool(torch.isfinite(weight).all()):
+            raise EditFailed("memit", f"edited weights at layer {edit_layer} are not finite")
+        ratio = float(delta_out_in.norm()) / weight_norm
+        diagnostics[f"update_norm_ratio_l{edit_layer}"] = ratio
+        diagnostics[f"realised_share_l{edit_layer}"] = float(k @ adjusted)
+        diagnostics[f"covariance_ridge_l{edit_layer}"] = solver.ridge
+        diagnostics["mom2_weight"] = weight_lambda
+        tensors[f"k_l{edit_layer}"] = k.float()
+        if ratio > hp.flag_update_ratio and "large_update" not in flags:
+            flags.append("large_update")
+
+    # How much of the requested change of z the finished edit realises.
+    with recorded_outputs({"z": z_module}) as rec:
+        run_until(model, batch, z_module)
+    z_final = _lookup_mean(rec["z"], batch).double()
+    wanted = float((z_target - z_initial).norm())
+    diagnostics["z_residual_fraction"] = (
+        float((z_target - z_final).norm()) / wanted if wanted > 0 else math.nan
+    )
+    diagnostics["update_norm_ratio"] = max(
+        v for key, v in diagnostics.items() if key.startswith("update_norm_ratio_l")
+    )
+    return EditResult(
+        method="memit",
+        layer=layer,
+        layers=list(layers),
+        diagnostics=diagnostics,
+        flags=flags,
+        hparams=hp.to_dict(),
+        tensors=tensors,
+    )
+
+
+def _lookup_mean(output, batch) -> torch.Tensor:
+    """Mean over the bare-prompt rows of a layer output at their lookup tokens."""
+    value = output[0] if isinstance(output, tuple) else output
+    rows = torch.nonzero(batch.bare)[:, 0]
+    return value[rows, batch.lookup[rows]].mean(0)

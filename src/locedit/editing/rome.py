@@ -1,0 +1,128 @@
+"""ROME (Meng et al. 2022a): a rank-one update of one MLP down-projection.
+
+W' = W + (v* - W k - b) u^T / (k . u), with u = C^-1 k_avg / ||C^-1 k_avg||. k_avg is the key
+at the subject's last token averaged over context-template prefixes, v* the MLP output that
+makes the target likely (:mod:`locedit.editing.vstar`). Which key the division uses is
+``key_policy`` (DESIGN.md §8): ``original`` divides by the prompt-only key as ROME does, so
+(W' k_prompt + b) = v*, and explodes when k_prompt . u is near zero (first-token subjects);
+``consistent`` (r-ROME) uses k_avg in both places, so (W' k_avg + b) = v*.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from locedit.editing.batch import EditBatch, build_batch, captured_io, run_until, template_mean
+from locedit.editing.covariance import SingularCovarianceError, down_proj_module
+from locedit.editing.hparams import RomeHParams
+from locedit.editing.types import EditFailed, EditRequest, EditResult
+from locedit.editing.vstar import optimise_vstar
+from locedit.models.architecture import component_module, down_proj_weight, from_out_in
+from locedit.models.scoring import pad_token_id
+from locedit.models.tokens import encode_target
+
+
+def mlp_keys(model: nn.Module, batch: EditBatch, layer: int) -> dict[str, torch.Tensor]:
+    """Down-projection input (key) and output at each row's lookup token, [B, d]."""
+    module = down_proj_module(model, layer)
+    with captured_io(module, batch.lookup) as found:
+        run_until(model, batch, module)
+    return found
+
+
+def apply_rome(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    request: EditRequest,
+    layer: int,
+    hp: RomeHParams,
+    covariance,
+    templates: list[str],
+) -> EditResult:
+    """Edit ``model`` in place; the caller (:func:`locedit.editing.edited`) restores it."""
+    target_ids = encode_target(tokenizer, request.prompt, request.target)
+    kl_prompts = [hp.kl_prompt] if hp.kl_factor else []
+    batch = build_batch(
+        tokenizer,
+        request,
+        target_ids,
+        templates,
+        kl_prompts,
+        pad_token_id(model),
+        hp.noise_per_template,
+    )
+
+    # Keys and values at the lookup token of every row, from one forward of the unedited model.
+    found = mlp_keys(model, batch, layer)
+    keys, values = found["input"].double(), found["output"].double()
+    k_avg, k_prompt = template_mean(keys, batch), keys[batch.bare].mean(0)
+    out_avg, out_prompt = template_mean(values, batch), values[batch.bare].mean(0)
+
+    try:
+        solver = covariance.solver(model, layer, hp.covariance_ridge)
+        u = solver.solve(k_avg)
+    except SingularCovarianceError as err:
+        raise EditFailed("rome", str(err)) from err
+    u = u / u.norm()
+
+    vstar = optimise_vstar(
+        model, batch, component_module(model, "mlp", layer), layer, hp, request.direction, "rome"
+    )
+    v_star = vstar.target.double()
+    if hp.key_policy == "original":
+        k_star, current = k_prompt, out_prompt
+    elif hp.key_policy == "consistent":
+        k_star, current = k_avg, out_avg
+    else:
+        raise ValueError(f"unknown key_policy {hp.key_policy!r}; use original or consistent")
+    division = float(k_star @ u)
+    right = (v_star - current) / division
+    delta_out_in = torch.outer(right, u)
+    if not bool(torch.isfinite(delta_out_in).all()):
+        raise EditFailed("rome", f"non-finite update (division factor k.u = {division:.3e})")
+
+    weight = down_proj_weight(model, layer)
+    with torch.no_grad():
+        update = from_out_in(model, delta_out_in).to(weight.dtype)
+        weight_norm = float(weight.double().norm())
+        weight.add_(update)
+    if not bool(torch.isfinite(weight).all()):
+        raise EditFailed("rome", "edited weights are not finite")
+
+    reference = float(k_avg @ u)
+    ratio = division / reference if reference else float("inf")
+    update_ratio = float(delta_out_in.norm()) / weight_norm
+    diagnostics = {
+        "division_factor": division,
+        "division_factor_avg_key": reference,
+        "division_ratio": ratio,
+        "update_norm_ratio": update_ratio,
+        "covariance_ridge": solver.ridge,
+        "covariance_condition": solver.condition,
+        "n_rows": float(batch.size),
+        **vstar.diagnostics("v"),
+    }
+    flags = []
+    low = hp.flag_division_ratio
+    if not (low <= ratio <= 1.0 / low):
+        flags.append("extreme_division_factor")
+    if update_ratio > hp.flag_update_ratio:
+        flags.append("large_update")
+    return EditResult(
+        method="rome",
+        layer=layer,
+        layers=[layer],
+        diagnostics=diagnostics,
+        flags=flags,
+        hparams=hp.to_dict(),
+        tensors={
+            "k_star": k_star.float(),
+            "v_star": v_star.float(),
+            "u": u.float(),
+            "k_avg": k_avg.float(),
+            "k_prompt": k_prompt.float(),
+            "right": right.float(),
+        },
+    )

@@ -1,0 +1,137 @@
+"""The v* (ROME) / z* (MEMIT) optimisation: a vector added at the subject's last token.
+
+ROME's ``compute_v``: Adam on ``delta`` added to a module's output at every row's lookup
+token, minimising the target NLL (or, for Fact Erasure, its probability) + kl_factor x
+KL(edited || unedited) on "{subject} is a" + weight_decay x ||delta|| / ||v_init||^2, with
+``delta`` clamped to clamp_norm_factor x ||v_init|| after every step. As in the original, the
+last of ``v_steps`` forward passes only reports the final loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from locedit.editing.batch import (
+    EditBatch,
+    PrefixCachedForward,
+    added_at,
+    frozen_layers,
+    objective,
+    split_batch,
+    split_log_probs,
+)
+from locedit.editing.hparams import VStarHParams
+from locedit.editing.types import Direction, EditFailed
+from locedit.models.scoring import pad_token_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VStar:
+    """The optimised vector and how the optimisation went."""
+
+    init: torch.Tensor  # unedited module output at the prompt's lookup token
+    delta: torch.Tensor
+    steps: int
+    loss_first: float
+    loss_last: float
+    nll_first: float
+    nll_last: float
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.init + self.delta
+
+    def diagnostics(self, prefix: str = "v") -> dict[str, float]:
+        return {
+            f"{prefix}_steps": float(self.steps),
+            f"{prefix}_loss_first": self.loss_first,
+            f"{prefix}_loss_last": self.loss_last,
+            f"{prefix}_target_prob_first": math.exp(-self.nll_first),
+            f"{prefix}_target_prob_last": math.exp(-self.nll_last),
+            f"{prefix}_delta_norm": float(self.delta.norm()),
+            f"{prefix}_init_norm": float(self.init.norm()),
+        }
+
+
+def optimise_vstar(
+    model: nn.Module,
+    batch: EditBatch,
+    module: nn.Module,
+    n_frozen: int,
+    hp: VStarHParams,
+    direction: Direction,
+    method: str,
+) -> VStar:
+    """Optimise the vector added to ``module``'s output at the lookup tokens.
+
+    Each step recomputes only the suffix of every row (lookup token onwards) in the layers from
+    ``n_frozen`` on: the prefix's keys and values and the lower layers' outputs are cached.
+    """
+    d_model = int(model.config.hidden_size)
+    if hp.v_steps < 1:
+        raise ValueError(f"{method} needs v_steps >= 1")
+    split = split_batch(batch, pad_token_id(model))
+    forward = PrefixCachedForward(model, split)
+    lookup = torch.zeros(split.size, dtype=torch.long)
+    delta = torch.zeros(d_model, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
+    kl_init: torch.Tensor | None = None
+    first: tuple[float, float] | None = None
+    loss_value = nll_value = float("nan")
+    steps = 0
+    width = int(split.suffix_ids.shape[1])
+    with frozen_layers(model, forward, n_frozen), added_at(module, lookup, width, delta) as state:
+        for step in range(hp.v_steps):
+            optimiser.zero_grad()
+            hidden = forward()
+            use_kl = bool(hp.kl_factor) and bool(split.kl.any())
+            row_log_probs, current = split_log_probs(model, hidden, split, use_kl)
+            nll_loss, nll = objective(row_log_probs, split.n_target, direction)
+            loss = nll_loss
+            init = state["init"][split.bare].mean(0)
+            if use_kl:
+                if kl_init is None:
+                    kl_init = current.detach().clone()
+                loss = loss + hp.kl_factor * torch.nn.functional.kl_div(
+                    kl_init, current, log_target=True, reduction="batchmean"
+                )
+            loss = loss + hp.weight_decay * (delta.norm() / init.norm() ** 2)
+            loss_value, nll_value = float(loss.detach()), float(nll.detach())
+            if not (math.isfinite(loss_value) and math.isfinite(nll_value)):
+                raise EditFailed(method, f"non-finite v* loss {loss_value} at step {step}")
+            if first is None:
+                first = (loss_value, nll_value)
+            log.debug(
+                "v* step %d: loss %.4f, p(target) %.4f", step, loss_value, math.exp(-nll_value)
+            )
+            steps = step + 1
+            if hp.early_stop_loss is not None and loss_value < hp.early_stop_loss:
+                break
+            if step == hp.v_steps - 1:
+                break
+            loss.backward()
+            optimiser.step()
+            with torch.no_grad():
+                max_norm = hp.clamp_norm_factor * init.norm()
+                norm = delta.norm()
+                if norm > max_norm:
+                    delta.mul_(max_norm / norm)
+            if not bool(torch.isfinite(delta).all()):
+                raise EditFailed(method, f"non-finite v* delta after step {step}")
+    assert first is not None
+    return VStar(
+        init=state["init"][split.bare].mean(0).detach(),
+        delta=delta.detach().clone(),
+        steps=steps,
+        loss_first=first[0],
+        loss_last=loss_value,
+        nll_first=first[1],
+        nll_last=nll_value,
+    )

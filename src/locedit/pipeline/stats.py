@@ -1,0 +1,85 @@
+"""Stage ``stats``: key covariances and context templates for every layer ROME/MEMIT will edit.
+
+Reads params (model, stats, edit.layers / edit.n_grid_layers / edit.methods, method, tune) and
+fills ``outputs/stats/`` (the :class:`~locedit.editing.CovarianceStore` directory the edit and
+tune stages read), plus ``outputs/stats/manifest.json`` listing what was computed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from locedit.editing import CovarianceStore, hparams_for, layer_grid, layers_for
+from locedit.models.architecture import n_layers
+from locedit.pipeline.common import model_from_params, output_dir, to_container
+
+log = logging.getLogger(__name__)
+
+
+def edit_grid(params: DictConfig, total_layers: int) -> list[int]:
+    """The layers the edit sweep uses: ``edit.layers`` or the grid for this depth."""
+    edit = params.edit
+    methods = list(edit.methods)
+    if edit.get("layers"):
+        return sorted({int(x) for x in edit.layers})
+    return layer_grid(total_layers, edit.get("n_grid_layers", 5), methods)
+
+
+def stats_layers(params: DictConfig, model) -> list[int]:
+    """Every down-projection ROME or MEMIT may edit in the sweep (and in tuning, if enabled)."""
+    total = n_layers(model)
+    centres = set(edit_grid(params, total))
+    tune = params.get("tune") or {}
+    if tune.get("enabled"):
+        centres.add(int(tune.layer) if tune.get("layer") is not None else total // 2)
+    needed: set[int] = set()
+    for method in params.edit.methods:
+        if method in ("rome", "memit"):
+            hp = hparams_for(method, params)
+            for centre in centres:
+                needed.update(layers_for(method, centre, model, hp))
+    return sorted(needed)
+
+
+def run(params: DictConfig) -> None:
+    from locedit.tracking import log_metrics, stage_run
+
+    model, tokenizer = model_from_params(params)
+    out = output_dir(params, "stats")
+    store = CovarianceStore.from_params(params, tokenizer)
+    layers = stats_layers(params, model)
+    started = time.perf_counter()
+    config = {"model": to_container(params.model), "stats": to_container(params.stats)}
+    with stage_run("stats", config, to_container(params.get("mlflow", {}))):
+        paths = store.ensure(model, layers) if layers else []
+        templates = {}
+        for method in params.edit.methods:
+            if method in ("rome", "memit"):
+                hp = hparams_for(method, params)
+                templates[method] = store.context_templates(
+                    model,
+                    tokenizer,
+                    hp.context_template_lengths,
+                    hp.n_context_templates,
+                    hp.seed,
+                    hp.template_top_k,
+                )
+        seconds = time.perf_counter() - started
+        manifest = {
+            "model": str(params.model.name),
+            "model_fingerprint": store.fingerprint(model),
+            "corpus": store.corpus.to_dict(),
+            "corpus_id": store.corpus.content_id(),
+            "layers": layers,
+            "files": [str(Path(p).relative_to(out)) for p in paths],
+            "context_templates": templates,
+            "seconds": seconds,
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        log_metrics({"stats_layers": len(layers), "stats_seconds": seconds})
+    log.info("key statistics for %d layers in %s (%.0f s)", len(layers), out, seconds)

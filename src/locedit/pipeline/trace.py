@@ -1,0 +1,208 @@
+"""Stage `trace`: Causal Tracing and representation zeroing of the filtered facts.
+
+Reads outputs/filter/facts.jsonl; writes outputs/trace/noise.json, effects.parquet (one row
+per fact x method x kind x window x layer), grids/ (per-fact arrays), figures/ (PNG),
+skipped.json and summary.json; logs params, summary metrics and figures to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from locedit.data.records import read_records
+from locedit.models.architecture import n_layers
+from locedit.models.snapshot import model_fingerprint
+from locedit.pipeline.common import model_from_params, output_dir, to_container
+from locedit.tracing import plots
+from locedit.tracing.cache import ResultCache
+from locedit.tracing.noise import calibrate_noise
+from locedit.tracing.runner import TraceRun, TraceSettings, trace_records
+from locedit.tracking import log_artifacts, log_metrics, stage_run
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir(params: DictConfig) -> Path:
+    """Where per-fact results persist across runs (outside the DVC out, which DVC clears)."""
+    configured = params.trace.get("cache_dir")
+    return Path(configured) if configured else Path(params.paths.outputs) / "cache" / "trace"
+
+
+def run(params: DictConfig) -> None:
+    records = read_records(Path(params.paths.outputs) / "filter" / "facts.jsonl")
+    model, tokenizer = model_from_params(params)
+    settings = TraceSettings.from_config(params.trace)
+    out = output_dir(params, "trace")
+    for sub in ("grids", "figures"):
+        _clear(out / sub)
+
+    noise = calibrate_noise(
+        model,
+        tokenizer,
+        records,
+        float(params.trace.noise_multiplier),
+        params.trace.get("noise_sigma"),
+    )
+    (out / "noise.json").write_text(json.dumps(noise.to_json(), indent=2) + "\n")
+    log.info(
+        "noise sigma %.4g (%s)", noise.sigma, "calibrated" if noise.calibrated else "from params"
+    )
+
+    logged = {
+        "model": to_container(params.model),
+        "trace": to_container(params.trace),
+        "seed": int(params.seed),
+    }
+    with stage_run("trace", logged, params.mlflow):
+        result = trace_records(
+            model,
+            tokenizer,
+            records,
+            settings,
+            sigma=noise.sigma,
+            seed=int(params.seed),
+            fingerprint=model_fingerprint(model),
+            cache=ResultCache(cache_dir(params)),
+        )
+        table = result.table()
+        table.to_parquet(out / "effects.parquet", index=False)
+        (out / "skipped.json").write_text(json.dumps(result.skipped, indent=2) + "\n")
+        write_grids(result, out / "grids")
+        figures = write_figures(
+            result,
+            table,
+            settings,
+            n_layers(model),
+            out / "figures",
+            int(params.trace.get("n_heatmaps", 4)),
+        )
+        summary = summarize(result, table, noise.sigma, len(records))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
+        _log_curves(table)
+        log_artifacts([out / "noise.json", out / "summary.json", out / "skipped.json"])
+        log_artifacts(figures, artifact_path="figures")
+    print(
+        f"trace: {summary['n_traced']} facts traced ({result.n_computed} computed, {result.n_cached} "
+        f"from cache), {len(result.skipped)} skipped, {summary['n_low_denominator']} flagged for a "
+        f"small p_clean - p_noised; sigma {noise.sigma:.4g}; {len(figures)} figures in {out / 'figures'}"
+    )
+
+
+def _clear(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    for child in path.iterdir():
+        if child.is_file():
+            child.unlink()
+
+
+def safe_name(fact_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", fact_id)
+
+
+def write_grids(result: TraceRun, folder: Path) -> None:
+    """One .npz per fact with every grid: ``{method}_{kind}_w{window}_{array}``."""
+    per_fact: dict[str, dict[str, np.ndarray]] = {}
+    for res in result.tracing:
+        arrays = per_fact.setdefault(res.fact_id, _fact_header(res))
+        prefix = f"tracing_{res.kind}_w{res.window}"
+        arrays[f"{prefix}_p_restored"] = res.p_restored
+        arrays[f"{prefix}_effect"] = res.effect
+        arrays[f"{prefix}_p_clean"] = np.array(res.p_clean)
+        arrays[f"{prefix}_p_noised"] = np.array(res.p_noised)
+    for res in result.zeroing:
+        arrays = per_fact.setdefault(res.fact_id, _fact_header(res))
+        prefix = f"zeroing_{res.kind}_w{res.window}"
+        arrays[f"{prefix}_p_zeroed"] = res.p_zeroed
+        arrays[f"{prefix}_p_zeroed_last"] = res.p_zeroed_last
+        arrays[f"{prefix}_effect"] = res.effect
+        arrays[f"{prefix}_p_clean"] = np.array(res.p_clean)
+    folder.mkdir(parents=True, exist_ok=True)
+    for fact_id, arrays in per_fact.items():
+        np.savez_compressed(folder / f"{safe_name(fact_id)}.npz", **arrays)
+
+
+def _fact_header(res) -> dict[str, np.ndarray]:
+    return {
+        "fact_id": np.array(res.fact_id),
+        "tokens": np.array(res.tokens),
+        "subject_span": np.array([res.subject_start, res.subject_end]),
+    }
+
+
+def write_figures(
+    result: TraceRun,
+    table: pd.DataFrame,
+    settings: TraceSettings,
+    total: int,
+    folder: Path,
+    n_heatmaps: int,
+) -> list[Path]:
+    paths: list[Path] = []
+    if table.empty:
+        return paths
+    default_window = settings.windows[0]
+    shown = list(dict.fromkeys(r.fact_id for r in result.tracing))[:n_heatmaps]
+    for res in result.tracing:
+        if res.fact_id in shown and res.window == default_window:
+            paths.append(
+                plots.plot_fact_heatmap(
+                    res, folder / f"heatmap_{safe_name(res.fact_id)}_{res.kind}_w{res.window}.png"
+                )
+            )
+    for kind in settings.kinds:
+        for window in settings.windows:
+            paths.append(
+                plots.plot_layer_curve(
+                    table, kind, window, total, folder / f"tracing_curve_{kind}_w{window}.png"
+                )
+            )
+        paths.append(
+            plots.plot_window_comparison(
+                table, kind, total, folder / f"window_comparison_{kind}.png"
+            )
+        )
+        if settings.zeroing:
+            paths.append(
+                plots.plot_zeroing_curve(table, kind, total, folder / f"zeroing_curve_{kind}.png")
+            )
+    return paths
+
+
+def summarize(result: TraceRun, table: pd.DataFrame, sigma: float, n_facts: int) -> dict:
+    tracing = table[table.method == "tracing"]
+    flagged = tracing[tracing.low_denominator].fact_id.nunique()
+    summary: dict = {
+        "n_facts": n_facts,
+        "n_traced": len({r.fact_id for r in result.tracing}),
+        "n_skipped": len(result.skipped),
+        "n_computed": result.n_computed,
+        "n_cached": result.n_cached,
+        "n_low_denominator": int(flagged),
+        "sigma": sigma,
+        "seconds": result.seconds,
+        "facts_per_second": result.n_computed / result.seconds
+        if result.seconds > 0 and result.n_computed
+        else float("nan"),
+    }
+    usable = tracing[~tracing.low_denominator]
+    for (kind, window), part in usable.groupby(["kind", "window"]):
+        curve = part.groupby("layer").effect_max.mean()
+        summary[f"tracing.{kind}.w{window}.peak_layer"] = int(curve.idxmax())
+        summary[f"tracing.{kind}.w{window}.peak_mean_effect"] = float(curve.max())
+    return summary
+
+
+def _log_curves(table: pd.DataFrame) -> None:
+    """Mean effect per layer as a stepped metric (step = layer), so MLflow draws the curve."""
+    usable = table[~table.low_denominator]
+    for (method, kind, window), part in usable.groupby(["method", "kind", "window"]):
+        for layer, value in part.groupby("layer").effect_max.mean().items():
+            log_metrics({f"{method}.{kind}.w{window}.mean_effect": value}, step=int(layer))

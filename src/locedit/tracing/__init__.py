@@ -1,0 +1,61 @@
+"""Causal Tracing (paper §3.2, §4.1) and representation zeroing (App. B).
+
+``trace_fact`` is the fast exact path, ``trace_fact_reference`` the straightforward algorithm
+it is checked against; ``calibrate_noise`` sets sigma from the subject embeddings;
+``trace_records`` runs a list of facts with a content-keyed cache.
+"""
+
+from locedit.tracing.cache import ResultCache, tracing_key, zeroing_key
+from locedit.tracing.causal_trace import FactRuns, trace_fact, trace_fact_many, trace_fact_reference
+from locedit.tracing.noise import (
+    NoiseCalibration,
+    calibrate_noise,
+    fact_seed,
+    noise_sigma,
+    noised_subject,
+    subject_embeddings,
+    subject_noise,
+)
+from locedit.tracing.patching import (
+    KINDS,
+    SkipFact,
+    TracingInput,
+    encode_fact,
+    fact_noise,
+    patched_target_probs,
+    window_layers,
+)
+from locedit.tracing.results import TraceResult, ZeroingResult
+from locedit.tracing.runner import TABLE_COLUMNS, TraceRun, TraceSettings, trace_records
+from locedit.tracing.zeroing import zero_fact
+
+__all__ = [
+    "KINDS",
+    "TABLE_COLUMNS",
+    "FactRuns",
+    "NoiseCalibration",
+    "ResultCache",
+    "SkipFact",
+    "TraceResult",
+    "TraceRun",
+    "TraceSettings",
+    "TracingInput",
+    "ZeroingResult",
+    "calibrate_noise",
+    "encode_fact",
+    "fact_noise",
+    "fact_seed",
+    "noise_sigma",
+    "noised_subject",
+    "patched_target_probs",
+    "subject_embeddings",
+    "subject_noise",
+    "trace_fact",
+    "trace_fact_many",
+    "trace_fact_reference",
+    "trace_records",
+    "tracing_key",
+    "window_layers",
+    "zero_fact",
+    "zeroing_key",
+]

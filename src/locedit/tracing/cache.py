@@ -1,0 +1,92 @@
+"""Per-fact results on disk, keyed by content: an interrupted run resumes, a param change
+recomputes only what it touches.
+
+The key covers everything the numbers depend on (model fingerprint, the fact's text, the
+method, kind, window, noise level, sample count and seed) and an algorithm version, never the
+path taken (fast and reference give the same numbers) nor the flag threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from locedit.data.records import FactRecord
+from locedit.tracing.results import Result, load_result, save_result
+
+#: Bump when the numbers a cached result holds would change for the same inputs.
+ALGORITHM_VERSION = 1
+
+
+def fact_content(fact: FactRecord) -> dict:
+    """The parts of a fact that tracing reads."""
+    return {
+        "fact_id": fact.fact_id,
+        "subject": fact.subject,
+        "prompt": fact.prompt,
+        "target_true": fact.target_true,
+    }
+
+
+def tracing_key(
+    fingerprint: str,
+    fact: FactRecord,
+    kind: str,
+    window: int,
+    n_samples: int,
+    sigma: float,
+    seed: int,
+) -> str:
+    return _digest(
+        {
+            "method": "tracing",
+            "model": fingerprint,
+            "fact": fact_content(fact),
+            "kind": kind,
+            "window": int(window),
+            "n_samples": int(n_samples),
+            "sigma": float(sigma),
+            "seed": int(seed),
+        }
+    )
+
+
+def zeroing_key(fingerprint: str, fact: FactRecord, kind: str, window: int) -> str:
+    return _digest(
+        {
+            "method": "zeroing",
+            "model": fingerprint,
+            "fact": fact_content(fact),
+            "kind": kind,
+            "window": int(window),
+        }
+    )
+
+
+def _digest(parts: dict) -> str:
+    parts = {"algorithm": ALGORITHM_VERSION, **parts}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+class ResultCache:
+    """A folder of ``<key>.npz`` files, written atomically."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.npz"
+
+    def get(self, key: str, min_denominator: float) -> Result | None:
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            return load_result(path, min_denominator)
+        except (OSError, ValueError, KeyError):
+            path.unlink(missing_ok=True)  # unreadable entry: recompute it
+            return None
+
+    def put(self, key: str, result: Result) -> None:
+        save_result(self.path(key), result)

@@ -1,0 +1,409 @@
+"""Causal Tracing (paper §3.2, §4.1): the straightforward reference and an exact fast path.
+
+Both give the same :class:`TraceResult` (to float rounding): the token x layer grid of
+p(o_true | s_noise, r, restored clean outputs), averaged over noise samples.
+
+The fast path uses only facts about causal decoders, no approximation:
+
+* a restoration at token t changes nothing at positions before t, so those positions keep the
+  noised run's keys and values (reused from its KV cache) and are never recomputed;
+* tokens before the first subject token are clean in the noised run already, so restoring
+  them has exactly zero effect: their row of the grid is p_noised;
+* nothing changes below the first restored layer ``lo`` of a window, so a restoration starts
+  from the noised run's input to layer ``lo``; all windows of one token run together, and the
+  batch grows layer by layer as windows start;
+* logits only at the object positions, never over the whole prompt.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from locedit.data.records import FactRecord
+from locedit.models.architecture import Component, arch_spec, get_module, n_layers
+from locedit.tracing.noise import noised_subject
+from locedit.tracing.patching import (
+    TracingInput,
+    captured_components,
+    check_kind,
+    encode_fact,
+    fact_noise,
+    patched_components,
+    patched_target_probs,
+    set_positions,
+    target_probs_from_final,
+    target_probs_from_logits,
+    window_layers,
+)
+from locedit.tracing.results import TraceResult
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+@torch.no_grad()
+def trace_fact_reference(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    fact: FactRecord,
+    *,
+    sigma: float,
+    seed: int,
+    kind: str = "mlp",
+    window: int = 5,
+    n_samples: int = 10,
+    min_denominator: float = 0.01,
+) -> TraceResult:
+    """The straightforward algorithm of the original research code (ROME's
+    ``calculate_hidden_flow``): one patched forward pass of the full model per (token, layer
+    window), batched only over the noise samples. Slow; the ground truth for :func:`trace_fact`.
+    """
+    kind = check_kind(kind)
+    inp = encode_fact(tokenizer, fact)
+    noise = fact_noise(model, inp, sigma, seed, n_samples)
+    total = n_layers(model)
+    with torch.no_grad(), captured_components(model, kind, range(total)) as clean:
+        logits = model(input_ids=inp.ids()).logits
+    p_clean = float(target_probs_from_logits(logits[:, inp.target_positions], inp.target_ids)[0])
+    p_noised = float(patched_target_probs(model, inp, noise, kind, {}).mean())
+    grid = np.zeros((inp.n_prompt, total))
+    for token in range(inp.n_prompt):
+        for layer in range(total):
+            patches = {
+                j: set_positions(slice(None), token, clean[j][0, token])
+                for j in window_layers(layer, window, total)
+            }
+            grid[token, layer] = float(
+                patched_target_probs(model, inp, noise, kind, patches).mean()
+            )
+    return _result(inp, kind, window, p_clean, p_noised, grid, n_samples, sigma, min_denominator)
+
+
+def _result(
+    inp, kind, window, p_clean, p_noised, grid, n_samples, sigma, min_denominator
+) -> TraceResult:
+    return TraceResult(
+        fact_id=inp.fact_id,
+        kind=kind,
+        window=int(window),
+        tokens=inp.tokens,
+        subject_start=inp.subject_start,
+        subject_end=inp.subject_end,
+        p_clean=float(p_clean),
+        p_noised=float(p_noised),
+        p_restored=np.asarray(grid, dtype=np.float64),
+        n_samples=int(n_samples),
+        sigma=float(sigma),
+        min_denominator=float(min_denominator),
+    )
+
+
+# --------------------------------------------------------------------------- fast path
+
+
+def trace_fact(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    fact: FactRecord,
+    *,
+    sigma: float,
+    seed: int,
+    kind: str = "mlp",
+    window: int = 5,
+    n_samples: int = 10,
+    min_denominator: float = 0.01,
+) -> TraceResult:
+    """Causal Tracing of one fact, fast and exact (same numbers as :func:`trace_fact_reference`)."""
+    return trace_fact_many(
+        model,
+        tokenizer,
+        fact,
+        sigma=sigma,
+        seed=seed,
+        kinds=(kind,),
+        windows=(window,),
+        n_samples=n_samples,
+        min_denominator=min_denominator,
+    )[0]
+
+
+@torch.no_grad()
+def trace_fact_many(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    fact: FactRecord,
+    *,
+    sigma: float,
+    seed: int,
+    kinds: Sequence[str] = ("mlp",),
+    windows: Sequence[int] = (5,),
+    n_samples: int = 10,
+    min_denominator: float = 0.01,
+) -> list[TraceResult]:
+    """Fast tracing for every (kind, window) of one fact, sharing its clean and noised runs.
+
+    Results come in the order ``[(k, w) for k in kinds for w in windows]``.
+    """
+    kinds = [check_kind(k) for k in kinds]
+    inp = encode_fact(tokenizer, fact)
+    noise = fact_noise(model, inp, sigma, seed, n_samples)
+    runs = FactRuns.compute(model, inp, noise, kinds)
+    return [
+        _result(
+            inp,
+            kind,
+            window,
+            runs.p_clean,
+            runs.p_noised,
+            runs.trace_grid(kind, window),
+            n_samples,
+            sigma,
+            min_denominator,
+        )
+        for kind in kinds
+        for window in windows
+    ]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return get_module(model, arch_spec(model).layers)
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """Name of the KV-cache argument (transformers renamed ``past_key_values`` to ``cache``)."""
+    params = inspect.signature(model.base_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@contextmanager
+def _recording_layers(layers: nn.ModuleList):
+    """Replace each decoder layer by an identity that records how the model calls it.
+
+    One cheap pass through the model's own forward then yields the exact per-layer arguments
+    (attention masks incl. sliding windows, rotary embeddings, position ids) for a given
+    prefix/query geometry, without running any layer.
+    """
+    calls: list[tuple[tuple, dict] | None] = [None] * len(layers)
+
+    def make(index: int):
+        def record(*args, **kwargs):
+            calls[index] = (args, kwargs)
+            return args[0] if args else kwargs["hidden_states"]
+
+        return record
+
+    # An instance-level forward (e.g. an accelerate offloading wrapper) is put back on exit.
+    previous = [layer.__dict__.get("forward") for layer in layers]
+    try:
+        for index, layer in enumerate(layers):
+            layer.forward = make(index)
+        yield calls
+    finally:
+        for layer, before in zip(layers, previous, strict=True):
+            if before is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = before
+
+
+@dataclass
+class FactRuns:
+    """The clean and noised runs of one fact, kept to serve every restoration.
+
+    ``clean[kind][l]``: clean ``kind`` output of layer l, [seq, d]. ``layer_inputs[l]``: the
+    noised run's input to layer l, [n_samples, seq, d]. ``kv[l]``: the noised run's keys and
+    values at layer l (None when the model's cache cannot be reused, e.g. a sliding window
+    shorter than the prompt; then every restoration recomputes all positions).
+    """
+
+    model: nn.Module
+    inp: TracingInput
+    noise: torch.Tensor
+    clean: dict[str, list[torch.Tensor]]
+    p_clean: float
+    p_noised_samples: torch.Tensor
+    layer_inputs: list[torch.Tensor]
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None
+
+    @property
+    def p_noised(self) -> float:
+        return float(self.p_noised_samples.mean())
+
+    @classmethod
+    def compute(
+        cls, model: nn.Module, inp: TracingInput, noise: torch.Tensor, kinds: Sequence[Component]
+    ) -> FactRuns:
+        total = n_layers(model)
+        base = model.base_model
+        layers = decoder_layers(model)
+        n_samples = noise.shape[0]
+        clean: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            with ExitStack() as stack:
+                stores = {
+                    k: stack.enter_context(captured_components(model, k, range(total)))
+                    for k in kinds
+                }
+                hidden = base(input_ids=inp.ids()).last_hidden_state
+            for kind in kinds:
+                clean[kind] = [stores[kind][j][0] for j in range(total)]
+            p_clean = float(
+                target_probs_from_final(model, hidden[:, inp.target_positions], inp.target_ids)[0]
+            )
+
+            inputs: list[torch.Tensor | None] = [None] * total
+
+            def make(index: int):
+                def hook(_module, args, kwargs):
+                    inputs[index] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+                return hook
+
+            handles = [
+                layer.register_forward_pre_hook(make(j), with_kwargs=True)
+                for j, layer in enumerate(layers)
+            ]
+            try:
+                with noised_subject(model, inp.subject_start, inp.subject_end, noise):
+                    cache = DynamicCache(config=model.config)
+                    out = base(
+                        input_ids=inp.ids(n_samples), use_cache=True, **{_cache_kwarg(model): cache}
+                    )
+            finally:
+                for handle in handles:
+                    handle.remove()
+            p_noised = target_probs_from_final(
+                model, out.last_hidden_state[:, inp.target_positions], inp.target_ids
+            )
+        return cls(
+            model,
+            inp,
+            noise,
+            clean,
+            p_clean,
+            p_noised,
+            inputs,
+            _reusable_kv(cache, total, len(inp.input_ids)),
+        )
+
+    # ----------------------------------------------------------------------- restorations
+
+    def trace_grid(self, kind: Component, window: int) -> np.ndarray:
+        """p_restored[t, l] for every token and window centre (mean over noise samples)."""
+        total = len(self.layer_inputs)
+        n_samples = self.noise.shape[0]
+        grid = np.full((self.inp.n_prompt, total), self.p_noised)
+        # Tokens before the subject are clean in the noised run: restoring them is a no-op.
+        tokens = list(range(self.inp.subject_start, self.inp.n_prompt))
+        finals = torch.cat([self._restore_token(kind, window, token) for token in tokens])
+        # One pass over the output embedding for all restorations of the fact.
+        probs = target_probs_from_final(self.model, finals, self.inp.target_ids)
+        grid[tokens] = probs.view(len(tokens), total, n_samples).mean(-1).numpy()
+        return grid
+
+    def _restore_token(self, kind: Component, window: int, token: int) -> torch.Tensor:
+        """Final-norm hidden states at the object positions, restoring at ``token``.
+
+        Returns [window centres x samples, n_target, d], centre-major.
+        """
+        model = self.model
+        total = len(self.layer_inputs)
+        n_samples = self.noise.shape[0]
+        spans = [window_layers(layer, window, total) for layer in range(total)]
+        starts = torch.tensor([span.start for span in spans])
+        ends = torch.tensor([span.stop for span in spans])
+        # Rows are (window centre, sample), centres in order, so rows whose window has started
+        # by layer j form a prefix of the batch that grows with j.
+        row_centre = torch.arange(total).repeat_interleave(n_samples)
+        row_sample = torch.arange(n_samples).repeat(total)
+        active_at = [int((starts <= j).sum()) * n_samples for j in range(total)]
+        prefix = token if self.kv is not None else 0
+        position = token - prefix
+        calls, probe_cache = self._layer_calls(prefix)
+        cache = self._prefix_cache(prefix, row_sample, active_at)
+        layers = decoder_layers(model)
+        hidden: torch.Tensor | None = None
+        with torch.no_grad():
+            for j in range(int(starts.min()), total):
+                n_active = active_at[j]
+                n_have = 0 if hidden is None else hidden.shape[0]
+                if n_active > n_have:
+                    fresh = self.layer_inputs[j][row_sample[n_have:n_active], prefix:]
+                    hidden = fresh if hidden is None else torch.cat([hidden, fresh])
+                centres = row_centre[:n_active]
+                rows = torch.nonzero((starts[centres] <= j) & (j < ends[centres]))[:, 0]
+                patch = set_positions(rows, position, self.clean[kind][j][token])
+                args, kwargs = _swap_cache(calls[j], probe_cache, cache)
+                if kind == "resid":
+                    hidden = patch(layers[j](hidden, *args[1:], **kwargs))
+                else:
+                    with patched_components(model, kind, {j: patch}):
+                        hidden = layers[j](hidden, *args[1:], **kwargs)
+            final = get_module(model, arch_spec(model).final_norm)
+            targets = [p - prefix for p in self.inp.target_positions]
+            return final(hidden[:, targets])
+
+    def _layer_calls(self, prefix: int) -> tuple[list[tuple[tuple, dict]], DynamicCache | None]:
+        """Per-layer call arguments for queries at positions >= prefix (see _recording_layers)."""
+        model = self.model
+        kwargs = {}
+        probe_cache = None
+        if prefix > 0:
+            probe_cache = DynamicCache(config=model.config)
+            for j, (keys, values) in enumerate(self.kv):
+                probe_cache.update(keys[:1, :, :prefix], values[:1, :, :prefix], j)
+            kwargs = {_cache_kwarg(model): probe_cache, "use_cache": True}
+        with torch.no_grad(), _recording_layers(decoder_layers(model)) as calls:
+            model.base_model(input_ids=self.inp.ids()[:, prefix:], **kwargs)
+        return calls, probe_cache
+
+    def _prefix_cache(
+        self, prefix: int, row_sample: torch.Tensor, active_at: list[int]
+    ) -> DynamicCache | None:
+        """Noised keys/values of positions < prefix for each layer's active rows."""
+        if prefix == 0:
+            return None
+        cache = DynamicCache(config=self.model.config)
+        for j, (keys, values) in enumerate(self.kv):
+            rows = row_sample[: max(active_at[j], 1)]
+            cache.update(keys[rows, :, :prefix], values[rows, :, :prefix], j)
+        return cache
+
+
+def _swap_cache(call: tuple[tuple, dict], old, new) -> tuple[tuple, dict]:
+    args, kwargs = call
+    if old is None:
+        return args, kwargs
+    args = tuple(new if a is old else a for a in args)
+    kwargs = {k: (new if v is old else v) for k, v in kwargs.items()}
+    return args, kwargs
+
+
+def _reusable_kv(cache, total: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per-layer (keys, values) of the noised run, if every layer kept all positions."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or len(layers) < total:
+        return None
+    kv = []
+    for layer in layers[:total]:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if keys is None or keys.dim() != 4 or keys.shape[-2] != seq_len:
+            log.debug(
+                "KV cache not reusable (layer keeps %s of %d positions)",
+                None if keys is None else keys.shape,
+                seq_len,
+            )
+            return None
+        kv.append((keys, values))
+    return kv

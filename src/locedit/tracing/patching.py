@@ -1,0 +1,264 @@
+"""What one fact looks like to tracing, and self-removing hooks that patch component outputs.
+
+A restoration (Causal Tracing) or a zeroing (representation zeroing) replaces the output of a
+component (MLP, attention, or the whole block = residual stream) at some token positions. Both
+paths of tracing and the zeroing code patch through :func:`patched_components`, so the same
+module outputs are changed in the same way everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from locedit.data.records import FactRecord, RecordError
+from locedit.models.architecture import Component, component_module, embedding_module, n_layers
+from locedit.models.tokens import TokenizationError, encode_prompt, encode_target
+from locedit.tracing.noise import fact_seed, noised_subject, subject_noise
+
+KINDS: tuple[str, ...] = ("mlp", "attn", "resid")
+
+
+class SkipFact(ValueError):
+    """A fact that cannot be traced (empty or unmatched subject, empty target), with the reason."""
+
+
+@dataclass(frozen=True)
+class TracingInput:
+    """A fact's prompt (s, r) followed by the teacher-forced object tokens.
+
+    ``input_ids`` is the prompt plus all object tokens but the last, so one forward pass gives
+    p(o_true | s, r) as the product of the object's token probabilities (DESIGN.md §4).
+    """
+
+    fact_id: str
+    input_ids: tuple[int, ...]
+    n_prompt: int
+    subject_start: int
+    subject_end: int
+    target_ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+
+    @property
+    def target_positions(self) -> list[int]:
+        """Positions whose next-token distribution scores an object token."""
+        return [self.n_prompt - 1 + k for k in range(len(self.target_ids))]
+
+    @property
+    def n_subject(self) -> int:
+        return self.subject_end - self.subject_start
+
+    @property
+    def last_subject(self) -> int:
+        return self.subject_end - 1
+
+    def ids(self, batch: int = 1) -> torch.Tensor:
+        return torch.tensor([self.input_ids], dtype=torch.long).repeat(batch, 1)
+
+
+def encode_fact(tokenizer: PreTrainedTokenizerBase, fact: FactRecord) -> TracingInput:
+    """Tokenise a fact for tracing; raise :class:`SkipFact` with the reason when impossible."""
+    try:
+        fact.validate()
+        encoded = encode_prompt(tokenizer, fact.prompt, fact.subject)
+        target = encode_target(tokenizer, fact.prompt, fact.target_true)
+    except (RecordError, TokenizationError) as err:
+        raise SkipFact(str(err)) from err
+    ids = list(encoded.input_ids) + list(target[:-1])
+    tokens = tuple(tokenizer.decode([i]) for i in encoded.input_ids)
+    return TracingInput(
+        fact_id=fact.fact_id,
+        input_ids=tuple(ids),
+        n_prompt=len(encoded.input_ids),
+        subject_start=encoded.subject_start,
+        subject_end=encoded.subject_end,
+        target_ids=tuple(target),
+        tokens=tokens,
+    )
+
+
+def d_model(model: nn.Module) -> int:
+    return int(embedding_module(model).weight.shape[1])
+
+
+def fact_noise(
+    model: nn.Module, inp: TracingInput, sigma: float, seed: int, n_samples: int
+) -> torch.Tensor:
+    """The fact's s_noise, regenerated exactly as Tracing Reversal and Fact Forcing do."""
+    return subject_noise(
+        n_samples, inp.n_subject, d_model(model), sigma, fact_seed(seed, inp.fact_id)
+    )
+
+
+def window_layers(layer: int, window: int, total: int) -> range:
+    """Layers restored for the window centred on ``layer``, clipped at the model's ends.
+
+    ROME's convention: ``[layer - window // 2, layer + ceil(window / 2))``, so window 5 at layer
+    l is l-2..l+2 and window 10 is l-5..l+4.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    return range(max(0, layer - window // 2), min(total, layer - (-window // 2)))
+
+
+def _map_hidden(output, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Apply ``fn`` to a module's hidden-state output (a tensor, or the first item of a tuple)."""
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (fn(output[0]), *output[1:])
+    raise TypeError(f"cannot patch a module output of type {type(output).__name__}")
+
+
+def hidden_of(output) -> torch.Tensor:
+    """The hidden-state tensor of a module output."""
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+#: layer -> function that rewrites that layer's component output
+Patch = Callable[[torch.Tensor], torch.Tensor]
+
+
+@contextmanager
+def patched_components(
+    model: nn.Module, kind: Component, patches: Mapping[int, Patch]
+) -> Iterator[None]:
+    """Rewrite the ``kind`` output of each layer in ``patches``; hooks go away on exit."""
+    handles = []
+    try:
+        for layer, fn in patches.items():
+            module = component_module(model, kind, layer)
+            handles.append(
+                module.register_forward_hook(lambda _m, _i, out, fn=fn: _map_hidden(out, fn))
+            )
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def set_positions(
+    rows: torch.Tensor | slice, positions: Sequence[int] | int, value: torch.Tensor | float
+) -> Patch:
+    """A patch that writes ``value`` at ``positions`` of the given batch rows (a fresh tensor)."""
+
+    def fn(hidden: torch.Tensor) -> torch.Tensor:
+        patched = hidden.clone()
+        if isinstance(rows, slice):
+            patched[rows, positions] = value
+        else:
+            index = rows if isinstance(positions, int) else rows[:, None]
+            patched[index, positions] = value
+        return patched
+
+    return fn
+
+
+@contextmanager
+def captured_components(
+    model: nn.Module, kind: Component, layers: Sequence[int]
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the ``kind`` output of ``layers`` during the body: {layer: [batch, seq, d]}."""
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def make(layer: int):
+        def hook(_module, _inputs, output):
+            store[layer] = hidden_of(output).detach().clone()
+
+        return hook
+
+    try:
+        for layer in layers:
+            handles.append(component_module(model, kind, layer).register_forward_hook(make(layer)))
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def target_probs_from_logits(logits: torch.Tensor, target_ids: Sequence[int]) -> torch.Tensor:
+    """p(o) per row from logits at the object positions [rows, n_target, vocab] (float64)."""
+    logp = torch.log_softmax(logits.float() if logits.dtype != torch.float64 else logits, dim=-1)
+    index = torch.tensor(list(target_ids), dtype=torch.long)[None, :, None].expand(
+        logits.shape[0], -1, 1
+    )
+    return logp.gather(2, index)[..., 0].double().sum(-1).exp()
+
+
+@torch.no_grad()
+def target_probs_from_final(
+    model: nn.Module, final_hidden: torch.Tensor, target_ids: Sequence[int], budget: int = 1 << 24
+) -> torch.Tensor:
+    """p(o) per row from final-norm hidden states at the object positions [rows, n_target, d].
+
+    Computes the log-sum-exp over the vocabulary in vocabulary chunks, so the (large) output
+    embedding is read once for all rows and the logits never exist in full; ``budget`` bounds
+    the logits held at once (elements). Same numbers as :func:`target_probs_from_logits` on
+    :func:`locedit.models.scoring.unembed` up to float rounding.
+    """
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    rows, n_target, width = final_hidden.shape
+    flat = final_hidden.reshape(rows * n_target, width).to(weight.dtype)
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+    def logits_of(start: int, stop: int) -> torch.Tensor:
+        logits = nn.functional.linear(
+            flat, weight[start:stop], None if bias is None else bias[start:stop]
+        )
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits.to(compute)
+
+    vocab = weight.shape[0]
+    chunk = max(1024, budget // max(1, flat.shape[0]))
+    lse = torch.full((flat.shape[0],), -torch.inf, dtype=compute)
+    ids = torch.tensor(list(target_ids), dtype=torch.long).repeat(rows)
+    picked = torch.zeros(flat.shape[0], dtype=compute)
+    for start in range(0, vocab, chunk):
+        stop = min(vocab, start + chunk)
+        logits = logits_of(start, stop)
+        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+        inside = torch.nonzero((ids >= start) & (ids < stop))[:, 0]
+        picked[inside] = logits[inside, ids[inside] - start]
+    logp = (picked - lse).double().view(rows, n_target)
+    return logp.sum(-1).exp()
+
+
+def patched_target_probs(
+    model: nn.Module,
+    inp: TracingInput,
+    noise: torch.Tensor | None,
+    kind: Component,
+    patches: Mapping[int, Patch],
+) -> torch.Tensor:
+    """p(o_true) per noise sample for one patched forward pass (ROME's ``trace_with_patch``).
+
+    The straightforward way: the full model, logits at every position, one row per noise
+    sample (one row without noise when ``noise`` is None).
+    """
+    batch = 1 if noise is None else noise.shape[0]
+    with torch.no_grad(), patched_components(model, kind, patches):
+        if noise is None:
+            logits = model(input_ids=inp.ids(batch)).logits
+        else:
+            with noised_subject(model, inp.subject_start, inp.subject_end, noise):
+                logits = model(input_ids=inp.ids(batch)).logits
+    return target_probs_from_logits(logits[:, inp.target_positions], inp.target_ids)
+
+
+def check_kind(kind: str) -> Component:
+    if kind not in KINDS:
+        raise ValueError(f"unknown component kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return kind  # type: ignore[return-value]
+
+
+def all_layers(model: nn.Module) -> list[int]:
+    return list(range(n_layers(model)))

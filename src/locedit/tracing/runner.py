@@ -1,0 +1,190 @@
+"""Trace a list of facts with caching, progress and skip reasons; build the tidy table."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from locedit.data.records import FactRecord
+from locedit.tracing.cache import ResultCache, tracing_key, zeroing_key
+from locedit.tracing.causal_trace import trace_fact_many, trace_fact_reference
+from locedit.tracing.patching import KINDS, SkipFact
+from locedit.tracing.results import TraceResult, ZeroingResult
+from locedit.tracing.zeroing import zero_fact
+
+log = logging.getLogger(__name__)
+
+#: Columns of outputs/trace/effects.parquet, in order.
+TABLE_COLUMNS = [
+    "fact_id",
+    "method",
+    "kind",
+    "window",
+    "layer",
+    "effect_max",
+    "effect_last_subject",
+    "argmax_token",
+    "p_clean",
+    "p_noised",
+    "low_denominator",
+]
+
+
+@dataclass(frozen=True)
+class TraceSettings:
+    """The ``trace`` params group as typed data (defaults live in conf/trace/default.yaml)."""
+
+    kinds: tuple[str, ...] = ("mlp",)
+    windows: tuple[int, ...] = (5,)
+    noise_samples: int = 10
+    min_denominator: float = 0.01
+    zeroing: bool = True
+    fast: bool = True
+
+    def __post_init__(self) -> None:
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad:
+            raise ValueError(f"trace.kinds has unknown kinds {bad}; choose from {list(KINDS)}")
+        if not self.windows or any(int(w) < 1 for w in self.windows):
+            raise ValueError(f"trace.windows must be positive integers, got {list(self.windows)}")
+        if self.noise_samples < 1:
+            raise ValueError("trace.noise_samples must be >= 1")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> TraceSettings:
+        return cls(
+            kinds=tuple(str(k) for k in cfg.get("kinds", ("mlp",))),
+            windows=tuple(int(w) for w in cfg.get("windows", (5,))),
+            noise_samples=int(cfg.get("noise_samples", 10)),
+            min_denominator=float(cfg.get("min_denominator", 0.01)),
+            zeroing=bool(cfg.get("zeroing", True)),
+            fast=bool(cfg.get("fast", True)),
+        )
+
+
+@dataclass
+class TraceRun:
+    """Everything one call of :func:`trace_records` produced."""
+
+    tracing: list[TraceResult] = field(default_factory=list)
+    zeroing: list[ZeroingResult] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    n_computed: int = 0
+    n_cached: int = 0
+    seconds: float = 0.0
+
+    def table(self) -> pd.DataFrame:
+        """One row per (fact_id, method, kind, window, layer)."""
+        rows = [row for result in [*self.tracing, *self.zeroing] for row in result.rows()]
+        frame = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+        return frame.astype(
+            {
+                "fact_id": str,
+                "method": str,
+                "kind": str,
+                "window": "int64",
+                "layer": "int64",
+                "effect_max": "float64",
+                "effect_last_subject": "float64",
+                "argmax_token": "int64",
+                "p_clean": "float64",
+                "p_noised": "float64",
+                "low_denominator": bool,
+            }
+        )
+
+
+def trace_records(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[FactRecord],
+    settings: TraceSettings,
+    *,
+    sigma: float,
+    seed: int,
+    fingerprint: str,
+    cache: ResultCache | None = None,
+    on_fact: Callable[[FactRecord, bool], None] | None = None,
+    progress: bool = True,
+) -> TraceRun:
+    """Trace (and zero) every fact, reusing cached results; skip untraceable facts with a reason.
+
+    ``on_fact(fact, computed)`` runs after each fact (``computed`` is False when everything
+    came from the cache); each (fact, kind, window) result is cached as soon as it exists, so
+    a run killed at any point loses at most the fact in progress.
+    """
+    run = TraceRun()
+    start = time.perf_counter()
+    bar = tqdm(records, unit="fact", desc="trace", disable=not progress)
+    for fact in bar:
+        try:
+            computed = _trace_one(
+                model, tokenizer, fact, settings, sigma, seed, fingerprint, cache, run
+            )
+        except SkipFact as err:
+            log.warning("skipping fact %s: %s", fact.fact_id, err)
+            run.skipped.append({"fact_id": fact.fact_id, "reason": str(err)})
+            continue
+        run.n_computed += int(computed)
+        run.n_cached += int(not computed)
+        if on_fact is not None:
+            on_fact(fact, computed)
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+def _trace_one(model, tokenizer, fact, settings, sigma, seed, fingerprint, cache, run) -> bool:
+    computed = False
+    md = settings.min_denominator
+    for kind in settings.kinds:
+        keys = {
+            w: tracing_key(fingerprint, fact, kind, w, settings.noise_samples, sigma, seed)
+            for w in settings.windows
+        }
+        found = {w: cache.get(key, md) if cache else None for w, key in keys.items()}
+        missing = [w for w, result in found.items() if result is None]
+        if missing:
+            computed = True
+            fresh = _compute_tracing(model, tokenizer, fact, settings, kind, missing, sigma, seed)
+            for result in fresh:
+                if cache:
+                    cache.put(keys[result.window], result)
+                found[result.window] = result
+        run.tracing.extend(found[w] for w in settings.windows)
+        if not settings.zeroing:
+            continue
+        for window in settings.windows:
+            key = zeroing_key(fingerprint, fact, kind, window)
+            result = cache.get(key, md) if cache else None
+            if result is None:
+                computed = True
+                result = zero_fact(
+                    model, tokenizer, fact, kind=kind, window=window, min_denominator=md
+                )
+                if cache:
+                    cache.put(key, result)
+            run.zeroing.append(result)
+    return computed
+
+
+def _compute_tracing(
+    model, tokenizer, fact, settings, kind, windows, sigma, seed
+) -> list[TraceResult]:
+    common = {
+        "sigma": sigma,
+        "seed": seed,
+        "n_samples": settings.noise_samples,
+        "min_denominator": settings.min_denominator,
+    }
+    if settings.fast:
+        return trace_fact_many(model, tokenizer, fact, kinds=(kind,), windows=windows, **common)
+    return [
+        trace_fact_reference(model, tokenizer, fact, kind=kind, window=w, **common) for w in windows
+    ]

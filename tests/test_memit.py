@@ -1,0 +1,107 @@
+"""MEMIT: touches exactly its window, each update is the covariance-weighted least-squares
+solution, and it raises p(target)."""
+
+import numpy as np
+import pytest
+import torch
+
+from locedit.editing import CorpusSpec, CovarianceStore, EditRequest, edited, hparams_for
+from locedit.editing.memit import effective_mom2_weight
+from locedit.models.architecture import as_out_in, down_proj_name, down_proj_weight
+from locedit.models.scoring import target_log_probs
+from locedit.models.tokens import encode_prompt, encode_target
+from locedit.testing import editable_tiny_model, gpt2_tokenizer
+
+PROMPT = "My favourite place is the Eiffel Tower"
+FAST = {"n_context_templates": 2, "context_template_lengths": (4,)}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tok):
+    return CovarianceStore(
+        tmp_path_factory.mktemp("stats"), CorpusSpec(n_samples=16, sample_length=24), tok
+    )
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3_text"])
+def test_memit_edits_exactly_its_window_and_raises_target(family, tok, store):
+    model = editable_tiny_model(family, n_layers=8)
+    ids = encode_prompt(tok, PROMPT, "Eiffel Tower").input_ids
+    target = encode_target(tok, PROMPT, "Rome")
+    before = target_log_probs(model, [ids], [target]).exp().item()
+    originals = {name: p.detach().clone() for name, p in model.named_parameters()}
+    hp = hparams_for("memit", overrides=FAST)
+    with edited(
+        model, tok, "memit", EditRequest(PROMPT, "Eiffel Tower", "Rome"), 3, hp, store
+    ) as result:
+        after = target_log_probs(model, [ids], [target]).exp().item()
+        changed = sorted(n for n, p in model.named_parameters() if not torch.equal(p, originals[n]))
+        window = [1, 2, 3, 4, 5]
+        assert changed == sorted(down_proj_name(model, layer) for layer in window)
+        assert result.layers == window and sorted(result.changed) == changed
+        lam = effective_mom2_weight(hp, int(store.get(model, 1).shape[0]))
+        for layer in window:
+            delta = (
+                as_out_in(model, down_proj_weight(model, layer).detach())
+                - as_out_in(model, originals[down_proj_name(model, layer)])
+            ).double()
+            left, singular, right = torch.linalg.svd(delta)
+            assert singular[1] / singular[0] < 1e-5  # rank one
+            # Its input direction is (lambda C + k k^T)^-1 k, solved independently in numpy.
+            k = result.tensors[f"k_l{layer}"].double().numpy()
+            c = store.get(model, layer).numpy()
+            adjusted = np.linalg.solve(lam * c + np.outer(k, k), k)
+            cosine = abs(right[0].numpy() @ adjusted) / np.linalg.norm(adjusted)
+            assert cosine == pytest.approx(1.0, abs=1e-5)
+    assert after > 5 * before
+    assert result.diagnostics["z_residual_fraction"] < 0.9
+    for name, p in model.named_parameters():
+        assert torch.equal(p, originals[name])
+
+
+def test_memit_window_is_clipped_at_the_model_ends(tok, store):
+    model = editable_tiny_model("gpt2", n_layers=4)
+    hp = hparams_for("memit", overrides={**FAST, "v_steps": 3})
+    with edited(
+        model, tok, "memit", EditRequest(PROMPT, "Eiffel Tower", "Rome"), 0, hp, store
+    ) as result:
+        assert result.layers == [0, 1, 2]
+        assert sorted(result.changed) == sorted(down_proj_name(model, layer) for layer in (0, 1, 2))
+
+
+def test_mom2_weight_scales_with_mlp_width():
+    hp = hparams_for("memit")
+    assert effective_mom2_weight(hp, 16384) == 15000.0
+    assert effective_mom2_weight(hp, 2048) == 15000.0 * 2048 / 16384
+    assert (
+        effective_mom2_weight(hp.with_overrides(mom2_weight_reference_d_mlp=None), 2048) == 15000.0
+    )
+
+
+def test_post_norm_change_moves_the_normed_output_as_wanted():
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    from locedit.editing.memit import mlp_change_for
+
+    generator = torch.Generator().manual_seed(0)
+    norm = Gemma3RMSNorm(16).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16, generator=generator))
+    m = torch.randn(16, generator=generator, dtype=torch.float64) * 3
+    gain = 1.0 + norm.weight.double()
+    rms = m.square().mean().sqrt()
+    current = gain * m / rms
+    # A small change the norm can make: along the image of a direction orthogonal to m.
+    direction = torch.randn(16, generator=generator, dtype=torch.float64)
+    direction -= (direction @ m) / (m @ m) * m
+    wanted = 1e-3 * gain * direction / rms
+    change, realised = mlp_change_for(norm, m, wanted)
+    with torch.no_grad():
+        reached = norm((m + change).float()[None])[0].double()
+    assert realised > 0.99
+    assert float((reached - current - wanted).norm()) < 0.05 * float(wanted.norm())
