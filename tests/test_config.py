@@ -30,7 +30,7 @@ def test_dvc_stages_call_existing_stage_modules():
 
 def test_help_lists_subcommands(capsys):
     help_text = build_parser().format_help()
-    for command in ("compose", "run", "tune", "models"):
+    for command in ("compose", "run", "tune", "edit", "models"):
         assert command in help_text
 
 

@@ -25,7 +25,7 @@ def test_stats_layers_cover_rome_layers_memit_windows_and_tuning():
     params = compose_params(
         ROOT / "conf", ["edit.layers=[6]", "edit.methods=[rome]", "tune.enabled=true"]
     )
-    assert stats_layers(params, model) == [4, 6]  # tune.layer null: the middle layer
+    assert stats_layers(params, model) == [2, 6]  # tune.layer null: the default layer
     params = compose_params(ROOT / "conf", ["edit.methods=[ft1,ft5]"])
     assert stats_layers(params, model) == []
     # The grid when edit.layers is null: 5 evenly spaced layers of 8 plus the default layer 2.

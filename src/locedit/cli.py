@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=_tune)
 
+    from locedit.editing.cli import add_edit_parser
+
+    add_edit_parser(sub)
+
     p = sub.add_parser("models", help="list bundled models and supported architectures")
     p.set_defaults(func=_models)
     return parser

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from locedit.editing import CovarianceStore, hparams_for, layer_grid, layers_for
+from locedit.editing import CovarianceStore, default_layer, hparams_for, layer_grid, layers_for
 from locedit.models.architecture import n_layers
 from locedit.pipeline.common import model_from_params, output_dir, to_container
 
@@ -33,16 +33,19 @@ def edit_grid(params: DictConfig, total_layers: int) -> list[int]:
 def stats_layers(params: DictConfig, model) -> list[int]:
     """Every down-projection ROME or MEMIT may edit in the sweep (and in tuning, if enabled)."""
     total = n_layers(model)
-    centres = set(edit_grid(params, total))
+    grid = edit_grid(params, total)
     tune = params.get("tune") or {}
-    if tune.get("enabled"):
-        centres.add(int(tune.layer) if tune.get("layer") is not None else total // 2)
     needed: set[int] = set()
     for method in params.edit.methods:
-        if method in ("rome", "memit"):
-            hp = hparams_for(method, params)
-            for centre in centres:
-                needed.update(layers_for(method, centre, model, hp))
+        if method not in ("rome", "memit"):
+            continue
+        centres = set(grid)
+        if tune.get("enabled"):  # the tune stage edits tune.layer, else the method's default
+            layer = tune.get("layer")
+            centres.add(int(layer) if layer is not None else default_layer(method, total))
+        hp = hparams_for(method, params)
+        for centre in centres:
+            needed.update(layers_for(method, centre, model, hp))
     return sorted(needed)
 
 
