@@ -10,7 +10,12 @@ from locedit.models.architecture import (
     n_layers,
 )
 from locedit.models.loading import BUNDLED, ModelLoadError, load_model
-from locedit.models.snapshot import RestorationError, WeightSnapshot, model_fingerprint, preserved_weights
+from locedit.models.snapshot import (
+    RestorationError,
+    WeightSnapshot,
+    model_fingerprint,
+    preserved_weights,
+)
 
 __all__ = [
     "ARCHITECTURES",
