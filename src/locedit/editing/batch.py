@@ -24,8 +24,8 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.editing.types import Direction, EditRequest
 from locedit.models.architecture import arch_spec, get_module
-from locedit.models.scoring import unembed
-from locedit.models.tokens import TokenizationError
+from locedit.models.scoring import pad_token_id, unembed
+from locedit.models.tokens import TokenizationError, encode_target
 from locedit.tracing.noise import noised_subject
 
 BARE_TEMPLATE = "{}"
@@ -544,3 +544,17 @@ def split_log_probs(
     picked = log_probs[:n_targets].gather(1, split.target_tokens[:, None])[:, 0]
     totals = torch.zeros(split.size, dtype=picked.dtype).index_add(0, split.target_rows, picked)
     return totals[split.rewrite], (log_probs[n_targets:] if with_kl else None)
+
+
+def request_batch(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, request: EditRequest,
+    templates: Sequence[str], hp,
+) -> EditBatch:
+    """The v* batch ROME and MEMIT share: the request in every context template, plus the KL
+    prompt when the KL term is on."""
+    target_ids = encode_target(tokenizer, request.prompt, request.target)
+    kl_prompts = [hp.kl_prompt] if hp.kl_factor else []
+    return build_batch(
+        tokenizer, request, target_ids, templates, kl_prompts, pad_token_id(model),
+        hp.noise_per_template,
+    )

@@ -24,9 +24,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from locedit.editing.batch import (
-    build_batch,
     captured_io,
     recorded_outputs,
+    request_batch,
     run_until,
     template_mean,
 )
@@ -41,8 +41,6 @@ from locedit.models.architecture import (
     from_out_in,
     get_module,
 )
-from locedit.models.scoring import pad_token_id
-from locedit.models.tokens import encode_target
 
 
 def effective_mom2_weight(hp: MemitHParams, d_mlp: int) -> float:
@@ -88,17 +86,7 @@ def apply_memit(
     templates: list[str],
 ) -> EditResult:
     """Edit ``model`` in place over ``layers`` (the window around ``layer``)."""
-    target_ids = encode_target(tokenizer, request.prompt, request.target)
-    kl_prompts = [hp.kl_prompt] if hp.kl_factor else []
-    batch = build_batch(
-        tokenizer,
-        request,
-        target_ids,
-        templates,
-        kl_prompts,
-        pad_token_id(model),
-        hp.noise_per_template,
-    )
+    batch = request_batch(model, tokenizer, request, templates, hp)
     z_layer = max(layers)
     z_module = component_module(model, "resid", z_layer)
 

@@ -14,14 +14,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from locedit.editing.batch import EditBatch, build_batch, captured_io, run_until, template_mean
+from locedit.editing.batch import EditBatch, captured_io, request_batch, run_until, template_mean
 from locedit.editing.covariance import SingularCovarianceError, down_proj_module
 from locedit.editing.hparams import RomeHParams
 from locedit.editing.types import EditFailed, EditRequest, EditResult
 from locedit.editing.vstar import optimise_vstar
 from locedit.models.architecture import component_module, down_proj_weight, from_out_in
-from locedit.models.scoring import pad_token_id
-from locedit.models.tokens import encode_target
 
 
 def mlp_keys(model: nn.Module, batch: EditBatch, layer: int) -> dict[str, torch.Tensor]:
@@ -42,17 +40,7 @@ def apply_rome(
     templates: list[str],
 ) -> EditResult:
     """Edit ``model`` in place; the caller (:func:`locedit.editing.edited`) restores it."""
-    target_ids = encode_target(tokenizer, request.prompt, request.target)
-    kl_prompts = [hp.kl_prompt] if hp.kl_factor else []
-    batch = build_batch(
-        tokenizer,
-        request,
-        target_ids,
-        templates,
-        kl_prompts,
-        pad_token_id(model),
-        hp.noise_per_template,
-    )
+    batch = request_batch(model, tokenizer, request, templates, hp)
 
     # Keys and values at the lookup token of every row, from one forward of the unedited model.
     found = mlp_keys(model, batch, layer)
