@@ -57,6 +57,19 @@ def test_fact_kept_exactly_when_o_true_is_within_36_tokens():
     assert result.dropped["o_true not in the greedy completion"] == 2
     assert result.completion_accuracy == 0.5
 
+    # With max_facts the scan stops after the batch that filled it: f3..f5 are never generated.
+    more = records + [fact(4, WORDS[1]), fact(5, WORDS[2])]
+    calls = []
+    original = model.generate
+    model.generate = lambda **kw: calls.append(kw["input_ids"].shape[0]) or original(**kw)
+    capped = filter_known_facts(
+        model, tokenizer, more, FilterConfig(batch_size=2, max_facts=1), progress=False
+    )
+    assert [r.fact_id for r in capped.kept] == ["f0"]
+    assert capped.n_scanned == 2 and calls == [2]
+    assert capped.dropped["beyond max_facts"] == 1
+    assert capped.dropped["not scanned (max_facts reached)"] == 4
+
 
 def test_batched_left_padded_generation_equals_one_by_one():
     tokenizer = gpt2_tokenizer()

@@ -47,3 +47,15 @@ def test_fingerprint_sees_a_single_changed_weight():
             model.transformer.h[1].mlp.c_proj.weight[3, 5] += 1e-3
         assert model_fingerprint(model) != before
     assert model_fingerprint(model) == before
+
+
+def test_fingerprint_sees_the_last_bit_and_the_dtype():
+    model = tiny_model("llama", n_layers=1)
+    before = model_fingerprint(model)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    with preserved_weights(model, ["model.layers.0.mlp.down_proj.weight"]):
+        with torch.no_grad():  # flip the lowest mantissa bit of one value: sums would miss it
+            weight.view(torch.int32)[-1, -1] ^= 1
+        assert model_fingerprint(model) != before
+    assert model_fingerprint(model) == before
+    assert model_fingerprint(model.to(torch.bfloat16)) not in (before, "")

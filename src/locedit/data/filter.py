@@ -41,12 +41,13 @@ class FilterResult:
     n_candidates: int
     n_known: int
     dropped: Counter = field(default_factory=Counter)
+    #: Candidates whose completion was generated (the scan stops once max_facts are kept).
+    n_scanned: int = 0
 
     @property
     def completion_accuracy(self) -> float:
-        """Share of tokenisable candidates whose greedy completion contains o_true."""
-        scored = self.n_candidates - sum(v for k, v in self.dropped.items() if k.startswith("tokenization"))
-        return self.n_known / scored if scored else math.nan
+        """Share of the scanned candidates whose greedy completion contains o_true."""
+        return self.n_known / self.n_scanned if self.n_scanned else math.nan
 
 
 def greedy_completions(
@@ -101,7 +102,13 @@ def filter_known_facts(
     config: FilterConfig,
     progress: bool = True,
 ) -> FilterResult:
-    """Keep the facts the model knows, annotated with p(o_true|s,r) and the erasure flag."""
+    """Keep the facts the model knows, annotated with p(o_true|s,r) and the erasure flag.
+
+    Records are scanned in order, one generation batch at a time, and the scan stops once
+    ``max_facts`` facts are kept: greedy generation is the expensive part, so a default that
+    keeps a handful of facts need not complete every candidate. Records never scanned are
+    counted under "not scanned (max_facts reached)".
+    """
     dropped: Counter = Counter()
     usable: list[tuple[FactRecord, list[int], list[int]]] = []
     for record in records:
@@ -115,29 +122,42 @@ def filter_known_facts(
             continue
         usable.append((record, encoded.input_ids, target_ids))
 
-    completions = greedy_completions(
-        model, tokenizer, [r.prompt for r, _, _ in usable], config.max_new_tokens, config.batch_size, progress
-    )
-    log_p = target_log_probs(model, [p for _, p, _ in usable], [t for _, _, t in usable], config.batch_size)
-
     kept: list[FactRecord] = []
-    n_known = 0
-    for (record, _, _), completion, lp in zip(usable, completions, log_p.tolist(), strict=True):
-        known = is_known(completion, record.target_true)
-        if not known and config.require_known:
-            dropped["o_true not in the greedy completion"] += 1
-            continue
-        n_known += known
+    n_known = n_scanned = 0
+    batch_size = max(1, config.batch_size)
+    bar = tqdm(total=len(usable), desc="known-fact filter", unit="fact", disable=not progress)
+    for start in range(0, len(usable), batch_size):
         if config.max_facts is not None and len(kept) >= config.max_facts:
-            dropped["beyond max_facts"] += 1
-            continue
-        p_true = math.exp(lp)
-        extra = {
-            **record.extra,
-            "completion": completion,
-            "p_true": p_true,
-            "erasure_ok": p_true >= config.erasure_min_prob,
-            "known": known,
-        }
-        kept.append(replace(record, extra=extra))
-    return FilterResult(kept=kept, n_candidates=len(records), n_known=n_known, dropped=dropped)
+            break
+        chunk = usable[start : start + batch_size]
+        completions = greedy_completions(
+            model, tokenizer, [r.prompt for r, _, _ in chunk], config.max_new_tokens, batch_size, False
+        )
+        log_p = target_log_probs(model, [p for _, p, _ in chunk], [t for _, _, t in chunk], batch_size)
+        for (record, _, _), completion, lp in zip(chunk, completions, log_p.tolist(), strict=True):
+            n_scanned += 1
+            known = is_known(completion, record.target_true)
+            if not known and config.require_known:
+                dropped["o_true not in the greedy completion"] += 1
+                continue
+            n_known += known
+            if config.max_facts is not None and len(kept) >= config.max_facts:
+                dropped["beyond max_facts"] += 1
+                continue
+            p_true = math.exp(lp)
+            extra = {
+                **record.extra,
+                "completion": completion,
+                "p_true": p_true,
+                "erasure_ok": p_true >= config.erasure_min_prob,
+                "known": known,
+            }
+            kept.append(replace(record, extra=extra))
+        bar.update(len(chunk))
+        bar.set_postfix(kept=len(kept))
+    bar.close()
+    if n_scanned < len(usable):
+        dropped["not scanned (max_facts reached)"] += len(usable) - n_scanned
+    return FilterResult(
+        kept=kept, n_candidates=len(records), n_known=n_known, dropped=dropped, n_scanned=n_scanned
+    )

@@ -53,22 +53,18 @@ def preserved_weights(model: nn.Module, names: Iterable[str]) -> Iterator[Weight
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A short content hash of the model's config and weights (for cache keys).
+    """A short content hash of the model's config and every weight's bytes (for cache keys).
 
-    Hashes every tensor's shape and dtype, a strided sample of its values and its full sum and
-    absolute sum: enough to tell checkpoints and edited weights apart without hashing a gigabyte.
+    SHA-256 runs at about 2 GB/s with the CPU's hashing instructions, so hashing every byte
+    (about a second for Gemma-3-270M) is cheaper than summarising tensors in float64, and no
+    edit, however small, can collide with the original.
     """
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
         digest.update(config.to_json_string(use_diff=False).encode())
     for name, tensor in model.state_dict().items():
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        sample = flat[::step].float().contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
-        # Full-tensor moments catch a change anywhere, such as one edited row.
-        moments = torch.stack([flat.double().sum(), flat.double().abs().sum()])
-        digest.update(moments.numpy().tobytes())
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(memoryview(raw.numpy()))
     return digest.hexdigest()[:16]

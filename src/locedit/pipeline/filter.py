@@ -35,6 +35,7 @@ def run(params: DictConfig) -> None:
         "model": str(params.model.name),
         "model_fingerprint": model_fingerprint(model),
         "candidates": result.n_candidates,
+        "scanned": result.n_scanned,
         "known": result.n_known,
         "kept": len(result.kept),
         "erasure_eligible": n_erasure,
@@ -47,7 +48,7 @@ def run(params: DictConfig) -> None:
         log_metrics({f"dropped.{k}": v for k, v in result.dropped.items()})
     print(
         f"filter: kept {len(result.kept)} of {result.n_candidates} facts "
-        f"(model knows {result.n_known}; completion accuracy {result.completion_accuracy:.1%}; "
+        f"(scanned {result.n_scanned}, model knows {result.n_known}; completion accuracy {result.completion_accuracy:.1%}; "
         f"{n_erasure} eligible for Fact Erasure)"
     )
     for reason, count in result.dropped.most_common():

@@ -68,11 +68,16 @@ def _run_fact_job(
     return rows
 
 
-def pending_by_fact(tasks: Sequence[EditTask], done: set[str]) -> dict[str, list[EditTask]]:
-    grouped: dict[str, list[EditTask]] = defaultdict(list)
+def pending_jobs(tasks: Sequence[EditTask], done: set[str]) -> dict[tuple[str, str], list[EditTask]]:
+    """The tasks not yet done, one job per (fact, method).
+
+    A fact's pre-edit values are cached on disk, so splitting its edits by method costs little
+    and keeps workers evenly loaded; a killed parallel run loses at most one job per worker.
+    """
+    grouped: dict[tuple[str, str], list[EditTask]] = defaultdict(list)
     for task in tasks:
         if task.key not in done:
-            grouped[task.fact_id].append(task)
+            grouped[(task.fact_id, task.method)].append(task)
     return dict(grouped)
 
 
@@ -84,7 +89,7 @@ def run_sweep(
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose from {EXECUTORS}")
     store = ResultStore(spec.out_dir)
-    pending = pending_by_fact(spec.tasks, store.done_keys())
+    pending = pending_jobs(spec.tasks, store.done_keys())
     n_pending = sum(len(t) for t in pending.values())
     skipped = len(spec.tasks) - n_pending
     if skipped:
@@ -97,11 +102,11 @@ def run_sweep(
 
     try:
         if executor == "local" and workers <= 1:
-            for fact_id, tasks in pending.items():
+            for (fact_id, _), tasks in pending.items():
                 _run_fact_job(spec, fact_id, tasks, on_row=lambda row: record([row]))
         elif executor == "local":
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                futures = [pool.submit(_run_fact_job, spec, f, t) for f, t in pending.items()]
+                futures = [pool.submit(_run_fact_job, spec, f, t) for (f, _), t in pending.items()]
                 for future in as_completed(futures):
                     record(future.result())
         else:
@@ -121,7 +126,7 @@ def _run_ray(spec: SweepSpec, pending, workers: int, address: str | None, record
     try:
         remote = ray.remote(num_cpus=spec.threads or 1)(_run_fact_job)
         spec_ref = ray.put(spec)
-        refs = [remote.remote(spec_ref, fact_id, tasks) for fact_id, tasks in pending.items()]
+        refs = [remote.remote(spec_ref, fact_id, tasks) for (fact_id, _), tasks in pending.items()]
         while refs:
             ready, refs = ray.wait(refs, num_returns=1)
             record(ray.get(ready[0]))

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,11 @@ def _pre_edit(
                 "prompt_length": essence.prompt_length, "sequences": [list(s) for s in essence.sequences]
             },
         }
-        cache.write_text(json.dumps(payload))
+        # Parallel workers may edit the same fact: write to a private file, then rename
+        # atomically, so a reader never sees half a file.
+        partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(payload))
+        os.replace(partial, cache)
     return pre
 
 
