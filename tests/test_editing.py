@@ -301,3 +301,24 @@ def test_rome_with_noised_subject_uses_the_noised_keys(tok, store):
         noised.tensors["k_prompt"].double(), torch.stack(keys).mean(0), atol=1e-5, rtol=1e-4
     )
     assert not torch.allclose(noised.tensors["k_prompt"], clean.tensors["k_prompt"])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3_text"])
+def test_fast_vstar_equals_the_straightforward_compute_v(family, tok, store):
+    """Prefix cache, frozen layers and selective unembedding change nothing but the cost."""
+    from locedit.editing.batch import request_batch
+    from locedit.editing.reference import optimise_vstar_reference
+    from locedit.editing.vstar import optimise_vstar
+    from locedit.models.architecture import component_module
+
+    model = tiny_model(family, n_layers=4, seed=1)
+    hp = hparams_for("rome").with_overrides(v_steps=6, kl_factor=0.5)
+    templates = store.context_templates(model, tok, (4, 6), 2, 0)
+    request = EditRequest(PROMPT, "Eiffel Tower", "Rome")
+    batch = request_batch(model, tok, request, templates, hp)
+    layer = 1
+    module = component_module(model, "mlp", layer)
+    fast = optimise_vstar(model, batch, module, layer, hp, "maximize", "rome")
+    reference = optimise_vstar_reference(model, batch, module, hp, "maximize")
+    assert fast.steps == 6 and float(fast.delta.norm()) > 0
+    torch.testing.assert_close(fast.target, reference, atol=1e-4, rtol=1e-4)
