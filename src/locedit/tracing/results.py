@@ -82,34 +82,13 @@ class TraceResult:
 
     def rows(self) -> list[dict]:
         """One tidy-table row per layer."""
-        effect_max, last, argmax = self.effect_max, self.effect_last_subject, self.argmax_token
-        return [
-            {
-                "fact_id": self.fact_id,
-                "method": self.method,
-                "kind": self.kind,
-                "window": self.window,
-                "layer": layer,
-                "effect_max": float(effect_max[layer]),
-                "effect_last_subject": float(last[layer]),
-                "argmax_token": int(argmax[layer]),
-                "p_clean": self.p_clean,
-                "p_noised": self.p_noised,
-                "low_denominator": self.low_denominator,
-            }
-            for layer in range(self.n_layers)
-        ]
+        return _layer_rows(
+            self, self.effect_max, self.effect_last_subject, self.argmax_token, self.p_noised
+        )
 
     def meta(self) -> dict:
         return {
-            "method": self.method,
-            "fact_id": self.fact_id,
-            "kind": self.kind,
-            "window": self.window,
-            "tokens": list(self.tokens),
-            "subject_start": self.subject_start,
-            "subject_end": self.subject_end,
-            "p_clean": self.p_clean,
+            **_common_meta(self),
             "p_noised": self.p_noised,
             "n_samples": self.n_samples,
             "sigma": self.sigma,
@@ -123,13 +102,7 @@ class TraceResult:
         cls, meta: dict, arrays: dict[str, np.ndarray], min_denominator: float
     ) -> TraceResult:
         return cls(
-            fact_id=meta["fact_id"],
-            kind=meta["kind"],
-            window=int(meta["window"]),
-            tokens=tuple(meta["tokens"]),
-            subject_start=int(meta["subject_start"]),
-            subject_end=int(meta["subject_end"]),
-            p_clean=float(meta["p_clean"]),
+            **_common_fields(meta),
             p_noised=float(meta["p_noised"]),
             p_restored=np.asarray(arrays["p_restored"], dtype=np.float64),
             n_samples=int(meta["n_samples"]),
@@ -178,35 +151,11 @@ class ZeroingResult:
 
     def rows(self) -> list[dict]:
         """Tidy rows; ``effect_max`` holds the paper's all-subject-token effect (no token max)."""
-        effect, last = self.effect, self.effect_last_subject
-        return [
-            {
-                "fact_id": self.fact_id,
-                "method": self.method,
-                "kind": self.kind,
-                "window": self.window,
-                "layer": layer,
-                "effect_max": float(effect[layer]),
-                "effect_last_subject": float(last[layer]),
-                "argmax_token": -1,
-                "p_clean": self.p_clean,
-                "p_noised": float("nan"),
-                "low_denominator": self.low_denominator,
-            }
-            for layer in range(self.n_layers)
-        ]
+        no_token = np.full(self.n_layers, -1)
+        return _layer_rows(self, self.effect, self.effect_last_subject, no_token, float("nan"))
 
     def meta(self) -> dict:
-        return {
-            "method": self.method,
-            "fact_id": self.fact_id,
-            "kind": self.kind,
-            "window": self.window,
-            "tokens": list(self.tokens),
-            "subject_start": self.subject_start,
-            "subject_end": self.subject_end,
-            "p_clean": self.p_clean,
-        }
+        return _common_meta(self)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"p_zeroed": self.p_zeroed, "p_zeroed_last": self.p_zeroed_last}
@@ -216,13 +165,7 @@ class ZeroingResult:
         cls, meta: dict, arrays: dict[str, np.ndarray], min_denominator: float
     ) -> ZeroingResult:
         return cls(
-            fact_id=meta["fact_id"],
-            kind=meta["kind"],
-            window=int(meta["window"]),
-            tokens=tuple(meta["tokens"]),
-            subject_start=int(meta["subject_start"]),
-            subject_end=int(meta["subject_end"]),
-            p_clean=float(meta["p_clean"]),
+            **_common_fields(meta),
             p_zeroed=np.asarray(arrays["p_zeroed"], dtype=np.float64),
             p_zeroed_last=np.asarray(arrays["p_zeroed_last"], dtype=np.float64),
             min_denominator=min_denominator,
@@ -246,3 +189,55 @@ def load_result(path: Path, min_denominator: float) -> Result:
         arrays = {k: data[k] for k in data.files if k != "meta"}
     cls = TraceResult if meta["method"] == "tracing" else ZeroingResult
     return cls.from_stored(meta, arrays, min_denominator)
+
+
+def _layer_rows(
+    result: TraceResult | ZeroingResult,
+    effect_max: np.ndarray,
+    effect_last_subject: np.ndarray,
+    argmax_token: np.ndarray,
+    p_noised: float,
+) -> list[dict]:
+    """The tidy per-layer rows tracing and zeroing share (one schema for the analysis)."""
+    return [
+        {
+            "fact_id": result.fact_id,
+            "method": result.method,
+            "kind": result.kind,
+            "window": result.window,
+            "layer": layer,
+            "effect_max": float(effect_max[layer]),
+            "effect_last_subject": float(effect_last_subject[layer]),
+            "argmax_token": int(argmax_token[layer]),
+            "p_clean": result.p_clean,
+            "p_noised": p_noised,
+            "low_denominator": result.low_denominator,
+        }
+        for layer in range(result.n_layers)
+    ]
+
+
+def _common_meta(result: TraceResult | ZeroingResult) -> dict:
+    return {
+        "method": result.method,
+        "fact_id": result.fact_id,
+        "kind": result.kind,
+        "window": result.window,
+        "tokens": list(result.tokens),
+        "subject_start": result.subject_start,
+        "subject_end": result.subject_end,
+        "p_clean": result.p_clean,
+    }
+
+
+def _common_fields(meta: dict) -> dict:
+    """Constructor fields stored by :func:`_common_meta`."""
+    return {
+        "fact_id": meta["fact_id"],
+        "kind": meta["kind"],
+        "window": int(meta["window"]),
+        "tokens": tuple(meta["tokens"]),
+        "subject_start": int(meta["subject_start"]),
+        "subject_end": int(meta["subject_end"]),
+        "p_clean": float(meta["p_clean"]),
+    }
