@@ -57,7 +57,7 @@ def tiny_overrides(tmp: Path, model_dir: Path, data_root: Path) -> list[str]:
         f"model.name={model_dir}",
         f"data.root={data_root}",
         "data.n_records=3", "data.max_facts=2",
-        "data.filter.require_known=false", "data.filter.max_new_tokens=3",
+        "data.filter.require_known=false", "data.filter.min_p_true=null", "data.filter.max_new_tokens=3",
         f"paths.outputs={tmp / 'outputs'}", f"paths.reports={tmp / 'reports'}",
         f"mlflow.tracking_uri=sqlite:///{tmp / 'mlruns' / 'mlflow.db'}",
         "trace.noise_samples=2",

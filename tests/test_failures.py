@@ -40,3 +40,15 @@ def _conf():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1] / "conf"
+
+
+def test_a_filter_that_keeps_nothing_stops_with_what_to_change(tmp_path):
+    from e2e_support import tiny_params
+
+    from locedit.pipeline import filter as filter_stage
+    from locedit.pipeline import prepare
+
+    params = tiny_params(tmp_path, "default", ["data.filter.min_p_true=1.5"])
+    prepare.run(params)
+    with pytest.raises(SystemExit, match="min_p_true"):
+        filter_stage.run(params)

@@ -93,6 +93,13 @@ def test_erasure_flag_and_probability_are_stored():
     assert abs(p_true - torch.softmax(logits, -1)[chain[1]].item()) < 1e-5
     assert kept.extra["erasure_ok"] == (p_true >= 0.02)
 
+    # min_p_true drops the known fact exactly when its probability is below the threshold.
+    for threshold, n_kept in ((p_true * 0.99, 1), (p_true * 1.01, 0)):
+        config = FilterConfig(max_new_tokens=2, min_p_true=threshold)
+        filtered = filter_known_facts(model, tokenizer, [record], config, progress=False)
+        assert len(filtered.kept) == n_kept
+        assert filtered.dropped["p(o_true) below min_p_true"] == 1 - n_kept
+
 
 def test_untokenisable_facts_are_dropped_with_a_reason():
     tokenizer = gpt2_tokenizer()

@@ -33,6 +33,11 @@ class FilterConfig:
     #: False keeps facts the model does not complete (smoke tests on random models, or
     #: tracing arbitrary facts); the paper always filters.
     require_known: bool = True
+    #: Also drop known facts with p(o_true | s, r) below this. ``None`` (the paper) keeps them;
+    #: a small model often completes a fact only after a detour ("... the language of France,
+    #: French") with p(o_true) near zero at the next token, where the tracing effect's
+    #: denominator p_clean - p_noised vanishes and the analysis must drop the fact anyway.
+    min_p_true: float | None = None
 
 
 @dataclass
@@ -141,10 +146,13 @@ def filter_known_facts(
                 dropped["o_true not in the greedy completion"] += 1
                 continue
             n_known += known
+            p_true = math.exp(lp)
+            if config.min_p_true is not None and p_true < config.min_p_true:
+                dropped["p(o_true) below min_p_true"] += 1
+                continue
             if config.max_facts is not None and len(kept) >= config.max_facts:
                 dropped["beyond max_facts"] += 1
                 continue
-            p_true = math.exp(lp)
             extra = {
                 **record.extra,
                 "completion": completion,

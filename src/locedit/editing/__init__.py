@@ -13,7 +13,6 @@ from locedit.editing.covariance import (
     second_moments,
 )
 from locedit.editing.editor import edited, layers_for, touched_params
-from locedit.editing.finetune import ConstrainedFinetune
 from locedit.editing.hparams import FTHParams, HParams, MemitHParams, RomeHParams, hparams_for
 from locedit.editing.layers import (
     METHODS,
@@ -24,6 +23,16 @@ from locedit.editing.layers import (
     layers_needing_covariance,
 )
 from locedit.editing.types import EditFailed, EditRequest, EditResult
+
+
+def __getattr__(name: str):
+    # Lightning takes seconds to import; stages that never finetune should not pay for it.
+    if name == "ConstrainedFinetune":
+        from locedit.editing.finetune import ConstrainedFinetune
+
+        return ConstrainedFinetune
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "METHODS",

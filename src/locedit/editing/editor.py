@@ -17,7 +17,6 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from locedit.editing.covariance import CovarianceStore
-from locedit.editing.finetune import apply_finetune, finetuned_param_names
 from locedit.editing.hparams import FTHParams, HParams, MemitHParams, RomeHParams, hparams_for
 from locedit.editing.layers import check_method, edit_layers
 from locedit.editing.memit import apply_memit
@@ -46,6 +45,8 @@ def touched_params(method: str, model: nn.Module, layers: list[int], hparams: HP
     """Names of every parameter the edit may change (what the snapshot must cover)."""
     if method in ("rome", "memit"):
         return [down_proj_name(model, layer) for layer in layers]
+    from locedit.editing.finetune import finetuned_param_names  # Lightning loads only for FT
+
     return finetuned_param_names(model, layers, hparams.params)  # type: ignore[union-attr]
 
 
@@ -114,6 +115,8 @@ def edited(
                     model, tokenizer, request, layer, layers, hparams, covariance, templates
                 )
             else:
+                from locedit.editing.finetune import apply_finetune
+
                 result = apply_finetune(model, tokenizer, request, method, layer, layers, hparams)
         except EditFailed as err:
             raise EditFailed(method, err.reason) from err

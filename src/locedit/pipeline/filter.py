@@ -26,6 +26,7 @@ def run(params: DictConfig) -> None:
         erasure_min_prob=float(cfg.filter.erasure_min_prob),
         max_facts=None if cfg.max_facts is None else int(cfg.max_facts),
         require_known=bool(cfg.filter.get("require_known", True)),
+        min_p_true=None if cfg.filter.get("min_p_true") is None else float(cfg.filter.min_p_true),
     )
     result = filter_known_facts(model, tokenizer, records, config)
     out = output_dir(params, "filter")
@@ -53,3 +54,9 @@ def run(params: DictConfig) -> None:
     )
     for reason, count in result.dropped.most_common():
         print(f"  dropped {count:4d}: {reason}")
+    if not result.kept:
+        raise SystemExit(
+            f"filter: no fact of the {result.n_candidates} candidates passed (see the reasons above "
+            f"and {out / 'report.json'}); read more records (data.n_records), or relax "
+            "data.filter.min_p_true / data.filter.require_known"
+        )
