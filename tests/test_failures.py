@@ -52,3 +52,20 @@ def test_a_filter_that_keeps_nothing_stops_with_what_to_change(tmp_path):
     prepare.run(params)
     with pytest.raises(SystemExit, match="min_p_true"):
         filter_stage.run(params)
+
+
+def test_a_full_disk_says_so_and_that_the_run_resumes(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from locedit.pipeline import prepare
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["compose", "--conf", str(_conf()), "--output", "params.yaml"]) == 0
+
+    def full(_params):
+        raise OSError(errno.ENOSPC, "No space left on device", "outputs/edit/rows/main.jsonl")
+
+    monkeypatch.setattr(prepare, "run", full)
+    assert main(["run", "prepare"]) == 2
+    assert "disk is full writing outputs/edit/rows/main.jsonl" in caplog.text
+    assert "resumes" in caplog.text

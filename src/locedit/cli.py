@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -108,6 +109,23 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError, IndexError) as err:
         logging.getLogger("locedit").error("%s", err)
         return 2
+    except OSError as err:
+        logging.getLogger("locedit").error("%s", _explain_os_error(err))
+        return 2
+
+
+def _explain_os_error(err: OSError) -> str:
+    """One line for a full or read-only disk: what happened, and that finished work is kept."""
+    where = f" writing {err.filename}" if err.filename else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"the disk is full{where}. Finished edits, traces and statistics are kept: free "
+            "space (or point paths.outputs / LOCEDIT_CACHE elsewhere) and rerun `dvc repro`, "
+            "which resumes where this run stopped"
+        )
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write{where or ' an output'}: {err.strerror}. Check the permissions of paths.outputs"
+    return f"file system error{where}: {err}"
 
 
 if __name__ == "__main__":
