@@ -17,6 +17,7 @@ from torch import nn
 from locedit.editing.batch import EditBatch, objective
 from locedit.editing.hparams import VStarHParams
 from locedit.editing.types import Direction
+from locedit.editing.vstar import clamped_step
 
 
 def optimise_vstar_reference(
@@ -74,12 +75,7 @@ def optimise_vstar_reference(
                 break
             if step == hp.v_steps - 1:
                 break
-            loss.backward()
-            optimiser.step()
-            with torch.no_grad():
-                max_norm = hp.clamp_norm_factor * init.norm()
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
+            clamped_step(loss, optimiser, delta, hp.clamp_norm_factor * init.norm())
     finally:
         handle.remove()
     return (state["init"][batch.bare].mean(0) + delta).detach()

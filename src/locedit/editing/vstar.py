@@ -60,6 +60,18 @@ class VStar:
         }
 
 
+def clamped_step(
+    loss: torch.Tensor, optimiser: torch.optim.Optimizer, delta: torch.Tensor, max_norm: torch.Tensor
+) -> None:
+    """One Adam step on ``delta``, then back onto the L2 ball of radius ``max_norm`` (ROME)."""
+    loss.backward()
+    optimiser.step()
+    with torch.no_grad():
+        norm = delta.norm()
+        if norm > max_norm:
+            delta.mul_(max_norm / norm)
+
+
 def optimise_vstar(
     model: nn.Module,
     batch: EditBatch,
@@ -116,13 +128,7 @@ def optimise_vstar(
                 break
             if step == hp.v_steps - 1:
                 break
-            loss.backward()
-            optimiser.step()
-            with torch.no_grad():
-                max_norm = hp.clamp_norm_factor * init.norm()
-                norm = delta.norm()
-                if norm > max_norm:
-                    delta.mul_(max_norm / norm)
+            clamped_step(loss, optimiser, delta, hp.clamp_norm_factor * init.norm())
             if not bool(torch.isfinite(delta).all()):
                 raise EditFailed(method, f"non-finite v* delta after step {step}")
     assert first is not None
