@@ -142,16 +142,11 @@ def filter_known_facts(
         for (record, _, _), completion, lp in zip(chunk, completions, log_p.tolist(), strict=True):
             n_scanned += 1
             known = is_known(completion, record.target_true)
-            if not known and config.require_known:
-                dropped["o_true not in the greedy completion"] += 1
-                continue
             n_known += known
             p_true = math.exp(lp)
-            if config.min_p_true is not None and p_true < config.min_p_true:
-                dropped["p(o_true) below min_p_true"] += 1
-                continue
-            if config.max_facts is not None and len(kept) >= config.max_facts:
-                dropped["beyond max_facts"] += 1
+            reason = _drop_reason(known, p_true, len(kept), config)
+            if reason:
+                dropped[reason] += 1
                 continue
             extra = {
                 **record.extra,
@@ -169,3 +164,14 @@ def filter_known_facts(
     return FilterResult(
         kept=kept, n_candidates=len(records), n_known=n_known, dropped=dropped, n_scanned=n_scanned
     )
+
+
+def _drop_reason(known: bool, p_true: float, n_kept: int, config: FilterConfig) -> str | None:
+    """Why a scanned fact is not kept, or ``None`` to keep it (checked in this order)."""
+    if not known and config.require_known:
+        return "o_true not in the greedy completion"
+    if config.min_p_true is not None and p_true < config.min_p_true:
+        return "p(o_true) below min_p_true"
+    if config.max_facts is not None and n_kept >= config.max_facts:
+        return "beyond max_facts"
+    return None
