@@ -18,6 +18,22 @@ def tokenizer():
     return gpt2_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def tok():
+    """The GPT-2 tokenizer, per test module (the editing tests' name for it)."""
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tok):
+    """A small key-statistics store shared by one module's ROME/MEMIT tests."""
+    from locedit.editing import CorpusSpec, CovarianceStore
+
+    return CovarianceStore(
+        tmp_path_factory.mktemp("stats"), CorpusSpec(n_samples=16, sample_length=24), tok
+    )
+
+
 @pytest.fixture
 def gpt2_model():
     return tiny_model("gpt2", n_layers=4)

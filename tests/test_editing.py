@@ -9,8 +9,6 @@ import torch
 
 from locedit.editing import (
     METHODS,
-    CorpusSpec,
-    CovarianceStore,
     EditFailed,
     EditRequest,
     edited,
@@ -28,7 +26,7 @@ from locedit.editing.batch import (
 from locedit.models.architecture import down_proj_name, embedding_module
 from locedit.models.scoring import target_log_probs
 from locedit.models.tokens import encode_prompt, encode_target
-from locedit.testing import editable_tiny_model, gpt2_tokenizer, tiny_model
+from locedit.testing import editable_tiny_model, tiny_model
 from locedit.tracing.noise import noised_subject, subject_noise
 
 PROMPT = "The Eiffel Tower is located in the city of"
@@ -38,18 +36,6 @@ FAST = {
     "ft1": {"steps": 4, "linf_eps": 1e-2},
     "ft5": {"steps": 4, "linf_eps": 1e-2},
 }
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return gpt2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, tok):
-    return CovarianceStore(
-        tmp_path_factory.mktemp("stats"), CorpusSpec(n_samples=16, sample_length=24), tok
-    )
 
 
 def snapshot(model):

@@ -5,27 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from locedit.editing import CorpusSpec, CovarianceStore, EditRequest, edited, hparams_for
+from locedit.editing import EditRequest, edited, hparams_for
 from locedit.editing.memit import effective_mom2_weight
 from locedit.models.architecture import as_out_in, down_proj_name, down_proj_weight
 from locedit.models.scoring import target_log_probs
 from locedit.models.tokens import encode_prompt, encode_target
-from locedit.testing import editable_tiny_model, gpt2_tokenizer
+from locedit.testing import editable_tiny_model
 
 PROMPT = "My favourite place is the Eiffel Tower"
 FAST = {"n_context_templates": 2, "context_template_lengths": (4,)}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return gpt2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, tok):
-    return CovarianceStore(
-        tmp_path_factory.mktemp("stats"), CorpusSpec(n_samples=16, sample_length=24), tok
-    )
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3_text"])

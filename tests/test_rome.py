@@ -8,22 +8,10 @@ from locedit.editing import CorpusSpec, CovarianceStore, EditRequest, edited, hp
 from locedit.models.architecture import arch_spec, down_proj_weight, get_module
 from locedit.models.scoring import target_log_probs
 from locedit.models.tokens import encode_prompt, encode_target
-from locedit.testing import editable_tiny_model, gpt2_tokenizer, tiny_model, top_word
+from locedit.testing import editable_tiny_model, tiny_model, top_word
 
 FAST = {"n_context_templates": 2, "context_template_lengths": (4,), "v_steps": 5}
 PROMPT = "The Eiffel Tower is located in the city of"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return gpt2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, tok):
-    return CovarianceStore(
-        tmp_path_factory.mktemp("stats"), CorpusSpec(n_samples=16, sample_length=24), tok
-    )
 
 
 def key_and_value(model, tok, text, subject, layer):
