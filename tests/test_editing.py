@@ -14,20 +14,15 @@ from locedit.editing import (
     edited,
     hparams_for,
 )
-from locedit.editing.batch import (
-    PrefixCachedForward,
-    batch_noise,
-    build_batch,
-    frozen_layers,
-    hidden_states,
-    split_batch,
-    template_mean,
-)
+from locedit.editing.batch import build_batch, template_mean
+from locedit.editing.forward import batch_noise, hidden_states
+from locedit.editing.prefix import PrefixCachedForward, split_batch
 from locedit.models.architecture import down_proj_name, embedding_module
+from locedit.models.hooks import frozen_layers
+from locedit.models.noise import noised_subject, subject_noise
 from locedit.models.scoring import target_log_probs
 from locedit.models.tokens import encode_prompt, encode_target
 from locedit.testing import editable_tiny_model, tiny_model
-from locedit.tracing.noise import noised_subject, subject_noise
 
 PROMPT = "The Eiffel Tower is located in the city of"
 FAST = {

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from locedit.data.records import FactRecord
+from locedit.models.noise import fact_seed, subject_noise
 from locedit.models.tokens import encode_prompt, encode_target
 from locedit.problems import (
     PROBLEMS,
@@ -16,7 +17,6 @@ from locedit.problems import (
     noised_next_token_probs,
 )
 from locedit.testing import gpt2_tokenizer, tiny_model
-from locedit.tracing.noise import fact_seed, subject_noise
 
 RECORD = FactRecord("cf-1", "Eiffel Tower", "The Eiffel Tower is located in", "Paris", "Rome",
                     extra={"erasure_ok": True})

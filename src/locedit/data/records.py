@@ -6,9 +6,15 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 #: Bump when the on-disk layout of records changes; readers refuse other versions.
 SCHEMA_VERSION = 1
+
+
+#: Whether an edit makes its object more (every problem but one) or less likely (Fact Erasure,
+#: paper Sec. 5.1); rewrite and paraphrase scores are read in the same direction (Sec. 3.4).
+Direction = Literal["maximize", "minimize"]
 
 
 class RecordError(ValueError):

@@ -22,17 +22,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from locedit.editing.batch import (
-    EditBatch,
-    build_batch,
-    frozen_layers,
-    hidden_states,
-    objective,
-    target_log_probs,
-)
+from locedit.data.records import Direction
+from locedit.editing.batch import EditBatch, build_batch
+from locedit.editing.forward import hidden_states
 from locedit.editing.hparams import FTHParams
-from locedit.editing.types import Direction, EditFailed, EditRequest, EditResult
+from locedit.editing.loss import objective, target_log_probs
+from locedit.editing.types import EditFailed, EditRequest, EditResult
 from locedit.models.architecture import arch_spec, check_layer, mlp_param_names
+from locedit.models.hooks import frozen_layers
 from locedit.models.scoring import pad_token_id
 from locedit.models.tokens import encode_target
 

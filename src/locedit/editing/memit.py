@@ -23,14 +23,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from locedit.editing.batch import (
-    captured_io,
-    recorded_outputs,
-    request_batch,
-    run_until,
-    template_mean,
-)
+from locedit.editing.batch import request_batch, template_mean
 from locedit.editing.covariance import SingularCovarianceError, down_proj_module
+from locedit.editing.forward import captured_io, run_until
 from locedit.editing.hparams import MemitHParams
 from locedit.editing.types import EditFailed, EditRequest, EditResult
 from locedit.editing.vstar import optimise_vstar
@@ -41,6 +36,7 @@ from locedit.models.architecture import (
     from_out_in,
     get_module,
 )
+from locedit.models.hooks import recorded
 
 
 def effective_mom2_weight(hp: MemitHParams, d_mlp: int) -> float:
@@ -102,7 +98,7 @@ def apply_memit(
         keys_module = down_proj_module(model, edit_layer)
         with (
             captured_io(keys_module, batch.lookup) as found,
-            recorded_outputs({"z": z_module}) as rec,
+            recorded({"z": z_module}) as rec,
         ):
             run_until(model, batch, z_module)
         k = template_mean(found["input"].double(), batch)
@@ -147,7 +143,7 @@ def apply_memit(
             flags.append("large_update")
 
     # How much of the requested change of z the finished edit realises.
-    with recorded_outputs({"z": z_module}) as rec:
+    with recorded({"z": z_module}) as rec:
         run_until(model, batch, z_module)
     z_final = _lookup_mean(rec["z"], batch).double()
     wanted = float((z_target - z_initial).norm())

@@ -14,10 +14,12 @@ import math
 import torch
 from torch import nn
 
-from locedit.editing.batch import EditBatch, objective
+from locedit.data.records import Direction
+from locedit.editing.batch import EditBatch
 from locedit.editing.hparams import VStarHParams
-from locedit.editing.types import Direction
+from locedit.editing.loss import objective
 from locedit.editing.vstar import clamped_step
+from locedit.models.hooks import edited_output
 
 
 def optimise_vstar_reference(
@@ -38,18 +40,15 @@ def optimise_vstar_reference(
     optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
     state: dict[str, torch.Tensor] = {}
 
-    def add_delta(_module, _inputs, output):
-        value = output[0] if isinstance(output, tuple) else output
+    def add_delta(value: torch.Tensor) -> torch.Tensor:
         if "init" not in state:
             state["init"] = value[rows, batch.lookup].detach().clone()
         added = torch.zeros_like(value).index_put((rows, batch.lookup), delta.expand(batch.size, -1))
-        value = value + added
-        return (value, *output[1:]) if isinstance(output, tuple) else value
+        return value + added
 
     kl_init: torch.Tensor | None = None
     use_kl = bool(hp.kl_factor) and bool(batch.kl.any())
-    handle = module.register_forward_hook(add_delta)
-    try:
+    with edited_output(module, add_delta):
         for step in range(hp.v_steps):
             optimiser.zero_grad()
             logits = model(
@@ -76,6 +75,4 @@ def optimise_vstar_reference(
             if step == hp.v_steps - 1:
                 break
             clamped_step(loss, optimiser, delta, hp.clamp_norm_factor * init.norm())
-    finally:
-        handle.remove()
     return (state["init"][batch.bare].mean(0) + delta).detach()

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from locedit.editing.batch import EditBatch, captured_io, request_batch, run_until, template_mean
+from locedit.editing.batch import EditBatch, request_batch, template_mean
 from locedit.editing.covariance import SingularCovarianceError, down_proj_module
+from locedit.editing.forward import captured_io, run_until
 from locedit.editing.hparams import RomeHParams
 from locedit.editing.types import EditFailed, EditRequest, EditResult
 from locedit.editing.vstar import optimise_vstar

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-Direction = Literal["maximize", "minimize"]
+from locedit.data.records import Direction
 
 
 class EditFailed(RuntimeError):
@@ -29,7 +29,7 @@ class EditRequest:
 
     ``prompt`` is the filled-in prompt (s, r) containing ``subject``. ``subject_noise`` is
     Fact Forcing's s_noise, [n_samples, n_subject_tokens, d_model] from
-    :mod:`locedit.tracing.noise`; the edit's objective is then averaged over the samples.
+    :mod:`locedit.models.noise`; the edit's objective is then averaged over the samples.
     """
 
     prompt: str

@@ -16,17 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from locedit.editing.batch import (
-    EditBatch,
-    PrefixCachedForward,
-    added_at,
-    frozen_layers,
-    objective,
-    split_batch,
-    split_log_probs,
-)
+from locedit.data.records import Direction
+from locedit.editing.batch import EditBatch
+from locedit.editing.forward import added_at
 from locedit.editing.hparams import VStarHParams
-from locedit.editing.types import Direction, EditFailed
+from locedit.editing.loss import objective, split_log_probs
+from locedit.editing.prefix import PrefixCachedForward, split_batch
+from locedit.editing.types import EditFailed
+from locedit.models.hooks import frozen_layers
 from locedit.models.scoring import pad_token_id
 
 log = logging.getLogger(__name__)

@@ -10,17 +10,31 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from locedit.data.records import FactRecord
+from locedit.data.records import Direction, FactRecord
 from locedit.metrics import scores
+from locedit.models.noise import NoiseConfig, d_model, fact_noise, fact_seed, noised_subject
 from locedit.models.scoring import target_log_probs
 from locedit.models.tokens import TokenizationError, encode_prompt, encode_target
-from locedit.problems import EditingProblem, NoiseConfig, d_model_of, fact_noise
-from locedit.tracing.noise import fact_seed, noised_subject
+
+
+class EditingProblem(Protocol):
+    """What the metrics read of an editing problem (:class:`locedit.problems.EditingProblem`):
+    the object it edits, whether its input is noised, and its direction (Sec. 5.1)."""
+
+    @property
+    def target(self) -> str: ...
+
+    @property
+    def direction(self) -> Direction: ...
+
+    @property
+    def noised_input(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -87,7 +101,7 @@ def probe_probabilities(
         if noise is None:
             raise ValueError("noised probes need the tracing noise configuration")
         start, end = probe.subject_span
-        tensor = fact_noise(record, end - start, d_model_of(model), noise)
+        tensor = fact_noise(record.fact_id, end - start, d_model(model), noise)
         with noised_subject(model, start, end, tensor):
             log_p = target_log_probs(
                 model, [probe.prompt_ids] * noise.n_samples, [probe.target_ids] * noise.n_samples,
@@ -213,5 +227,5 @@ def noise_for_request(
 ) -> torch.Tensor:
     """Fact Forcing's edit input: the fact's noise over its subject tokens in the prompt."""
     enc = encode_prompt(tokenizer, record.prompt, record.subject)
-    return fact_noise(record, enc.subject_end - enc.subject_start, d_model_of(model), noise)
+    return fact_noise(record.fact_id, enc.subject_end - enc.subject_start, d_model(model), noise)
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
 
-Direction = Literal["maximize", "minimize"]
+from locedit.data.records import Direction
 
 
 def rewrite_score(p_pre: float, p_post: float, direction: Direction = "maximize") -> float:

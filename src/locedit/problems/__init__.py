@@ -9,11 +9,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from locedit.data.records import FactRecord
-from locedit.metrics.scores import Direction
+from locedit.data.records import Direction, FactRecord
+from locedit.models.noise import NoiseConfig, d_model, fact_noise, noised_subject
 from locedit.models.scoring import next_token_log_probs
 from locedit.models.tokens import TokenizationError, encode_prompt, encode_target
-from locedit.tracing.noise import fact_seed, noised_subject, subject_noise
 
 TargetKind = Literal["o_false", "o_noise", "o_true"]
 
@@ -48,32 +47,12 @@ def get_problem(name: str) -> EditingProblem:
     return PROBLEMS[name]
 
 
-@dataclass(frozen=True)
-class NoiseConfig:
-    """The Causal Tracing noise, shared by tracing, Tracing Reversal and Fact Forcing."""
-
-    sigma: float
-    n_samples: int = 10
-    seed: int = 0
-
-
-def fact_noise(record: FactRecord, n_subject_tokens: int, d_model: int, noise: NoiseConfig) -> torch.Tensor:
-    """The fact's s_noise: the same tensor tracing uses for this fact."""
-    return subject_noise(
-        noise.n_samples, n_subject_tokens, d_model, noise.sigma, fact_seed(noise.seed, record.fact_id)
-    )
-
-
-def d_model_of(model: nn.Module) -> int:
-    return int(model.get_input_embeddings().weight.shape[1])
-
-
 def noised_next_token_probs(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, record: FactRecord, noise: NoiseConfig
 ) -> torch.Tensor:
     """p(next token | s_noise, r) averaged over the noise samples: [vocab]."""
     enc = encode_prompt(tokenizer, record.prompt, record.subject)
-    tensor = fact_noise(record, enc.subject_end - enc.subject_start, d_model_of(model), noise)
+    tensor = fact_noise(record.fact_id, enc.subject_end - enc.subject_start, d_model(model), noise)
     with noised_subject(model, enc.subject_start, enc.subject_end, tensor):
         log_p = next_token_log_probs(model, [enc.input_ids] * noise.n_samples)
     return log_p.exp().mean(0)

@@ -32,6 +32,7 @@ from locedit.metrics.evaluation import (
     score_edit,
     target_probe_name,
 )
+from locedit.models.noise import fact_seed
 from locedit.models.snapshot import RestorationError
 from locedit.models.tokens import TokenizationError
 from locedit.problems import (
@@ -42,7 +43,6 @@ from locedit.problems import (
     get_problem,
 )
 from locedit.sweep.plan import EditTask
-from locedit.tracing.noise import fact_seed
 
 log = logging.getLogger(__name__)
 

@@ -5,17 +5,11 @@ it is checked against; ``calibrate_noise`` sets sigma from the subject embedding
 ``trace_records`` runs a list of facts with a content-keyed cache.
 """
 
+from locedit.models.hooks import window_layers
+from locedit.models.noise import NoiseConfig, fact_seed, noised_subject, subject_noise
 from locedit.tracing.cache import ResultCache, tracing_key, zeroing_key
 from locedit.tracing.causal_trace import FactRuns, trace_fact, trace_fact_many, trace_fact_reference
-from locedit.tracing.noise import (
-    NoiseCalibration,
-    calibrate_noise,
-    fact_seed,
-    noise_sigma,
-    noised_subject,
-    subject_embeddings,
-    subject_noise,
-)
+from locedit.tracing.noise import NoiseCalibration, calibrate_noise, noise_sigma, subject_embeddings
 from locedit.tracing.patching import (
     KINDS,
     SkipFact,
@@ -23,7 +17,6 @@ from locedit.tracing.patching import (
     encode_fact,
     fact_noise,
     patched_target_probs,
-    window_layers,
 )
 from locedit.tracing.results import TraceResult, ZeroingResult
 from locedit.tracing.runner import TABLE_COLUMNS, TraceRun, TraceSettings, trace_records
@@ -34,6 +27,7 @@ __all__ = [
     "TABLE_COLUMNS",
     "FactRuns",
     "NoiseCalibration",
+    "NoiseConfig",
     "ResultCache",
     "SkipFact",
     "TraceResult",

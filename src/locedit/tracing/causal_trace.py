@@ -30,7 +30,8 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from locedit.data.records import FactRecord
 from locedit.models.architecture import Component, arch_spec, get_module, n_layers
-from locedit.tracing.noise import noised_subject
+from locedit.models.hooks import decoder_layers, recorded_inputs, replaced_forward, window_layers
+from locedit.models.noise import NoiseSource, noised_subject
 from locedit.tracing.patching import (
     TracingInput,
     captured_components,
@@ -42,7 +43,6 @@ from locedit.tracing.patching import (
     set_positions,
     target_probs_from_final,
     target_probs_from_logits,
-    window_layers,
 )
 from locedit.tracing.results import TraceResult
 
@@ -58,20 +58,26 @@ def trace_fact_reference(
     tokenizer: PreTrainedTokenizerBase,
     fact: FactRecord,
     *,
-    sigma: float,
-    seed: int,
+    sigma: float | None = None,
+    seed: int = 0,
     kind: str = "mlp",
     window: int = 5,
     n_samples: int = 10,
     min_denominator: float = 0.01,
+    noise: NoiseSource | None = None,
 ) -> TraceResult:
     """The straightforward algorithm of the original research code (ROME's
     ``calculate_hidden_flow``): one patched forward pass of the full model per (token, layer
     window), batched only over the noise samples. Slow; the ground truth for :func:`trace_fact`.
+
+    The noise is the fact's seeded s_noise of level ``sigma``, or ``noise`` itself (a tensor
+    [n_samples, n_subject_tokens, d_model] or a function of that shape) to reproduce another
+    implementation's noise exactly.
     """
     kind = check_kind(kind)
     inp = encode_fact(tokenizer, fact)
-    noise = fact_noise(model, inp, sigma, seed, n_samples)
+    noise = fact_noise(model, inp, sigma, seed, n_samples, noise)
+    n_samples = int(noise.shape[0])
     total = n_layers(model)
     with torch.no_grad(), captured_components(model, kind, range(total)) as clean:
         logits = model(input_ids=inp.ids()).logits
@@ -94,17 +100,12 @@ def _result(
     inp, kind, window, p_clean, p_noised, grid, n_samples, sigma, min_denominator
 ) -> TraceResult:
     return TraceResult(
-        fact_id=inp.fact_id,
-        kind=kind,
-        window=int(window),
-        tokens=inp.tokens,
-        subject_start=inp.subject_start,
-        subject_end=inp.subject_end,
+        **inp.result_fields(kind, window),
         p_clean=float(p_clean),
         p_noised=float(p_noised),
         p_restored=np.asarray(grid, dtype=np.float64),
         n_samples=int(n_samples),
-        sigma=float(sigma),
+        sigma=float("nan") if sigma is None else float(sigma),
         min_denominator=float(min_denominator),
     )
 
@@ -117,25 +118,16 @@ def trace_fact(
     tokenizer: PreTrainedTokenizerBase,
     fact: FactRecord,
     *,
-    sigma: float,
-    seed: int,
     kind: str = "mlp",
     window: int = 5,
-    n_samples: int = 10,
-    min_denominator: float = 0.01,
+    **options,
 ) -> TraceResult:
-    """Causal Tracing of one fact, fast and exact (same numbers as :func:`trace_fact_reference`)."""
-    return trace_fact_many(
-        model,
-        tokenizer,
-        fact,
-        sigma=sigma,
-        seed=seed,
-        kinds=(kind,),
-        windows=(window,),
-        n_samples=n_samples,
-        min_denominator=min_denominator,
-    )[0]
+    """Causal Tracing of one fact, fast and exact (same numbers as :func:`trace_fact_reference`).
+
+    ``options`` are those of :func:`trace_fact_many`: ``sigma`` and ``seed`` or the ``noise``
+    itself, ``n_samples``, ``min_denominator``.
+    """
+    return trace_fact_many(model, tokenizer, fact, kinds=(kind,), windows=(window,), **options)[0]
 
 
 @torch.no_grad()
@@ -144,20 +136,24 @@ def trace_fact_many(
     tokenizer: PreTrainedTokenizerBase,
     fact: FactRecord,
     *,
-    sigma: float,
-    seed: int,
+    sigma: float | None = None,
+    seed: int = 0,
     kinds: Sequence[str] = ("mlp",),
     windows: Sequence[int] = (5,),
     n_samples: int = 10,
     min_denominator: float = 0.01,
+    noise: NoiseSource | None = None,
 ) -> list[TraceResult]:
     """Fast tracing for every (kind, window) of one fact, sharing its clean and noised runs.
 
-    Results come in the order ``[(k, w) for k in kinds for w in windows]``.
+    Results come in the order ``[(k, w) for k in kinds for w in windows]``. The noise is the
+    fact's seeded s_noise of level ``sigma``, or ``noise`` itself (a tensor [n_samples,
+    n_subject_tokens, d_model] or a function of that shape, see :mod:`locedit.models.noise`).
     """
     kinds = [check_kind(k) for k in kinds]
     inp = encode_fact(tokenizer, fact)
-    noise = fact_noise(model, inp, sigma, seed, n_samples)
+    noise = fact_noise(model, inp, sigma, seed, n_samples, noise)
+    n_samples = int(noise.shape[0])
     runs = FactRuns.compute(model, inp, noise, kinds)
     return [
         _result(
@@ -176,10 +172,6 @@ def trace_fact_many(
     ]
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return get_module(model, arch_spec(model).layers)
-
-
 def _cache_kwarg(model: nn.Module) -> str:
     """Name of the KV-cache argument (transformers renamed ``past_key_values`` to ``cache``)."""
     params = inspect.signature(model.base_model.forward).parameters
@@ -192,7 +184,7 @@ def _recording_layers(layers: nn.ModuleList):
 
     One cheap pass through the model's own forward then yields the exact per-layer arguments
     (attention masks incl. sliding windows, rotary embeddings, position ids) for a given
-    prefix/query geometry, without running any layer.
+    prefix/query geometry, without running any layer. Yields the list of calls.
     """
     calls: list[tuple[tuple, dict] | None] = [None] * len(layers)
 
@@ -203,18 +195,8 @@ def _recording_layers(layers: nn.ModuleList):
 
         return record
 
-    # An instance-level forward (e.g. an accelerate offloading wrapper) is put back on exit.
-    previous = [layer.__dict__.get("forward") for layer in layers]
-    try:
-        for index, layer in enumerate(layers):
-            layer.forward = make(index)
+    with replaced_forward(list(layers), [make(i) for i in range(len(layers))]):
         yield calls
-    finally:
-        for layer, before in zip(layers, previous, strict=True):
-            if before is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = before
 
 
 @dataclass
@@ -262,27 +244,15 @@ class FactRuns:
                 target_probs_from_final(model, hidden[:, inp.target_positions], inp.target_ids)[0]
             )
 
-            inputs: list[torch.Tensor | None] = [None] * total
-
-            def make(index: int):
-                def hook(_module, args, kwargs):
-                    inputs[index] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-                return hook
-
-            handles = [
-                layer.register_forward_pre_hook(make(j), with_kwargs=True)
-                for j, layer in enumerate(layers)
-            ]
-            try:
-                with noised_subject(model, inp.subject_start, inp.subject_end, noise):
-                    cache = DynamicCache(config=model.config)
-                    out = base(
-                        input_ids=inp.ids(n_samples), use_cache=True, **{_cache_kwarg(model): cache}
-                    )
-            finally:
-                for handle in handles:
-                    handle.remove()
+            with (
+                recorded_inputs(dict(enumerate(layers))) as recorded,
+                noised_subject(model, inp.subject_start, inp.subject_end, noise),
+            ):
+                cache = DynamicCache(config=model.config)
+                out = base(
+                    input_ids=inp.ids(n_samples), use_cache=True, **{_cache_kwarg(model): cache}
+                )
+            inputs = [recorded[j] for j in range(total)]
             p_noised = target_probs_from_final(
                 model, out.last_hidden_state[:, inp.target_positions], inp.target_ids
             )

@@ -1,14 +1,15 @@
-"""What one fact looks like to tracing, and self-removing hooks that patch component outputs.
+"""What one fact looks like to tracing, and component patches built on the intervention toolkit.
 
-A restoration (Causal Tracing) or a zeroing (representation zeroing) replaces the output of a
-component (MLP, attention, or the whole block = residual stream) at some token positions. Both
-paths of tracing and the zeroing code patch through :func:`patched_components`, so the same
-module outputs are changed in the same way everywhere.
+A restoration (Causal Tracing, §3.2) or a zeroing (representation zeroing, App. B) replaces the
+output of a component (MLP, attention, or the whole block = residual stream) at some token
+positions. Both paths of tracing and the zeroing code patch through :func:`patched_components`
+(:func:`locedit.models.hooks.edited_outputs` on the architecture table's component modules), so
+the same module outputs are changed in the same way everywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -17,9 +18,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import FactRecord, RecordError
-from locedit.models.architecture import Component, component_module, embedding_module, n_layers
+from locedit.models.architecture import Component, component_module, n_layers
+from locedit.models.hooks import Edit, edited_outputs, hidden_of, recorded
+from locedit.models.noise import NoiseSource, d_model, noised_subject, resolve_noise
 from locedit.models.tokens import TokenizationError, encode_prompt, encode_target
-from locedit.tracing.noise import fact_seed, noised_subject, subject_noise
 
 KINDS: tuple[str, ...] = ("mlp", "attn", "resid")
 
@@ -57,6 +59,17 @@ class TracingInput:
     def last_subject(self) -> int:
         return self.subject_end - 1
 
+    def result_fields(self, kind: str, window: int) -> dict:
+        """The fields every per-fact tracing or zeroing result starts with."""
+        return {
+            "fact_id": self.fact_id,
+            "kind": kind,
+            "window": int(window),
+            "tokens": self.tokens,
+            "subject_start": self.subject_start,
+            "subject_end": self.subject_end,
+        }
+
     def ids(self, batch: int = 1) -> torch.Tensor:
         return torch.tensor([self.input_ids], dtype=torch.long).repeat(batch, 1)
 
@@ -82,46 +95,29 @@ def encode_fact(tokenizer: PreTrainedTokenizerBase, fact: FactRecord) -> Tracing
     )
 
 
-def d_model(model: nn.Module) -> int:
-    return int(embedding_module(model).weight.shape[1])
-
-
 def fact_noise(
-    model: nn.Module, inp: TracingInput, sigma: float, seed: int, n_samples: int
+    model: nn.Module,
+    inp: TracingInput,
+    sigma: float | None,
+    seed: int,
+    n_samples: int,
+    noise: NoiseSource | None = None,
 ) -> torch.Tensor:
-    """The fact's s_noise, regenerated exactly as Tracing Reversal and Fact Forcing do."""
-    return subject_noise(
-        n_samples, inp.n_subject, d_model(model), sigma, fact_seed(seed, inp.fact_id)
+    """The fact's s_noise: ``noise`` when given (a tensor or a seeded function), else the one
+    :func:`locedit.models.noise.fact_noise` that Tracing Reversal and Fact Forcing regenerate."""
+    return resolve_noise(
+        noise,
+        fact_id=inp.fact_id,
+        n_subject_tokens=inp.n_subject,
+        width=d_model(model),
+        sigma=sigma,
+        seed=seed,
+        n_samples=n_samples,
     )
 
 
-def window_layers(layer: int, window: int, total: int) -> range:
-    """Layers restored for the window centred on ``layer``, clipped at the model's ends.
-
-    ROME's convention: ``[layer - window // 2, layer + ceil(window / 2))``, so window 5 at layer
-    l is l-2..l+2 and window 10 is l-5..l+4.
-    """
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    return range(max(0, layer - window // 2), min(total, layer - (-window // 2)))
-
-
-def _map_hidden(output, fn: Callable[[torch.Tensor], torch.Tensor]):
-    """Apply ``fn`` to a module's hidden-state output (a tensor, or the first item of a tuple)."""
-    if isinstance(output, torch.Tensor):
-        return fn(output)
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        return (fn(output[0]), *output[1:])
-    raise TypeError(f"cannot patch a module output of type {type(output).__name__}")
-
-
-def hidden_of(output) -> torch.Tensor:
-    """The hidden-state tensor of a module output."""
-    return output if isinstance(output, torch.Tensor) else output[0]
-
-
 #: layer -> function that rewrites that layer's component output
-Patch = Callable[[torch.Tensor], torch.Tensor]
+Patch = Edit
 
 
 @contextmanager
@@ -129,17 +125,9 @@ def patched_components(
     model: nn.Module, kind: Component, patches: Mapping[int, Patch]
 ) -> Iterator[None]:
     """Rewrite the ``kind`` output of each layer in ``patches``; hooks go away on exit."""
-    handles = []
-    try:
-        for layer, fn in patches.items():
-            module = component_module(model, kind, layer)
-            handles.append(
-                module.register_forward_hook(lambda _m, _i, out, fn=fn: _map_hidden(out, fn))
-            )
+    modules = {layer: component_module(model, kind, layer) for layer in patches}
+    with edited_outputs(modules, patches):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def set_positions(
@@ -164,22 +152,9 @@ def captured_components(
     model: nn.Module, kind: Component, layers: Sequence[int]
 ) -> Iterator[dict[int, torch.Tensor]]:
     """Record the ``kind`` output of ``layers`` during the body: {layer: [batch, seq, d]}."""
-    store: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def make(layer: int):
-        def hook(_module, _inputs, output):
-            store[layer] = hidden_of(output).detach().clone()
-
-        return hook
-
-    try:
-        for layer in layers:
-            handles.append(component_module(model, kind, layer).register_forward_hook(make(layer)))
+    modules = {layer: component_module(model, kind, layer) for layer in layers}
+    with recorded(modules, lambda _inputs, output: hidden_of(output).detach().clone()) as store:
         yield store
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def target_probs_from_logits(logits: torch.Tensor, target_ids: Sequence[int]) -> torch.Tensor:

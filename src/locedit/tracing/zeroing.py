@@ -14,12 +14,12 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import FactRecord
 from locedit.models.architecture import n_layers
+from locedit.models.hooks import window_layers
 from locedit.tracing.patching import (
     check_kind,
     encode_fact,
     patched_components,
     target_probs_from_final,
-    window_layers,
 )
 from locedit.tracing.results import ZeroingResult
 
@@ -60,12 +60,7 @@ def zero_fact(
         hidden = model.base_model(input_ids=inp.ids(2 * total + 1)).last_hidden_state
     probs = target_probs_from_final(model, hidden[:, inp.target_positions], inp.target_ids).numpy()
     return ZeroingResult(
-        fact_id=inp.fact_id,
-        kind=kind,
-        window=int(window),
-        tokens=inp.tokens,
-        subject_start=inp.subject_start,
-        subject_end=inp.subject_end,
+        **inp.result_fields(kind, window),
         p_clean=float(probs[2 * total]),
         p_zeroed=np.asarray(probs[:total], dtype=np.float64),
         p_zeroed_last=np.asarray(probs[total : 2 * total], dtype=np.float64),
