@@ -35,6 +35,7 @@ from locedit.editing import (
     EditRequest,
     edited,
     hparams_for,
+    key_stats_methods,
     layers_for,
 )
 from locedit.editing.batch import request_batch
@@ -164,8 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     needed = sorted(
         {
             x
-            for m in args.methods
-            if m in ("rome", "memit")
+            for m in key_stats_methods(args.methods)
             for x in layers_for(m, layer, model, hparams[m])
         }
     )
@@ -174,18 +174,16 @@ def main(argv: list[str] | None = None) -> dict:
     store.ensure(model, needed)
     stats_s = time.perf_counter() - t0
     templates_s = {}
-    for method in ("rome", "memit"):
-        if method in args.methods:
-            t0 = time.perf_counter()
-            hp = hparams[method]
-            store.context_templates(
-                model, tokenizer, hp.context_template_lengths, hp.n_context_templates, hp.seed
-            )
-            templates_s[method] = time.perf_counter() - t0
-    for method in ("rome", "memit"):  # factorise the covariances outside the timed edits
-        if method in args.methods:
-            for x in layers_for(method, layer, model, hparams[method]):
-                store.solver(model, x, hparams[method].covariance_ridge)
+    for method in key_stats_methods(args.methods):
+        t0 = time.perf_counter()
+        hp = hparams[method]
+        store.context_templates(
+            model, tokenizer, hp.context_template_lengths, hp.n_context_templates, hp.seed
+        )
+        templates_s[method] = time.perf_counter() - t0
+    for method in key_stats_methods(args.methods):  # factorise covariances outside the timing
+        for x in layers_for(method, layer, model, hparams[method]):
+            store.solver(model, x, hparams[method].covariance_ridge)
     setup_s = time.perf_counter() - started
 
     per_method: dict[str, dict] = {}

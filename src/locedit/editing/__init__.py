@@ -1,5 +1,7 @@
 """Model editing behind one interface: ROME, MEMIT, FT-1 and FT-5 (paper Sec. 5.2, App. A).
 
+Each method is one :class:`EditMethod` entry of :data:`REGISTRY` (:mod:`locedit.editing.methods`).
+
 ``edited(model, tokenizer, method, request, layer, hparams, covariance)`` applies an edit for
 the duration of a ``with`` block and restores the weights bit for bit afterwards. Layers are
 0-based indices into the architecture table, so every supported family works.
@@ -13,14 +15,22 @@ from locedit.editing.covariance import (
     second_moments,
 )
 from locedit.editing.editor import edited, layers_for, touched_params
-from locedit.editing.hparams import FTHParams, HParams, MemitHParams, RomeHParams, hparams_for
+from locedit.editing.hparams import FTHParams, HParams, MemitHParams, RomeHParams
 from locedit.editing.layers import (
-    METHODS,
     PAPER_GRIDS,
     default_layer,
     edit_layers,
     layer_grid,
     layers_needing_covariance,
+    sweep_layers,
+)
+from locedit.editing.methods import (
+    METHODS,
+    REGISTRY,
+    EditMethod,
+    get_method,
+    hparams_for,
+    key_stats_methods,
 )
 from locedit.editing.types import EditFailed, EditRequest, EditResult
 
@@ -37,11 +47,13 @@ def __getattr__(name: str):
 __all__ = [
     "METHODS",
     "PAPER_GRIDS",
+    "REGISTRY",
     "ConstrainedFinetune",
     "CorpusSpec",
     "CovarianceSolver",
     "CovarianceStore",
     "EditFailed",
+    "EditMethod",
     "EditRequest",
     "EditResult",
     "FTHParams",
@@ -53,10 +65,13 @@ __all__ = [
     "edit_layers",
     "edited",
     "generate_context_templates",
+    "get_method",
     "hparams_for",
+    "key_stats_methods",
     "layer_grid",
     "layers_for",
     "layers_needing_covariance",
     "second_moments",
+    "sweep_layers",
     "touched_params",
 ]

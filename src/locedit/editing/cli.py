@@ -24,6 +24,8 @@ def add_edit_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    from locedit.editing.methods import METHODS
+
     parser.add_argument(
         "--prompt", required=True, help='filled-in prompt, e.g. "The Eiffel Tower is in"'
     )
@@ -39,7 +41,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method",
         action="append",
-        choices=["rome", "memit", "ft1", "ft5", "all"],
+        choices=[*METHODS, "all"],
         help="edit method (repeatable; default all four)",
     )
     parser.add_argument(
@@ -61,7 +63,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 def _params(path: str, overrides: list[str]):
     from omegaconf import OmegaConf
 
-    from locedit.pipeline.common import compose_params, load_params
+    from locedit.params import compose_params, load_params
 
     params = load_params(path) if Path(path).exists() else compose_params("conf")
     for override in overrides:
@@ -84,7 +86,7 @@ def run_edit(args: argparse.Namespace) -> int:
     from locedit.models.architecture import n_layers
     from locedit.models.scoring import target_log_probs
     from locedit.models.tokens import encode_prompt, encode_target
-    from locedit.pipeline.common import model_from_params
+    from locedit.params import model_from_params
 
     params = _params(args.params, args.set)
     model, tokenizer = model_from_params(params)

@@ -1,6 +1,6 @@
 """One interface to every editing method: a ``with`` block that edits and always restores.
 
-with edited(model, tok, "rome", request, layer, hparams, covariance) as result:
+with edited(model, tok, method, request, layer, hparams, covariance) as result:
     ...  # the model is edited here
 # the model is bit-identical to before, verified, even if the block or the edit raised
 """
@@ -17,37 +17,25 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from locedit.editing.covariance import CovarianceStore
-from locedit.editing.hparams import FTHParams, HParams, MemitHParams, RomeHParams, hparams_for
-from locedit.editing.layers import check_method, edit_layers
-from locedit.editing.memit import apply_memit
-from locedit.editing.rome import apply_rome
+from locedit.editing.hparams import HParams, MemitHParams, RomeHParams
+from locedit.editing.methods import get_method
 from locedit.editing.types import EditFailed, EditRequest, EditResult
-from locedit.models.architecture import down_proj_name, n_layers
+from locedit.models.architecture import n_layers
 from locedit.models.snapshot import preserved_weights
 
 log = logging.getLogger(__name__)
-
-_EXPECTED = {"rome": RomeHParams, "memit": MemitHParams, "ft1": FTHParams, "ft5": FTHParams}
 
 
 def layers_for(
     method: str, layer: int, model: nn.Module, hparams: HParams | None = None
 ) -> list[int]:
     """The layers an edit of ``method`` at ``layer`` changes on this model."""
-    total = n_layers(model)
-    if method == "memit" and isinstance(hparams, MemitHParams) and hparams.n_layers != 5:
-        window = hparams.n_layers
-        return list(range(max(0, layer - window // 2), min(total, layer - (-window // 2))))
-    return edit_layers(method, layer, total)
+    return get_method(method).layers(layer, n_layers(model), hparams)
 
 
 def touched_params(method: str, model: nn.Module, layers: list[int], hparams: HParams) -> list[str]:
     """Names of every parameter the edit may change (what the snapshot must cover)."""
-    if method in ("rome", "memit"):
-        return [down_proj_name(model, layer) for layer in layers]
-    from locedit.editing.finetune import finetuned_param_names  # Lightning loads only for FT
-
-    return finetuned_param_names(model, layers, hparams.params)  # type: ignore[union-attr]
+    return get_method(method).params(model, layers, hparams)
 
 
 def context_templates(
@@ -61,7 +49,7 @@ def context_templates(
         return ["{}"]
     if covariance is None or not hasattr(covariance, "context_templates"):
         raise ValueError(
-            "ROME and MEMIT need a CovarianceStore (key statistics and context templates)"
+            "this method needs a CovarianceStore (key statistics and context templates)"
         )
     return covariance.context_templates(
         model,
@@ -88,36 +76,24 @@ def edited(
     On exit the touched weights are restored and verified bit-identical
     (:func:`locedit.models.preserved_weights`), also when the edit or the block raises. An
     edit that hits NaN/Inf in a loss or update raises :class:`EditFailed` after restoring.
-    ``covariance`` (a :class:`CovarianceStore`) is required by ROME and MEMIT only.
+    ``method`` names a :data:`~locedit.editing.methods.REGISTRY` entry; ``covariance`` (a
+    :class:`CovarianceStore`) is required by the methods that need key statistics.
     """
-    check_method(method)
-    hparams = hparams if hparams is not None else hparams_for(method)
-    if not isinstance(hparams, _EXPECTED[method]):
-        raise TypeError(
-            f"{method} needs {_EXPECTED[method].__name__}, got {type(hparams).__name__}"
-        )
-    layers = layers_for(method, layer, model, hparams)
-    names = touched_params(method, model, layers, hparams)
+    spec = get_method(method)
+    hparams = hparams if hparams is not None else spec.hparams_from()
+    if not isinstance(hparams, spec.hparams):
+        raise TypeError(f"{method} needs {spec.hparams.__name__}, got {type(hparams).__name__}")
+    layers = spec.layers(layer, n_layers(model), hparams)
+    names = spec.params(model, layers, hparams)
     templates = (
-        context_templates(model, tokenizer, hparams, covariance)
-        if method in ("rome", "memit")
-        else None
+        context_templates(model, tokenizer, hparams, covariance) if spec.needs_key_stats else None
     )
     with preserved_weights(model, names) as snapshot:
         start = time.perf_counter()
         try:
-            if method == "rome":
-                result = apply_rome(
-                    model, tokenizer, request, layer, hparams, covariance, templates
-                )
-            elif method == "memit":
-                result = apply_memit(
-                    model, tokenizer, request, layer, layers, hparams, covariance, templates
-                )
-            else:
-                from locedit.editing.finetune import apply_finetune
-
-                result = apply_finetune(model, tokenizer, request, method, layer, layers, hparams)
+            result = spec.apply(
+                model, tokenizer, request, layer, layers, hparams, covariance, templates
+            )
         except EditFailed as err:
             raise EditFailed(method, err.reason) from err
         except FloatingPointError as err:

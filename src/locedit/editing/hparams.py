@@ -2,7 +2,7 @@
 
 Defaults live in ``conf/method/default.yaml``; the values below mirror them so that library
 users without a config get the same edit. Problems override single fields (Fact Forcing runs
-50 finetuning steps) through :func:`hparams_for`'s ``overrides`` or the config's
+50 finetuning steps) through :func:`locedit.editing.methods.hparams_for`'s ``overrides`` or the config's
 ``problem.overrides.<problem>.<method>``.
 """
 
@@ -12,8 +12,6 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
-
-from locedit.editing.layers import check_method
 
 KeyPolicy = Literal["original", "consistent"]
 FTParams = Literal["down_proj", "mlp"]
@@ -46,7 +44,7 @@ class VStarHParams:
         return dataclasses.asdict(self)
 
     def with_overrides(self, **overrides: Any):
-        return _replace(self, overrides)
+        return merge_overrides(self, overrides)
 
 
 @dataclass(frozen=True)
@@ -104,26 +102,12 @@ class FTHParams:
         return dataclasses.asdict(self)
 
     def with_overrides(self, **overrides: Any):
-        return _replace(self, overrides)
+        return merge_overrides(self, overrides)
 
 
 HParams = RomeHParams | MemitHParams | FTHParams
 
-_CLASSES: dict[str, type] = {
-    "rome": RomeHParams,
-    "memit": MemitHParams,
-    "ft1": FTHParams,
-    "ft5": FTHParams,
-}
-_SECTIONS: dict[str, tuple[str, ...]] = {
-    "rome": ("rome",),
-    "memit": ("memit",),
-    "ft1": ("ft", "ft1"),
-    "ft5": ("ft", "ft5"),
-}
-
-
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """OmegaConf containers -> plain Python (lists become tuples for frozen dataclasses)."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -133,20 +117,20 @@ def _plain(value: Any) -> Any:
     except ImportError:  # pragma: no cover - omegaconf is a dependency
         pass
     if isinstance(value, list):
-        return tuple(_plain(v) for v in value)
+        return tuple(plain(v) for v in value)
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     return value
 
 
-def _replace(instance, overrides: Mapping[str, Any]):
+def merge_overrides(instance, overrides: Mapping[str, Any]):
     known = {f.name for f in dataclasses.fields(instance)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(
             f"unknown {type(instance).__name__} field(s) {unknown}; known: {sorted(known)}"
         )
-    clean = {k: _plain(v) for k, v in overrides.items()}
+    clean = {k: plain(v) for k, v in overrides.items()}
     for name, value in clean.items():
         if value is None:
             continue
@@ -156,34 +140,6 @@ def _replace(instance, overrides: Mapping[str, Any]):
     return dataclasses.replace(instance, **clean)
 
 
-def hparams_for(
-    method: str,
-    config: Mapping[str, Any] | None = None,
-    problem: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> HParams:
-    """Hyperparameters of ``method`` from the composed config, a problem and explicit overrides.
-
-    ``config`` is either the whole composed params (keys ``method``, optionally ``problem`` and
-    ``seed``) or just the method group (keys ``rome``, ``memit``, ``ft``, optional ``ft1`` and
-    ``ft5`` sections that refine ``ft``). Precedence, lowest first: dataclass defaults, the
-    method group, ``problem.overrides.<problem>.<method>``, ``overrides``.
-    """
-    check_method(method)
-    config = _plain(config) if config is not None else {}
-    method_cfg = config.get("method", config)
-    merged: dict[str, Any] = {}
-    if "seed" in config and isinstance(config["seed"], int):
-        merged["seed"] = config["seed"]
-    for section in _SECTIONS[method]:
-        merged.update(method_cfg.get(section) or {})
-    if problem is not None:
-        problem_overrides = (config.get("problem") or {}).get("overrides") or {}
-        merged.update((problem_overrides.get(problem) or {}).get(method) or {})
-    merged.update(_plain(dict(overrides or {})))
-    return _replace(_CLASSES[method](), merged)
-
-
 __all__ = [
     "FTHParams",
     "HParams",
@@ -191,5 +147,6 @@ __all__ = [
     "MemitHParams",
     "RomeHParams",
     "VStarHParams",
-    "hparams_for",
+    "merge_overrides",
+    "plain",
 ]

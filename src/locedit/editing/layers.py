@@ -7,16 +7,11 @@ Layers are 0-based indices into the architecture table. The paper numbers layers
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-Method = Literal["rome", "memit", "ft1", "ft5"]
-
-#: The editing methods of the paper (Sec. 5.2): ROME, MEMIT, constrained finetuning of 1 and 5 layers.
-METHODS: tuple[Method, ...] = ("rome", "memit", "ft1", "ft5")
-
-#: Layers each method spreads one edit over (MEMIT and FT-5 use the paper's window of 5).
-WINDOWS: dict[str, int] = {"rome": 1, "ft1": 1, "memit": 5, "ft5": 5}
+from locedit.editing.hparams import HParams
+from locedit.editing.methods import METHODS, get_method, key_stats_methods
 
 #: Paper grids (1-based in the paper: GPT-J §4, GPT2-XL App. C), as 0-based indices by depth.
 PAPER_GRIDS: dict[int, tuple[int, ...]] = {
@@ -29,25 +24,11 @@ PAPER_GRIDS: dict[int, tuple[int, ...]] = {
 ORIGINAL_DEFAULT_LAYERS: dict[int, int] = {28: 5, 48: 17}
 
 
-def check_method(method: str) -> Method:
-    if method not in METHODS:
-        raise ValueError(f"unknown edit method {method!r}; choose from {', '.join(METHODS)}")
-    return method  # type: ignore[return-value]
-
-
-def edit_layers(method: str, layer: int, n_layers: int) -> list[int]:
-    """Layers an edit centred on ``layer`` changes.
-
-    ROME and FT-1 edit ``layer`` alone. MEMIT and FT-5 edit the window of 5 centred on it,
-    ``[l - 2, l + 2]``, clipped (not shifted) at the model's ends: the paper's code uses the
-    same rule as Causal Tracing's restoration window so the two cover identical layers
-    (Sec. 5.2; App. Fig. 11 describes the clipping), so an edit at layer 0 touches 0..2.
-    """
-    check_method(method)
-    if not 0 <= layer < n_layers:
-        raise IndexError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
-    window = WINDOWS[method]
-    return list(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))
+def edit_layers(
+    method: str, layer: int, n_layers: int, hparams: HParams | None = None
+) -> list[int]:
+    """Layers an edit of ``method`` centred on ``layer`` changes (see :meth:`EditMethod.layers`)."""
+    return get_method(method).layers(layer, n_layers, hparams)
 
 
 def default_layer(method: str, n_layers: int) -> int:
@@ -59,7 +40,7 @@ def default_layer(method: str, n_layers: int) -> int:
     reports every method at the same default layer, so the method does not change it; MEMIT
     and FT-5 centre their window on it.
     """
-    check_method(method)
+    get_method(method)
     if n_layers in ORIGINAL_DEFAULT_LAYERS:
         return ORIGINAL_DEFAULT_LAYERS[n_layers]
     if n_layers < 1:
@@ -94,7 +75,7 @@ def layer_grid(
     ``paper_grids`` is set; other models get ``n_grid`` evenly spaced layers plus each
     method's default layer.
     """
-    methods = [check_method(m) for m in methods]
+    methods = [get_method(m).name for m in methods]
     if paper_grids and n_layers in PAPER_GRIDS:
         return list(PAPER_GRIDS[n_layers])
     grid = set(evenly_spaced(n_layers, n_grid or 0))
@@ -105,10 +86,24 @@ def layer_grid(
 def layers_needing_covariance(
     layers: Sequence[int], methods: Iterable[str], n_layers: int
 ) -> list[int]:
-    """Every layer whose down-projection ROME or MEMIT may edit for edits at ``layers``."""
+    """Every layer whose down-projection a key-statistics method (ROME, MEMIT) may edit for
+    edits at ``layers``."""
     needed: set[int] = set()
-    for method in methods:
-        if check_method(method) in ("rome", "memit"):
-            for layer in layers:
-                needed.update(edit_layers(method, layer, n_layers))
+    for method in key_stats_methods(methods):
+        for layer in layers:
+            needed.update(edit_layers(method, layer, n_layers))
     return sorted(needed)
+
+
+def sweep_layers(edit_cfg: Mapping[str, Any], n_layers: int) -> list[int]:
+    """The layers the sweep edits: explicit ``edit.layers`` (checked against the model's
+    depth) if given, else :func:`layer_grid` of ``edit.n_grid_layers`` for ``edit.methods``."""
+    layers = edit_cfg.get("layers")
+    if layers:
+        bad = [layer for layer in layers if not 0 <= int(layer) < n_layers]
+        if bad:
+            raise IndexError(
+                f"edit.layers {bad} out of range: the model has layers 0..{n_layers - 1}"
+            )
+        return sorted({int(layer) for layer in layers})
+    return layer_grid(n_layers, edit_cfg.get("n_grid_layers", 5), edit_cfg["methods"])

@@ -2,53 +2,29 @@
 
 from __future__ import annotations
 
-import logging
-from functools import lru_cache
 from pathlib import Path
 
-import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from locedit.models.loading import load_model
+from locedit.params import (
+    DTYPES,
+    compose_params,
+    load_params,
+    model_from_params,
+    to_container,
+)
 
-log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-
-
-def load_params(path: Path | str = "params.yaml") -> DictConfig:
-    """The composed parameters that dvc.yaml stages read."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found; run `locedit compose` to write it from conf/")
-    return OmegaConf.load(path)
-
-
-def compose_params(conf_dir: Path | str = "conf", overrides: list[str] | None = None) -> DictConfig:
-    """Compose ``conf/`` with Hydra overrides (e.g. ``experiment=paper``)."""
-    with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides or []))
-    OmegaConf.resolve(cfg)
-    return cfg
+__all__ = [
+    "DTYPES",
+    "compose_params",
+    "load_params",
+    "model_from_params",
+    "output_dir",
+    "to_container",
+]
 
 
 def output_dir(params: DictConfig, stage: str) -> Path:
     path = Path(params.paths.outputs) / stage
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-@lru_cache(maxsize=2)
-def _cached_model(name: str, cache_dir: str | None, dtype: str):
-    return load_model(name, Path(cache_dir) if cache_dir else None, DTYPES[dtype])
-
-
-def model_from_params(params: DictConfig):
-    """(model, tokenizer) for ``params.model``; loaded once per process."""
-    cfg = params.model
-    return _cached_model(str(cfg.name), cfg.get("cache_dir"), str(cfg.get("dtype", "float32")))
-
-
-def to_container(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)

@@ -14,31 +14,28 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from locedit.editing import CovarianceStore, default_layer, hparams_for, layer_grid, layers_for
+from locedit.editing import (
+    CovarianceStore,
+    default_layer,
+    hparams_for,
+    key_stats_methods,
+    layers_for,
+    sweep_layers,
+)
 from locedit.models.architecture import n_layers
 from locedit.pipeline.common import model_from_params, output_dir, to_container
 
 log = logging.getLogger(__name__)
 
 
-def edit_grid(params: DictConfig, total_layers: int) -> list[int]:
-    """The layers the edit sweep uses: ``edit.layers`` or the grid for this depth."""
-    edit = params.edit
-    methods = list(edit.methods)
-    if edit.get("layers"):
-        return sorted({int(x) for x in edit.layers})
-    return layer_grid(total_layers, edit.get("n_grid_layers", 5), methods)
-
-
 def stats_layers(params: DictConfig, model) -> list[int]:
-    """Every down-projection ROME or MEMIT may edit in the sweep (and in tuning, if enabled)."""
+    """Every down-projection a key-statistics method (ROME, MEMIT) may edit in the sweep (and in
+    tuning, if enabled)."""
     total = n_layers(model)
-    grid = edit_grid(params, total)
+    grid = sweep_layers(params.edit, total)
     tune = params.get("tune") or {}
     needed: set[int] = set()
-    for method in params.edit.methods:
-        if method not in ("rome", "memit"):
-            continue
+    for method in key_stats_methods(params.edit.methods):
         centres = set(grid)
         if tune.get("enabled"):  # the tune stage edits tune.layer, else the method's default
             layer = tune.get("layer")
@@ -61,17 +58,16 @@ def run(params: DictConfig) -> None:
     with stage_run("stats", config, to_container(params.get("mlflow", {}))):
         paths = store.ensure(model, layers) if layers else []
         templates = {}
-        for method in params.edit.methods:
-            if method in ("rome", "memit"):
-                hp = hparams_for(method, params)
-                templates[method] = store.context_templates(
-                    model,
-                    tokenizer,
-                    hp.context_template_lengths,
-                    hp.n_context_templates,
-                    hp.seed,
-                    hp.template_top_k,
-                )
+        for method in key_stats_methods(params.edit.methods):
+            hp = hparams_for(method, params)
+            templates[method] = store.context_templates(
+                model,
+                tokenizer,
+                hp.context_template_lengths,
+                hp.n_context_templates,
+                hp.seed,
+                hp.template_top_k,
+            )
         seconds = time.perf_counter() - started
         manifest = {
             "model": str(params.model.name),

@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from locedit.data.records import read_records
-from locedit.editing import CovarianceStore, default_layer, hparams_for
+from locedit.editing import CovarianceStore, default_layer, get_method, hparams_for
 from locedit.models.architecture import n_layers
 from locedit.models.snapshot import model_fingerprint
 from locedit.pipeline.common import model_from_params, output_dir, to_container
@@ -104,7 +104,9 @@ def build_target(
     evaluation = evaluation_config(params)
     evaluation = replace(evaluation, essence=config.objective == "overall_score_with_essence")
     covariance = (
-        CovarianceStore.from_params(params, tokenizer) if method in ("rome", "memit") else None
+        CovarianceStore.from_params(params, tokenizer)
+        if get_method(method).needs_key_stats
+        else None
     )
     context = content_id([_fingerprint(model), asdict(evaluation), problem, code_version()])
     target = TuneTarget(

@@ -1,6 +1,7 @@
 """The edit sweep over facts x layers x methods x problems: plan, run (local or Ray), store."""
 
-from locedit.sweep.plan import EditTask, plan_tasks, resolved_hparams, sweep_layers
+from locedit.editing.layers import sweep_layers
+from locedit.sweep.plan import EditTask, plan_tasks, resolved_hparams
 from locedit.sweep.runner import EXECUTORS, SweepSpec, run_sweep
 from locedit.sweep.store import ResultStore, results_table
 from locedit.sweep.worker import EvaluationConfig, run_fact

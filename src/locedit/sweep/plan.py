@@ -1,4 +1,7 @@
-"""What a sweep edits: facts x layers x methods x problems, with hyperparameters per pair."""
+"""What a sweep edits: facts x layers x methods x problems, with hyperparameters per pair.
+
+The layers come from :func:`locedit.editing.layers.sweep_layers` (the one layer-grid function).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from locedit.editing import hparams_for, layer_grid
+from locedit.editing import hparams_for
 from locedit.problems import get_problem
 
 
@@ -25,17 +28,6 @@ class EditTask:
     @property
     def key(self) -> str:
         return f"{self.fact_id}|{self.layer}|{self.method}|{self.problem}|{self.hparams_id}"
-
-
-def sweep_layers(edit_cfg: Mapping[str, Any], n_layers: int) -> list[int]:
-    """Explicit ``edit.layers`` if given, else the paper's grid or an even grid plus defaults."""
-    layers = edit_cfg.get("layers")
-    if layers:
-        bad = [layer for layer in layers if not 0 <= int(layer) < n_layers]
-        if bad:
-            raise IndexError(f"edit.layers {bad} out of range: the model has layers 0..{n_layers - 1}")
-        return sorted({int(layer) for layer in layers})
-    return layer_grid(n_layers, edit_cfg.get("n_grid_layers", 5), edit_cfg["methods"])
 
 
 def content_id(value: Any) -> str:

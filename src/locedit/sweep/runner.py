@@ -48,7 +48,7 @@ class SweepSpec:
 def _worker_state(params_yaml: str):
     """Model, tokenizer and covariance store of a worker process, loaded once per process."""
     from locedit.editing import CovarianceStore
-    from locedit.pipeline.common import model_from_params
+    from locedit.params import model_from_params
 
     params = OmegaConf.create(params_yaml)
     model, tokenizer = model_from_params(params)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import optuna
 
-from locedit.editing.layers import check_method
+from locedit.editing.methods import REGISTRY, get_method
 
 Mode = Literal["grid", "search"]
 Fallback = Literal["least_violation", "conf"]
@@ -24,21 +24,11 @@ MODES: tuple[str, ...] = ("grid", "search")
 FALLBACKS: tuple[str, ...] = ("least_violation", "conf")
 OBJECTIVES: tuple[str, ...] = ("overall_score", "overall_score_with_essence")
 
-#: The hyperparameter each method is tuned over (App. A).
-TUNED_FIELDS: dict[str, str] = {
-    "rome": "kl_factor",
-    "memit": "kl_factor",
-    "ft1": "linf_eps",
-    "ft5": "linf_eps",
-}
+#: The hyperparameter each method is tuned over (App. A), from the method registry.
+TUNED_FIELDS: dict[str, str] = {name: m.tuned_field for name, m in REGISTRY.items()}
 
 #: The optimisation-steps field of each method (v* steps for ROME/MEMIT, Adam steps for FT).
-STEP_FIELDS: dict[str, str] = {
-    "rome": "v_steps",
-    "memit": "v_steps",
-    "ft1": "steps",
-    "ft5": "steps",
-}
+STEP_FIELDS: dict[str, str] = {name: m.steps_field for name, m in REGISTRY.items()}
 
 #: The paper's grids (App. A): KL weight for ROME/MEMIT, L-infinity radius for finetuning.
 PAPER_GRIDS: dict[str, tuple[float, ...]] = {
@@ -54,7 +44,7 @@ DEFAULT_RANGES: dict[str, tuple[float, float]] = {
 
 #: Where the paper changed the number of steps (App. A, Fact Forcing): the choices to search.
 DEFAULT_STEP_CHOICES: dict[str, dict[str, tuple[int, ...]]] = {
-    "fact_forcing": {"rome": (20, 25), "memit": (20, 25), "ft1": (25, 50), "ft5": (25, 50)},
+    "fact_forcing": {name: m.forcing_steps for name, m in REGISTRY.items()},
 }
 
 
@@ -210,8 +200,8 @@ class SearchSpace:
 
 def search_space(method: str, problem: str, config: TuneConfig) -> SearchSpace:
     """The space of one study, from the config's grids, ranges and step choices."""
-    check_method(method)
-    name = TUNED_FIELDS[method]
+    spec = get_method(method)
+    name = spec.tuned_field
     grid = tuple(float(x) for x in config.grid.get(name, PAPER_GRIDS[name]))
     if not grid:
         raise ValueError(f"tune.grid.{name} is empty")
@@ -227,6 +217,6 @@ def search_space(method: str, problem: str, config: TuneConfig) -> SearchSpace:
         grid=grid,
         low=low,
         high=high,
-        step_field=STEP_FIELDS[method] if len(choices) > 1 else None,
+        step_field=spec.steps_field if len(choices) > 1 else None,
         step_choices=tuple(choices),
     )

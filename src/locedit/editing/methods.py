@@ -1,0 +1,210 @@
+"""The method registry: one :class:`EditMethod` per editing method of the paper (Sec. 5.2).
+
+Everything the rest of locedit needs to know about a method is here: its hyperparameter class
+and config sections, whether it needs key statistics (the covariance of the MLP keys and the
+context templates), which layers an edit "at layer l" touches, which parameters it changes,
+what tuning chooses for it (App. A) and how to run it. The editor, the stats and tune stages,
+the sweep planner and the benchmarks ask the registry; nothing else matches method names.
+
+Adding a method (EMMET, AlphaEdit, r-ROME, ...) is one module with its ``apply`` function plus
+one entry in :data:`REGISTRY`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from locedit.editing.hparams import (
+    FTHParams,
+    HParams,
+    MemitHParams,
+    RomeHParams,
+    merge_overrides,
+    plain,
+)
+from locedit.models.architecture import down_proj_name
+from locedit.models.hooks import window_layers
+
+#: How a method runs: (model, tokenizer, request, layer, layers, hparams, covariance,
+#: context templates) -> EditResult, editing the model in place (the editor restores it).
+Apply = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class EditMethod:
+    """One editing method: what it is configured by, what it touches and how it runs."""
+
+    name: str
+    hparams: type
+    #: sections of the ``method`` config group merged in order (``ft`` then ``ft1``)
+    config_sections: tuple[str, ...]
+    #: needs key statistics and context templates (a CovarianceStore)
+    needs_key_stats: bool
+    #: layers one edit spreads over, centred on the edit layer (the paper's window)
+    window: int
+    #: the hyperparameter field tuning chooses (App. A) and the optimisation-steps field
+    tuned_field: str
+    steps_field: str
+    #: the step counts the paper used for Fact Forcing (App. A), searched in ``search`` mode
+    forcing_steps: tuple[int, ...]
+    apply: Apply
+    changed_params: Callable[[nn.Module, list[int], Any], list[str]]
+
+    def window_for(self, hparams: HParams | None = None) -> int:
+        """The window size, or the one a method's hyperparameters set (MEMIT's ``n_layers``)."""
+        if hparams is not None and isinstance(hparams, MemitHParams) and self.hparams is MemitHParams:
+            return int(hparams.n_layers)
+        return self.window
+
+    def layers(self, layer: int, n_layers: int, hparams: HParams | None = None) -> list[int]:
+        """Layers an edit centred on ``layer`` changes.
+
+        ROME and FT-1 edit ``layer`` alone. MEMIT and FT-5 edit the window of 5 centred on it,
+        ``[l - 2, l + 2]``, clipped (not shifted) at the model's ends: the paper's code uses the
+        same rule as Causal Tracing's restoration window so the two cover identical layers
+        (Sec. 5.2; App. Fig. 11 describes the clipping), so an edit at layer 0 touches 0..2.
+        """
+        if not 0 <= layer < n_layers:
+            raise IndexError(
+                f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}"
+            )
+        return list(window_layers(layer, self.window_for(hparams), n_layers))
+
+    def params(self, model: nn.Module, layers: list[int], hparams: HParams) -> list[str]:
+        """Names of every parameter the edit may change (what the snapshot must cover)."""
+        return self.changed_params(model, layers, hparams)
+
+    def hparams_from(
+        self,
+        config: Mapping[str, Any] | None = None,
+        problem: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> HParams:
+        """Hyperparameters from the composed config, a problem and explicit overrides.
+
+        ``config`` is either the whole composed params (keys ``method``, optionally ``problem``
+        and ``seed``) or just the method group (keys ``rome``, ``memit``, ``ft``, optional
+        ``ft1`` and ``ft5`` sections that refine ``ft``). Precedence, lowest first: dataclass
+        defaults, the method group, ``problem.overrides.<problem>.<method>``, ``overrides``.
+        """
+        config = plain(config) if config is not None else {}
+        method_cfg = config.get("method", config)
+        merged: dict[str, Any] = {}
+        if "seed" in config and isinstance(config["seed"], int):
+            merged["seed"] = config["seed"]
+        for section in self.config_sections:
+            merged.update(method_cfg.get(section) or {})
+        if problem is not None:
+            problem_overrides = (config.get("problem") or {}).get("overrides") or {}
+            merged.update((problem_overrides.get(problem) or {}).get(self.name) or {})
+        merged.update(plain(dict(overrides or {})))
+        return merge_overrides(self.hparams(), merged)
+
+
+# --------------------------------------------------------------------------- the methods
+
+
+def _apply_rome(model, tokenizer, request, layer, layers, hparams, covariance, templates):
+    from locedit.editing.rome import apply_rome
+
+    return apply_rome(model, tokenizer, request, layer, hparams, covariance, templates)
+
+
+def _apply_memit(model, tokenizer, request, layer, layers, hparams, covariance, templates):
+    from locedit.editing.memit import apply_memit
+
+    return apply_memit(model, tokenizer, request, layer, layers, hparams, covariance, templates)
+
+
+def _finetune(name: str) -> Apply:
+    def apply(model, tokenizer, request, layer, layers, hparams, covariance, templates):
+        from locedit.editing.finetune import apply_finetune  # Lightning loads only for FT
+
+        return apply_finetune(model, tokenizer, request, name, layer, layers, hparams)
+
+    return apply
+
+
+def _down_projections(model: nn.Module, layers: list[int], _hparams) -> list[str]:
+    return [down_proj_name(model, layer) for layer in layers]
+
+
+def _finetuned(model: nn.Module, layers: list[int], hparams) -> list[str]:
+    from locedit.editing.finetune import finetuned_param_names
+
+    return finetuned_param_names(model, layers, hparams.params)
+
+
+def _closed_form(name: str, hparams: type, window: int, apply: Apply) -> EditMethod:
+    """ROME and MEMIT: a closed-form update of down-projections from key statistics, with the
+    KL weight of the v*/z* optimisation tuned (App. A: 20 -> 25 v* steps for Fact Forcing)."""
+    return EditMethod(
+        name=name,
+        hparams=hparams,
+        config_sections=(name,),
+        needs_key_stats=True,
+        window=window,
+        tuned_field="kl_factor",
+        steps_field="v_steps",
+        forcing_steps=(20, 25),
+        apply=apply,
+        changed_params=_down_projections,
+    )
+
+
+def _constrained_finetune(name: str, window: int) -> EditMethod:
+    """FT-1 / FT-5: Adam in an L-infinity ball around the weights of ``window`` layers, with its
+    radius tuned (App. A: 25 -> 50 steps for Fact Forcing)."""
+    return EditMethod(
+        name=name,
+        hparams=FTHParams,
+        config_sections=("ft", name),
+        needs_key_stats=False,
+        window=window,
+        tuned_field="linf_eps",
+        steps_field="steps",
+        forcing_steps=(25, 50),
+        apply=_finetune(name),
+        changed_params=_finetuned,
+    )
+
+
+#: The editing methods of the paper (Sec. 5.2), in its order.
+REGISTRY: dict[str, EditMethod] = {
+    m.name: m
+    for m in (
+        _closed_form("rome", RomeHParams, 1, _apply_rome),
+        _closed_form("memit", MemitHParams, 5, _apply_memit),
+        _constrained_finetune("ft1", 1),
+        _constrained_finetune("ft5", 5),
+    )
+}
+
+#: Method names, in registry order.
+METHODS: tuple[str, ...] = tuple(REGISTRY)
+
+
+def get_method(name: str) -> EditMethod:
+    """The registry entry of ``name``, or an error listing the known methods."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown edit method {name!r}; choose from {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def hparams_for(
+    method: str,
+    config: Mapping[str, Any] | None = None,
+    problem: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> HParams:
+    """Hyperparameters of ``method`` (see :meth:`EditMethod.hparams_from`)."""
+    return get_method(method).hparams_from(config, problem, overrides)
+
+
+def key_stats_methods(methods) -> list[str]:
+    """Those of ``methods`` that need key statistics (a CovarianceStore)."""
+    return [m for m in methods if get_method(m).needs_key_stats]
