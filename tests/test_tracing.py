@@ -162,6 +162,59 @@ def test_noise_is_the_shared_subject_noise(models, tok):
     assert other.p_noised != pytest.approx(result.p_noised, rel=1e-6)
 
 
+def _rome_noise(sigma: float, seed: int):
+    """The original code's noise: ``numpy.random.RandomState(seed).randn`` over the subject
+    tokens, scaled by the noise level (ROME's ``trace_with_patch``), as a seeded function."""
+
+    def noise(n_samples: int, n_tokens: int, width: int) -> torch.Tensor:
+        draws = np.random.RandomState(seed).randn(n_samples, n_tokens, width)
+        return sigma * torch.from_numpy(draws)
+
+    return noise
+
+
+def test_noise_can_be_given_as_a_tensor_bit_identical_to_sigma_and_seed(models, tok):
+    """The fact's seeded noise passed as a tensor gives the same numbers to the last bit."""
+    model = models["llama"]
+    inp = encode_fact(tok, MIDDLE)
+    tensor = subject_noise(3, inp.n_subject, 64, SIGMA, fact_seed(SEED, MIDDLE.fact_id))
+    seeded = trace_fact(model, tok, MIDDLE, sigma=SIGMA, seed=SEED, window=3, n_samples=3)
+    given = trace_fact(model, tok, MIDDLE, noise=tensor, window=3)
+    assert np.array_equal(seeded.p_restored, given.p_restored)
+    assert (seeded.p_clean, seeded.p_noised) == (given.p_clean, given.p_noised)
+    assert given.n_samples == 3
+
+
+def test_noise_function_reproduces_another_implementations_noise(models, tok):
+    """A seeded noise function (here the original code's numpy RandomState draws) is what the
+    fast path, the reference and a hand-written noised forward all use."""
+    model = models["gpt2"]
+    inp = encode_fact(tok, MIDDLE)
+    fn = _rome_noise(SIGMA, 1)
+    fast = trace_fact(model, tok, MIDDLE, noise=fn, n_samples=2, window=3)
+    ref = trace_fact_reference(model, tok, MIDDLE, noise=fn, n_samples=2, window=3)
+    np.testing.assert_allclose(fast.p_restored, ref.p_restored, rtol=1e-9, atol=0)
+    draws = SIGMA * np.random.RandomState(1).randn(2, inp.n_subject, 64)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(inp.ids(2)).clone()
+        embeds[:, inp.subject_start : inp.subject_end] += torch.from_numpy(draws)
+        logits = model(inputs_embeds=embeds).logits.double()
+    logp = torch.log_softmax(logits, -1)
+    per_sample = sum(
+        logp[:, pos, token] for pos, token in zip(inp.target_positions, inp.target_ids, strict=True)
+    ).exp()
+    assert fast.p_noised == pytest.approx(per_sample.mean().item(), rel=1e-10)
+    seeded = trace_fact(model, tok, MIDDLE, sigma=SIGMA, seed=1, n_samples=2, window=3)
+    assert seeded.p_noised != pytest.approx(fast.p_noised, rel=1e-6)
+
+
+def test_noise_of_the_wrong_shape_or_missing_is_refused(models, tok):
+    with pytest.raises(ValueError, match="noise must be"):
+        trace_fact(models["gpt2"], tok, MIDDLE, noise=torch.zeros(2, 1, 64))
+    with pytest.raises(ValueError, match="sigma"):
+        trace_fact(models["gpt2"], tok, MIDDLE)
+
+
 def test_low_denominator_is_flagged(models, tok):
     result = trace_fact(
         models["gpt2"], tok, MIDDLE, sigma=SIGMA, seed=SEED, n_samples=2, min_denominator=0.01
