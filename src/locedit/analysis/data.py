@@ -16,21 +16,12 @@ import numpy as np
 import pandas as pd
 
 from locedit.analysis.config import TraceSpec
+from locedit.data.tables import EFFECT_TABLE_COLUMNS
 
 log = logging.getLogger(__name__)
 
-EFFECT_COLUMNS = (
-    "fact_id",
-    "method",
-    "kind",
-    "window",
-    "layer",
-    "effect_max",
-    "effect_last_subject",
-    "p_clean",
-    "p_noised",
-    "low_denominator",
-)
+#: The effects-table columns the analysis needs (the token of the max effect is for figures).
+EFFECT_COLUMNS = tuple(c for c in EFFECT_TABLE_COLUMNS if c != "argmax_token")
 RESULT_COLUMNS = ("fact_id", "layer", "method", "problem", "status")
 
 #: Statistics a :class:`TraceSpec` may name. ``absolute_last_subject`` is ROME's unscaled effect
@@ -50,31 +41,34 @@ def _require(df: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
 
 def read_effects(path: Path | str) -> pd.DataFrame:
     """outputs/trace/effects.parquet with types normalised (``fact_id`` as str, ints as ints)."""
-    df = pd.read_parquet(path)
-    return normalise_effects(df, str(path))
+    return normalise_effects(pd.read_parquet(path), str(path))
+
+
+def _typed(
+    df: pd.DataFrame, columns: tuple[str, ...], what: str, ints: tuple[str, ...]
+) -> pd.DataFrame:
+    """A copy of a stage's table with its columns checked, ``fact_id`` as str, ``ints`` as int."""
+    _require(df, columns, what)
+    df = df.copy()
+    df["fact_id"] = df["fact_id"].astype(str)
+    for column in ints:
+        df[column] = df[column].astype(int)
+    return df
 
 
 def normalise_effects(df: pd.DataFrame, what: str = "effects table") -> pd.DataFrame:
-    _require(df, EFFECT_COLUMNS, what)
-    df = df.copy()
-    df["fact_id"] = df["fact_id"].astype(str)
-    df["window"] = df["window"].astype(int)
-    df["layer"] = df["layer"].astype(int)
+    df = _typed(df, EFFECT_COLUMNS, what, ("window", "layer"))
     df["low_denominator"] = df["low_denominator"].fillna(False).astype(bool)
     return df
 
 
 def read_results(path: Path | str) -> pd.DataFrame:
     """outputs/edit/results.parquet with types normalised."""
-    df = pd.read_parquet(path)
-    return normalise_results(df, str(path))
+    return normalise_results(pd.read_parquet(path), str(path))
 
 
 def normalise_results(df: pd.DataFrame, what: str = "results table") -> pd.DataFrame:
-    _require(df, RESULT_COLUMNS, what)
-    df = df.copy()
-    df["fact_id"] = df["fact_id"].astype(str)
-    df["layer"] = df["layer"].astype(int)
+    df = _typed(df, RESULT_COLUMNS, what, ("layer",))
     if "dataset" not in df.columns:
         df["dataset"] = "counterfact"
     df["dataset"] = df["dataset"].fillna("counterfact").astype(str)

@@ -22,13 +22,9 @@ def _fraction(numerator: np.ndarray | float, denominator: float) -> np.ndarray:
 
 
 @dataclass
-class TraceResult:
-    """Causal Tracing of one fact for one component kind and window size (paper §3.2, §4.1).
-
-    ``p_restored[t, l]`` is p(o_true | s_noise, r, clean ``kind`` outputs at token t for the
-    window of layers centred on l), averaged over the noise samples as ROME does; ``p_noised``
-    is the same average without restoration.
-    """
+class FactLocalization:
+    """What tracing and zeroing results of one fact share: the fact, the component kind and
+    window, the prompt's tokens with the subject span, and p(o_true | s, r)."""
 
     fact_id: str
     kind: str
@@ -37,6 +33,17 @@ class TraceResult:
     subject_start: int
     subject_end: int
     p_clean: float
+
+
+@dataclass
+class TraceResult(FactLocalization):
+    """Causal Tracing of one fact for one component kind and window size (paper §3.2, §4.1).
+
+    ``p_restored[t, l]`` is p(o_true | s_noise, r, clean ``kind`` outputs at token t for the
+    window of layers centred on l), averaged over the noise samples as ROME does; ``p_noised``
+    is the same average without restoration.
+    """
+
     p_noised: float
     p_restored: np.ndarray
     n_samples: int
@@ -112,7 +119,7 @@ class TraceResult:
 
 
 @dataclass
-class ZeroingResult:
+class ZeroingResult(FactLocalization):
     """Representation zeroing of one fact (paper App. B).
 
     ``p_zeroed[l]``: p(o_true | s, r) with the ``kind`` outputs at *all* subject tokens set to
@@ -120,13 +127,6 @@ class ZeroingResult:
     ``p_zeroed_last[l]``: the same with only the last subject token zeroed.
     """
 
-    fact_id: str
-    kind: str
-    window: int
-    tokens: tuple[str, ...]
-    subject_start: int
-    subject_end: int
-    p_clean: float
     p_zeroed: np.ndarray
     p_zeroed_last: np.ndarray
     min_denominator: float = 0.01

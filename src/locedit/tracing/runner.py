@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import FactRecord
+from locedit.data.tables import EFFECT_TABLE_COLUMNS
 from locedit.tracing.cache import ResultCache, tracing_key, zeroing_key
 from locedit.tracing.causal_trace import trace_fact_many, trace_fact_reference
 from locedit.tracing.patching import KINDS, SkipFact
@@ -22,19 +23,7 @@ from locedit.tracing.zeroing import zero_fact
 log = logging.getLogger(__name__)
 
 #: Columns of outputs/trace/effects.parquet, in order.
-TABLE_COLUMNS = [
-    "fact_id",
-    "method",
-    "kind",
-    "window",
-    "layer",
-    "effect_max",
-    "effect_last_subject",
-    "argmax_token",
-    "p_clean",
-    "p_noised",
-    "low_denominator",
-]
+TABLE_COLUMNS = list(EFFECT_TABLE_COLUMNS)
 
 
 @dataclass(frozen=True)
