@@ -133,8 +133,14 @@ def test_frozen_layers_replay_gives_the_plain_forward(model):
 
 @pytest.mark.parametrize(
     ("layer", "window", "total", "expected"),
-    [(5, 5, 18, [3, 4, 5, 6, 7]), (5, 10, 18, list(range(0, 10))), (0, 5, 18, [0, 1, 2]),
-     (17, 5, 18, [15, 16, 17]), (4, 1, 18, [4]), (3, 2, 18, [2, 3])],
+    [
+        (5, 5, 18, [3, 4, 5, 6, 7]),
+        (5, 10, 18, list(range(0, 10))),
+        (0, 5, 18, [0, 1, 2]),
+        (17, 5, 18, [15, 16, 17]),
+        (4, 1, 18, [4]),
+        (3, 2, 18, [2, 3]),
+    ],
 )
 def test_window_layers(layer, window, total, expected):
     assert list(window_layers(layer, window, total)) == expected

@@ -19,7 +19,7 @@ from locedit.pipeline.common import compose_params
 from locedit.sweep import ResultStore, results_table, run_sweep
 from locedit.testing import save_tiny
 from locedit.tuning import CONSTRAINT, PAPER_GRIDS, is_feasible, select_trial
-from locedit.tuning import study as study_module
+from locedit.tuning import trials as trials_module
 
 FACTS = [
     FactRecord(
@@ -248,7 +248,7 @@ def test_no_feasible_value_is_reported_and_falls_back(tmp_path, shared, caplog):
 
 def test_an_interrupted_study_resumes_from_its_storage(tmp_path, shared, monkeypatch):
     params = make_params(tmp_path, shared, extra=["tune.plots=false"])
-    original = study_module.evaluate
+    original = trials_module.evaluate
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -257,7 +257,7 @@ def test_an_interrupted_study_resumes_from_its_storage(tmp_path, shared, monkeyp
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(study_module, "evaluate", interrupted)
+    monkeypatch.setattr(trials_module, "evaluate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tune_stage.run_single(params, method="ft1", problem="error_injection")
     names = optuna.get_all_study_names(params.tune.storage)

@@ -1,79 +1,34 @@
 """The paper's figures as PNG files (Figs. 1, 4, 6-9, 12, 14-22), each with readable axis labels.
 
-Every figure function returns the path it wrote, or a note saying why its inputs are absent.
+Every figure is drawn when its inputs are present; otherwise a note says why it is absent.
+One small function per figure (or family of figures), and :data:`PER_LAYER_FIGURES` lists the
+per-layer scatter grids (Figs. 15-22) as data. The drawing lives in
+:mod:`locedit.analysis.plots`.
 """
 
 from __future__ import annotations
 
-import logging
-import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from locedit.analysis.data import join_trace, trace_table  # noqa: E402
-from locedit.analysis.labels import (  # noqa: E402
-    method_label,
-    metric_label,
-    problem_label,
-    sort_methods,
-    sort_problems,
+from locedit.analysis.data import join_trace, trace_table
+from locedit.analysis.labels import method_label, metric_label, problem_label
+from locedit.analysis.plots import (
+    argmax_histogram,
+    per_layer_scatter,
+    r2_bars,
+    score_vs_trace,
+    scores_by_layer,
 )
-from locedit.analysis.regression import pearson  # noqa: E402
-from locedit.analysis.study import MAIN, ZSRE, Analysis  # noqa: E402
+from locedit.analysis.study import MAIN, ZSRE, Analysis
 
-log = logging.getLogger(__name__)
-
-DPI = 120
-LAYER_COLOR = "#4C72B0"
-BOTH_COLOR = "#DD8452"
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
-
-
-def _layout(
-    fig,
-    left: float = 0.75,
-    right: float = 0.2,
-    bottom: float = 0.6,
-    top: float = 0.75,
-    wspace: float = 0.25,
-    hspace: float = 0.6,
-) -> None:
-    """Fixed margins in inches: much cheaper than tight_layout/bbox_inches="tight" on big grids."""
-    w, h = fig.get_size_inches()
-    fig.subplots_adjust(
-        left=left / w,
-        right=1 - right / w,
-        bottom=bottom / h,
-        top=1 - top / h,
-        wspace=wspace,
-        hspace=hspace,
-    )
-
-
-def _stat_text(x: np.ndarray, y: np.ndarray) -> str:
-    r, p, why = pearson(x, y)
-    if not math.isfinite(r):
-        return f"ρ n/a ({why})"
-    p_text = "p < 1e-4" if p < 1e-4 else f"p = {p:.3g}"
-    return f"ρ = {r:.2f}, {p_text}"
-
-
-def _perfect_line(ax, lo: float = 0.0, hi: float = 1.0) -> None:
-    ax.plot([lo, hi], [lo, hi], "r--", lw=1.2, label="perfect relationship")
+#: What one figure builder returns: the files it wrote and a note per figure it skipped.
+Drawn = tuple[list[Path], list[str]]
 
 
 def default_figure_layer(
@@ -94,169 +49,6 @@ def default_figure_layer(
     return int(layers[(len(layers) - 1) // 2]) if layers else None
 
 
-def score_vs_trace(
-    data: pd.DataFrame,
-    metric: str,
-    layer: int,
-    path: Path,
-    title: str,
-    xlabel: str = "Tracing effect",
-) -> Path:
-    """Edit success vs. tracing effect at one layer, with the perfect-relationship line (Fig. 4)."""
-    part = data[data["layer"] == layer]
-    x = part["trace"].to_numpy(dtype=float)
-    y = part[metric].to_numpy(dtype=float)
-    fig, ax = plt.subplots(figsize=(5.0, 4.2))
-    ax.scatter(x, y, s=22, alpha=0.7, color=LAYER_COLOR, edgecolor="none")
-    _perfect_line(ax)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(metric_label(metric))
-    ax.set_title(
-        f"{title}\nlayer {layer}: {_stat_text(x, y)}, n = {np.isfinite(y).sum()}", fontsize=10
-    )
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(alpha=0.3)
-    _layout(fig, top=0.65)
-    return _save(fig, path)
-
-
-def per_layer_scatter(
-    data: pd.DataFrame, metric: str, path: Path, title: str, xlabel: str = "Tracing effect"
-) -> Path:
-    """One scatter of edit success vs. tracing effect per edit layer (Figs. 15-22)."""
-    layers = sorted(int(x) for x in data["layer"].unique())
-    ncols = min(5, max(1, len(layers)))
-    nrows = math.ceil(len(layers) / ncols)
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(3.0 * ncols, 2.8 * nrows), squeeze=False, sharey=True
-    )
-    xmax = max(1.0, float(np.nanmax(data["trace"])) if len(data) else 1.0)
-    xmin = min(0.0, float(np.nanmin(data["trace"])) if len(data) else 0.0)
-    for ax, layer in zip(axes.flat, layers, strict=False):
-        part = data[data["layer"] == layer]
-        x = part["trace"].to_numpy(dtype=float)
-        y = part[metric].to_numpy(dtype=float)
-        ax.scatter(x, y, s=14, alpha=0.7, color=LAYER_COLOR, edgecolor="none")
-        _perfect_line(ax)
-        ax.set_xlim(xmin - 0.05, xmax + 0.05)
-        ax.set_title(f"Layer {layer}: {_stat_text(x, y)}", fontsize=9)
-        ax.grid(alpha=0.3)
-    for ax in axes.flat[len(layers) :]:
-        ax.set_visible(False)
-    for ax in axes[:, 0]:
-        ax.set_ylabel(metric_label(metric))
-    for ax in axes[-1, :]:
-        ax.set_xlabel(xlabel)
-    fig.suptitle(title, fontsize=11)
-    _layout(fig, top=0.8)
-    return _save(fig, path)
-
-
-def r2_bars(
-    regressions: pd.DataFrame, path: Path, title: str, ylabel: str = "R² of rewrite score"
-) -> Path:
-    """R² of Layer vs. Layer x Trace per method, one panel per problem (Figs. 6, 12, 13).
-
-    Whiskers: bootstrap intervals over facts, when computed.
-    """
-    problems = sort_problems(regressions["problem"])
-    width = max(6.5, 3.6 * len(problems))
-    fig, axes = plt.subplots(1, len(problems), figsize=(width, 4.0), squeeze=False, sharey=True)
-    for ax, problem in zip(axes[0], problems, strict=True):
-        part = regressions[regressions["problem"] == problem].set_index("method")
-        methods = sort_methods(part.index)
-        xs = np.arange(len(methods))
-        for offset, col, color, label in (
-            (-0.2, "r2_layer", LAYER_COLOR, "Layer"),
-            (0.2, "r2_both", BOTH_COLOR, "Layer + Trace"),
-        ):
-            vals = np.array([part.loc[m, col] for m in methods], dtype=float)
-            top = vals.copy()
-            err = None
-            if f"{col}_lo" in part:
-                lo = np.array([part.loc[m, f"{col}_lo"] for m in methods], dtype=float)
-                hi = np.array([part.loc[m, f"{col}_hi"] for m in methods], dtype=float)
-                if np.isfinite(lo).any():
-                    err = np.nan_to_num(
-                        np.vstack([np.clip(vals - lo, 0, None), np.clip(hi - vals, 0, None)])
-                    )
-                    top = np.fmax(vals, hi)
-            ax.bar(
-                xs + offset,
-                np.nan_to_num(vals),
-                width=0.38,
-                color=color,
-                label=label,
-                yerr=err,
-                capsize=3,
-            )
-            for x, v, t in zip(xs + offset, vals, top, strict=True):
-                text = f"{v:.2f}" if math.isfinite(v) else "n/a"
-                ax.text(x, np.nan_to_num(t) + 0.015, text, ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(xs, [method_label(m).replace(" (", "\n(") for m in methods], fontsize=8)
-        ax.set_title(problem_label(problem), fontsize=10)
-        ax.set_ylim(0, 1.12)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].set_ylabel(ylabel)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(
-        handles,
-        labels,
-        loc="upper center",
-        ncol=2,
-        fontsize=8,
-        bbox_to_anchor=(0.5, 1 - 0.45 / 4.0),
-    )
-    fig.suptitle(title, fontsize=11)
-    _layout(fig, bottom=0.75, top=0.95, wspace=0.08)
-    return _save(fig, path)
-
-
-def scores_by_layer(results: pd.DataFrame, metrics: list[str], path: Path, title: str) -> Path:
-    """Mean edit score by edit layer per method, with 95% intervals over facts (Figs. 7-9)."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], metrics, strict=True):
-        for method in sort_methods(results["method"]):
-            part = results[results["method"] == method].groupby("layer")[metric]
-            mean = part.mean()
-            half = 1.96 * part.std(ddof=1).fillna(0) / np.sqrt(part.count().clip(lower=1))
-            ax.errorbar(
-                mean.index,
-                mean.to_numpy(),
-                yerr=half.to_numpy(),
-                marker="o",
-                ms=4,
-                capsize=3,
-                label=method_label(method),
-            )
-        ax.set_xticks(sorted(results["layer"].unique()))
-        ax.set_xlabel("Edit layer")
-        ax.set_ylabel(metric_label(metric))
-        ax.set_title(metric_label(metric), fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0, -1].legend(fontsize=8)
-    fig.suptitle(title, fontsize=11)
-    _layout(fig, top=0.8, wspace=0.35)
-    return _save(fig, path)
-
-
-def argmax_histogram(curves: pd.DataFrame, path: Path, title: str) -> Path:
-    """Where facts are localized: the layer of each fact's peak tracing effect (Fig. 1)."""
-    finite = curves[np.isfinite(curves["trace"])]
-    peaks = finite.loc[finite.groupby("fact_id")["trace"].idxmax(), "layer"]
-    layers = sorted(curves["layer"].unique())
-    counts = peaks.value_counts().reindex(layers, fill_value=0)
-    fig, ax = plt.subplots(figsize=(6.0, 3.4))
-    ax.bar(counts.index, counts.to_numpy(), color=LAYER_COLOR)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("Layer of the peak tracing effect")
-    ax.set_ylabel("Number of facts")
-    ax.set_title(title, fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    _layout(fig, top=0.6)
-    return _save(fig, path)
-
-
 def _condition(
     an: Analysis, variant: str, dataset: str | None, method: str, problem: str
 ) -> pd.DataFrame:
@@ -272,42 +64,32 @@ def _has(data: pd.DataFrame, metric: str) -> bool:
     return not data.empty and metric in data and bool(np.isfinite(data[metric].astype(float)).any())
 
 
-def all_figures(an: Analysis, directory: Path) -> tuple[list[Path], list[str]]:
-    """Draw every figure the inputs support; return the files and a note per figure skipped."""
-    directory.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    notes: list[str] = []
-    model_trace = an.config.trace.label()
-    ds = an.main_dataset
+def _fig01_peak_layer(an: Analysis, directory: Path) -> Drawn:
+    if an.curves.empty:
+        return [], ["Fig. 1 skipped: no tracing effects for the main trace specification."]
+    title = f"Fig. 1: layer of each fact's peak effect\n({an.config.trace.label()})"
+    return [argmax_histogram(an.curves, directory / "fig01_peak_layer.png", title)], []
 
-    if not an.curves.empty:
-        paths.append(
-            argmax_histogram(
-                an.curves,
-                directory / "fig01_peak_layer.png",
-                f"Fig. 1: layer of each fact's peak effect\n({model_trace})",
-            )
-        )
-    else:
-        notes.append("Fig. 1 skipped: no tracing effects for the main trace specification.")
 
-    rome = _condition(an, MAIN, ds, "rome", "error_injection")
+def _fig04_rome_vs_trace(an: Analysis, directory: Path) -> Drawn:
+    rome = _condition(an, MAIN, an.main_dataset, "rome", "error_injection")
     layer = default_figure_layer(an)
-    if _has(rome, "rewrite_score") and layer is not None:
-        paths.append(
-            score_vs_trace(
-                rome,
-                "rewrite_score",
-                layer,
-                directory / "fig04_rome_rewrite_vs_trace.png",
-                "Fig. 4: ROME rewrite score vs. tracing effect",
-            )
-        )
-    else:
-        notes.append(
+    if not (_has(rome, "rewrite_score") and layer is not None):
+        return [], [
             "Fig. 4 skipped: no ROME / Error Injection rewrite scores joined with tracing effects."
-        )
+        ]
+    path = score_vs_trace(
+        rome,
+        "rewrite_score",
+        layer,
+        directory / "fig04_rome_rewrite_vs_trace.png",
+        "Fig. 4: ROME rewrite score vs. tracing effect",
+    )
+    return [path], []
 
+
+def _figs06_12_r2(an: Analysis, directory: Path) -> Drawn:
+    paths, notes = [], []
     main_rewrite = _regression_slice(an, MAIN, "rewrite_score")
     if not main_rewrite.empty:
         paths.append(
@@ -331,8 +113,12 @@ def all_figures(an: Analysis, directory: Path) -> tuple[list[Path], list[str]]:
                         f"Fig. 12: R² of rewrite score with tracing window {w}",
                     )
                 )
+    return paths, notes
 
-    ok = an.results[(an.results["status"] == "ok") & (an.results["dataset"] == ds)]
+
+def _figs07_09_scores_by_layer(an: Analysis, directory: Path) -> Drawn:
+    paths, notes = [], []
+    ok = an.results[(an.results["status"] == "ok") & (an.results["dataset"] == an.main_dataset)]
     ei = ok[ok["problem"] == "error_injection"]
     for number, metrics, what in (
         (7, ["rewrite_score", "paraphrase_score", "neighborhood_score"], "edit success"),
@@ -351,123 +137,167 @@ def all_figures(an: Analysis, directory: Path) -> tuple[list[Path], list[str]]:
             )
         else:
             notes.append(f"Fig. {number} skipped: no {what} values for Error Injection.")
+    return paths, notes
 
-    if layer is not None:
-        unscaled = _unscaled(an)
-        if _has(unscaled, "rome_rewrite_prob_diff"):
-            paths.append(
-                score_vs_trace(
-                    unscaled,
-                    "rome_rewrite_prob_diff",
-                    layer,
-                    directory / "fig14_rome_unscaled.png",
-                    "Fig. 14: ROME rewrite magnitude vs. absolute last-subject tracing effect",
-                    xlabel="Absolute tracing effect (last subject token)",
-                )
-            )
-        else:
-            notes.append(
-                "Fig. 14 skipped: no ROME unscaled rewrite metric or last-subject effects."
-            )
 
-    grids = (
-        (
-            15,
-            MAIN,
-            ds,
-            "rome",
-            "error_injection",
-            "rewrite_score",
-            "ROME rewrite score vs. tracing effect per layer",
-            "Tracing effect",
-        ),
-        (
-            16,
-            "last_subject",
-            ds,
-            "rome",
-            "error_injection",
-            "rewrite_score",
-            "ROME rewrite score vs. last-subject-token tracing effect",
-            "Tracing effect (last subject token)",
-        ),
-        (
-            17,
-            MAIN,
-            ds,
-            "ft5",
-            "fact_forcing",
-            "rewrite_score",
-            "FT-5 Fact Forcing rewrite score vs. tracing effect",
-            "Tracing effect",
-        ),
-        (
-            18,
-            MAIN,
-            ds,
-            "rome",
-            "error_injection",
-            "overall_score",
-            "ROME overall score vs. tracing effect",
-            "Tracing effect",
-        ),
-        (
-            19,
-            MAIN,
-            ZSRE,
-            "rome",
-            "error_injection",
-            "rewrite_score",
-            "zsRE: ROME rewrite score vs. tracing effect",
-            "Tracing effect",
-        ),
-        (
-            20,
-            MAIN,
-            ZSRE,
-            "rome",
-            "error_injection",
-            "overall_score",
-            "zsRE: ROME overall score vs. tracing effect",
-            "Tracing effect",
-        ),
-        (
-            21,
-            "zeroing",
-            ds,
-            "rome",
-            "error_injection",
-            "rewrite_score",
-            "ROME rewrite score vs. representation zeroing effect",
-            "Zeroing effect",
-        ),
-        (
-            22,
-            "zeroing",
-            ds,
-            "rome",
-            "error_injection",
-            "overall_score",
-            "ROME overall score vs. representation zeroing effect",
-            "Zeroing effect",
-        ),
+def _fig14_rome_unscaled(an: Analysis, directory: Path) -> Drawn:
+    layer = default_figure_layer(an)
+    if layer is None:
+        return [], []
+    unscaled = _unscaled(an)
+    if not _has(unscaled, "rome_rewrite_prob_diff"):
+        return [], ["Fig. 14 skipped: no ROME unscaled rewrite metric or last-subject effects."]
+    path = score_vs_trace(
+        unscaled,
+        "rome_rewrite_prob_diff",
+        layer,
+        directory / "fig14_rome_unscaled.png",
+        "Fig. 14: ROME rewrite magnitude vs. absolute last-subject tracing effect",
+        xlabel="Absolute tracing effect (last subject token)",
     )
-    for number, variant, dataset, method, problem, metric, title, xlabel in grids:
-        data = _condition(an, variant, dataset, method, problem)
-        if _has(data, metric):
-            slug = f"fig{number}_{variant}_{dataset}_{method}_{problem}_{metric}".replace(
-                "_score", ""
+    return [path], []
+
+
+class PerLayerFigure(NamedTuple):
+    """One of the paper's per-layer scatter grids (App. C-D): which rows, which score."""
+
+    number: int
+    variant: str  # trace variant (MAIN, last_subject, zeroing)
+    dataset: str | None  # None: the main data set
+    method: str
+    problem: str
+    metric: str
+    title: str
+    xlabel: str = "Tracing effect"
+
+
+#: Figs. 15-22 of the paper.
+PER_LAYER_FIGURES: tuple[PerLayerFigure, ...] = (
+    PerLayerFigure(
+        15,
+        MAIN,
+        None,
+        "rome",
+        "error_injection",
+        "rewrite_score",
+        "ROME rewrite score vs. tracing effect per layer",
+    ),
+    PerLayerFigure(
+        16,
+        "last_subject",
+        None,
+        "rome",
+        "error_injection",
+        "rewrite_score",
+        "ROME rewrite score vs. last-subject-token tracing effect",
+        "Tracing effect (last subject token)",
+    ),
+    PerLayerFigure(
+        17,
+        MAIN,
+        None,
+        "ft5",
+        "fact_forcing",
+        "rewrite_score",
+        "FT-5 Fact Forcing rewrite score vs. tracing effect",
+    ),
+    PerLayerFigure(
+        18,
+        MAIN,
+        None,
+        "rome",
+        "error_injection",
+        "overall_score",
+        "ROME overall score vs. tracing effect",
+    ),
+    PerLayerFigure(
+        19,
+        MAIN,
+        ZSRE,
+        "rome",
+        "error_injection",
+        "rewrite_score",
+        "zsRE: ROME rewrite score vs. tracing effect",
+    ),
+    PerLayerFigure(
+        20,
+        MAIN,
+        ZSRE,
+        "rome",
+        "error_injection",
+        "overall_score",
+        "zsRE: ROME overall score vs. tracing effect",
+    ),
+    PerLayerFigure(
+        21,
+        "zeroing",
+        None,
+        "rome",
+        "error_injection",
+        "rewrite_score",
+        "ROME rewrite score vs. representation zeroing effect",
+        "Zeroing effect",
+    ),
+    PerLayerFigure(
+        22,
+        "zeroing",
+        None,
+        "rome",
+        "error_injection",
+        "overall_score",
+        "ROME overall score vs. representation zeroing effect",
+        "Zeroing effect",
+    ),
+)
+
+
+def _figs15_22_per_layer(an: Analysis, directory: Path) -> Drawn:
+    paths, notes = [], []
+    for fig in PER_LAYER_FIGURES:
+        dataset = fig.dataset if fig.dataset is not None else an.main_dataset
+        data = _condition(an, fig.variant, dataset, fig.method, fig.problem)
+        if _has(data, fig.metric):
+            slug = (
+                f"fig{fig.number}_{fig.variant}_{dataset}_{fig.method}_{fig.problem}_{fig.metric}"
             )
             paths.append(
                 per_layer_scatter(
-                    data, metric, directory / f"{slug}.png", f"Fig. {number}: {title}", xlabel
+                    data,
+                    fig.metric,
+                    directory / f"{slug.replace('_score', '')}.png",
+                    f"Fig. {fig.number}: {fig.title}",
+                    fig.xlabel,
                 )
             )
         else:
             notes.append(
-                f"Fig. {number} skipped: no {method_label(method)} / {problem_label(problem)} {metric_label(metric).lower()} "
-                f"rows for variant '{variant}' on dataset {dataset}."
+                f"Fig. {fig.number} skipped: no {method_label(fig.method)} / "
+                f"{problem_label(fig.problem)} {metric_label(fig.metric).lower()} "
+                f"rows for variant '{fig.variant}' on dataset {dataset}."
             )
+    return paths, notes
+
+
+#: Every figure builder, in the paper's order.
+FIGURES: tuple[Callable[[Analysis, Path], Drawn], ...] = (
+    _fig01_peak_layer,
+    _fig04_rome_vs_trace,
+    _figs06_12_r2,
+    _figs07_09_scores_by_layer,
+    _fig14_rome_unscaled,
+    _figs15_22_per_layer,
+)
+
+
+def all_figures(an: Analysis, directory: Path) -> Drawn:
+    """Draw every figure the inputs support; return the files and a note per figure skipped."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    notes: list[str] = []
+    for draw in FIGURES:
+        drawn, skipped = draw(an, directory)
+        paths.extend(drawn)
+        notes.extend(skipped)
     return paths, notes
 
 

@@ -86,5 +86,3 @@ def added_at(
 
     with hooks.edited_output(module, add):
         yield state
-
-

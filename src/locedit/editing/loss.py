@@ -13,7 +13,10 @@ from locedit.models.scoring import unembed
 
 
 def _row_totals(
-    log_probs: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, size: int,
+    log_probs: torch.Tensor,
+    rows: torch.Tensor,
+    tokens: torch.Tensor,
+    size: int,
     rewrite: torch.Tensor,
 ) -> torch.Tensor:
     """Summed log p(target token) per rewriting row from log-distributions at target positions."""
@@ -60,5 +63,3 @@ def split_log_probs(
         log_probs[:n_targets], split.target_rows, split.target_tokens, split.size, split.rewrite
     )
     return totals, (log_probs[n_targets:] if with_kl else None)
-
-

@@ -56,7 +56,11 @@ class EditMethod:
 
     def window_for(self, hparams: HParams | None = None) -> int:
         """The window size, or the one a method's hyperparameters set (MEMIT's ``n_layers``)."""
-        if hparams is not None and isinstance(hparams, MemitHParams) and self.hparams is MemitHParams:
+        if (
+            hparams is not None
+            and isinstance(hparams, MemitHParams)
+            and self.hparams is MemitHParams
+        ):
             return int(hparams.n_layers)
         return self.window
 

@@ -125,5 +125,3 @@ class PrefixCachedForward:
                 use_cache=self.cache is not None,
                 **kwargs,
             ).last_hidden_state
-
-

@@ -83,7 +83,9 @@ def resolve_noise(
         if sigma is None:
             raise ValueError("give the noise level sigma, or the noise itself")
         return fact_noise(fact_id, n_subject_tokens, width, NoiseConfig(sigma, n_samples, seed))
-    tensor = source if isinstance(source, torch.Tensor) else source(n_samples, n_subject_tokens, width)
+    tensor = (
+        source if isinstance(source, torch.Tensor) else source(n_samples, n_subject_tokens, width)
+    )
     tensor = torch.as_tensor(tensor)
     if tensor.dim() == 2:
         tensor = tensor.unsqueeze(0)

@@ -8,6 +8,7 @@ score is highest while the mean rewrite score stays <= 0.99 (paper App. A).
 """
 
 from locedit.tuning.objective import SCORES, TrialScores, TuneTarget, evaluate
+from locedit.tuning.selection import CONSTRAINT, Selection, is_feasible, select_trial
 from locedit.tuning.space import (
     PAPER_GRIDS,
     STEP_FIELDS,
@@ -16,19 +17,9 @@ from locedit.tuning.space import (
     TuneConfig,
     search_space,
 )
-from locedit.tuning.study import (
-    CONSTRAINT,
-    NoScores,
-    Selection,
-    StudyResult,
-    is_feasible,
-    open_storage,
-    pending_grid_points,
-    run_study,
-    safe_url,
-    select_trial,
-    study_name,
-)
+from locedit.tuning.storage import open_storage, safe_url, study_name
+from locedit.tuning.study import StudyResult, run_study
+from locedit.tuning.trials import NoScores, pending_grid_points
 
 __all__ = [
     "CONSTRAINT",
