@@ -63,12 +63,12 @@ def test_config_sections_refine_in_order():
     assert (ft1.steps, ft1.linf_eps) == (7, 1e-4)
 
 
-def _shift_bias(model, tokenizer, request, layer, layers, hparams, covariance, templates):
+def _shift_bias(model, tokenizer, request, method, layer, layers, hparams, covariance, templates):
     """A toy method: add ``hparams.amount`` to the down-projection weights of its layers."""
     with torch.no_grad():
         for j in layers:
             down_proj_weight(model, j).add_(hparams.amount)
-    return EditResult(method="", layer=layer, layers=list(layers))
+    return EditResult(method=method, layer=layer, layers=list(layers))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from locedit.editing.corpus import CorpusSpec, corpus_token_ids, generate_context_templates
+from locedit.models import hooks
 from locedit.models.architecture import arch_spec, check_layer, get_module
 from locedit.models.scoring import pad_right
 from locedit.models.snapshot import model_fingerprint
@@ -33,10 +34,6 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 class SingularCovarianceError(ValueError):
     """The key covariance could not be solved reliably even with the largest ridge."""
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the last layer of interest has run."""
 
 
 def down_proj_module(model: nn.Module, layer: int) -> nn.Module:
@@ -64,25 +61,15 @@ def second_moments(
         return {}, 0
     sums = {layer: None for layer in layers}
     state = {"mask": None}
-    handles = []
 
-    def capture(layer, _module, inputs, _output):
+    def capture(layer, inputs, _output):
         keys = inputs[0][state["mask"]].double()
         product = keys.T @ keys
         sums[layer] = product if sums[layer] is None else sums[layer] + product
 
-    def stop(_module, _inputs, _output):
-        raise _StopForward
-
-    for layer in layers:
-        handles.append(
-            down_proj_module(model, layer).register_forward_hook(
-                lambda m, i, o, layer=layer: capture(layer, m, i, o)
-            )
-        )
-    handles.append(down_proj_module(model, layers[-1]).register_forward_hook(stop))
+    modules = {layer: down_proj_module(model, layer) for layer in layers}
     count = 0
-    try:
+    with hooks.watched(modules, capture):
         batches = range(0, len(rows), batch_size)
         for start in tqdm(batches, desc="key second moments", disable=not progress, leave=False):
             ids, mask = pad_right(rows[start : start + batch_size], pad_id)
@@ -91,14 +78,12 @@ def second_moments(
                 keep[:, 0] = False
             state["mask"] = keep
             count += int(keep.sum())
-            try:
-                with torch.no_grad():
-                    model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
+            hooks.run_until(
+                lambda ids=ids, mask=mask: model.base_model(
+                    input_ids=ids, attention_mask=mask, use_cache=False
+                ),
+                modules[layers[-1]],
+            )
     return {layer: value for layer, value in sums.items()}, count
 
 

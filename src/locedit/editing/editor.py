@@ -91,7 +91,7 @@ def edited(
     with preserved_weights(model, names) as snapshot:
         start = time.perf_counter()
         try:
-            result = spec.apply(
+            result = spec.run(
                 model, tokenizer, request, layer, layers, hparams, covariance, templates
             )
         except EditFailed as err:

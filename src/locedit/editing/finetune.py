@@ -159,6 +159,8 @@ def apply_finetune(
     layer: int,
     layers: list[int],
     hp: FTHParams,
+    covariance=None,
+    templates: list[str] | None = None,
 ) -> EditResult:
     """Finetune ``model`` in place; the caller (:func:`locedit.editing.edited`) restores it."""
     if hp.steps < 1:

@@ -75,6 +75,7 @@ def apply_memit(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     request: EditRequest,
+    method: str,
     layer: int,
     layers: list[int],
     hp: MemitHParams,
@@ -86,7 +87,7 @@ def apply_memit(
     z_layer = max(layers)
     z_module = component_module(model, "resid", z_layer)
 
-    zstar = optimise_vstar(model, batch, z_module, z_layer + 1, hp, request.direction, "memit")
+    zstar = optimise_vstar(model, batch, z_module, z_layer + 1, hp, request.direction, method)
     z_target = zstar.target.double()
 
     diagnostics: dict[str, float] = {"z_layer": float(z_layer), **zstar.diagnostics("z")}
@@ -118,21 +119,21 @@ def apply_memit(
             solver = covariance.solver(model, edit_layer, hp.covariance_ridge)
             x = solver.solve(k) / weight_lambda
         except SingularCovarianceError as err:
-            raise EditFailed("memit", f"layer {edit_layer}: {err}") from err
+            raise EditFailed(method, f"layer {edit_layer}: {err}") from err
         adjusted = x / (1.0 + float(k @ x))
         full = weight_lambda * (solver.matrix @ adjusted) + k * float(k @ adjusted)
         check = float((full - k).norm() / k.norm())
         if not check <= 1e-6:
-            raise EditFailed("memit", f"layer {edit_layer}: solve residual {check:.2e}")
+            raise EditFailed(method, f"layer {edit_layer}: solve residual {check:.2e}")
         delta_out_in = torch.outer(residual, adjusted)
         if not bool(torch.isfinite(delta_out_in).all()):
-            raise EditFailed("memit", f"non-finite update at layer {edit_layer}")
+            raise EditFailed(method, f"non-finite update at layer {edit_layer}")
         weight = down_proj_weight(model, edit_layer)
         with torch.no_grad():
             weight_norm = float(weight.double().norm())
             weight.add_(from_out_in(model, delta_out_in).to(weight.dtype))
         if not bool(torch.isfinite(weight).all()):
-            raise EditFailed("memit", f"edited weights at layer {edit_layer} are not finite")
+            raise EditFailed(method, f"edited weights at layer {edit_layer} are not finite")
         ratio = float(delta_out_in.norm()) / weight_norm
         diagnostics[f"update_norm_ratio_l{edit_layer}"] = ratio
         diagnostics[f"realised_share_l{edit_layer}"] = float(k @ adjusted)
@@ -154,7 +155,7 @@ def apply_memit(
         v for key, v in diagnostics.items() if key.startswith("update_norm_ratio_l")
     )
     return EditResult(
-        method="memit",
+        method=method,
         layer=layer,
         layers=list(layers),
         diagnostics=diagnostics,

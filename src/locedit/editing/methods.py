@@ -12,6 +12,7 @@ one entry in :data:`REGISTRY`.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +30,11 @@ from locedit.editing.hparams import (
 from locedit.models.architecture import down_proj_name
 from locedit.models.hooks import window_layers
 
-#: How a method runs: (model, tokenizer, request, layer, layers, hparams, covariance,
-#: context templates) -> EditResult, editing the model in place (the editor restores it).
-Apply = Callable[..., Any]
+#: How a method runs: (model, tokenizer, request, method name, layer, layers, hparams,
+#: covariance, context templates) -> EditResult, editing the model in place (the editor
+#: restores it). A ``"module:function"`` string is imported on first use, so a method's heavy
+#: dependencies (Lightning for finetuning) load only when it runs.
+Apply = Callable[..., Any] | str
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,16 @@ class EditMethod:
             )
         return list(window_layers(layer, self.window_for(hparams), n_layers))
 
+    def run(self, model, tokenizer, request, layer, layers, hparams, covariance, templates):
+        """Apply one edit in place (use :func:`locedit.editing.edited`, which restores it)."""
+        apply = self.apply
+        if isinstance(apply, str):
+            module, _, name = apply.partition(":")
+            apply = getattr(importlib.import_module(module), name)
+        return apply(
+            model, tokenizer, request, self.name, layer, layers, hparams, covariance, templates
+        )
+
     def params(self, model: nn.Module, layers: list[int], hparams: HParams) -> list[str]:
         """Names of every parameter the edit may change (what the snapshot must cover)."""
         return self.changed_params(model, layers, hparams)
@@ -110,27 +123,6 @@ class EditMethod:
 
 
 # --------------------------------------------------------------------------- the methods
-
-
-def _apply_rome(model, tokenizer, request, layer, layers, hparams, covariance, templates):
-    from locedit.editing.rome import apply_rome
-
-    return apply_rome(model, tokenizer, request, layer, hparams, covariance, templates)
-
-
-def _apply_memit(model, tokenizer, request, layer, layers, hparams, covariance, templates):
-    from locedit.editing.memit import apply_memit
-
-    return apply_memit(model, tokenizer, request, layer, layers, hparams, covariance, templates)
-
-
-def _finetune(name: str) -> Apply:
-    def apply(model, tokenizer, request, layer, layers, hparams, covariance, templates):
-        from locedit.editing.finetune import apply_finetune  # Lightning loads only for FT
-
-        return apply_finetune(model, tokenizer, request, name, layer, layers, hparams)
-
-    return apply
 
 
 def _down_projections(model: nn.Module, layers: list[int], _hparams) -> list[str]:
@@ -172,7 +164,7 @@ def _constrained_finetune(name: str, window: int) -> EditMethod:
         tuned_field="linf_eps",
         steps_field="steps",
         forcing_steps=(25, 50),
-        apply=_finetune(name),
+        apply="locedit.editing.finetune:apply_finetune",
         changed_params=_finetuned,
     )
 
@@ -181,8 +173,8 @@ def _constrained_finetune(name: str, window: int) -> EditMethod:
 REGISTRY: dict[str, EditMethod] = {
     m.name: m
     for m in (
-        _closed_form("rome", RomeHParams, 1, _apply_rome),
-        _closed_form("memit", MemitHParams, 5, _apply_memit),
+        _closed_form("rome", RomeHParams, 1, "locedit.editing.rome:apply_rome"),
+        _closed_form("memit", MemitHParams, 5, "locedit.editing.memit:apply_memit"),
         _constrained_finetune("ft1", 1),
         _constrained_finetune("ft5", 5),
     )

@@ -35,12 +35,17 @@ def apply_rome(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     request: EditRequest,
+    method: str,
     layer: int,
+    layers: list[int],
     hp: RomeHParams,
     covariance,
     templates: list[str],
 ) -> EditResult:
-    """Edit ``model`` in place; the caller (:func:`locedit.editing.edited`) restores it."""
+    """Edit ``model`` in place; the caller (:func:`locedit.editing.edited`) restores it.
+
+    ``method`` is the registry name the edit runs under; ``layers`` is ``[layer]``.
+    """
     batch = request_batch(model, tokenizer, request, templates, hp)
 
     # Keys and values at the lookup token of every row, from one forward of the unedited model.
@@ -53,11 +58,11 @@ def apply_rome(
         solver = covariance.solver(model, layer, hp.covariance_ridge)
         u = solver.solve(k_avg)
     except SingularCovarianceError as err:
-        raise EditFailed("rome", str(err)) from err
+        raise EditFailed(method, str(err)) from err
     u = u / u.norm()
 
     vstar = optimise_vstar(
-        model, batch, component_module(model, "mlp", layer), layer, hp, request.direction, "rome"
+        model, batch, component_module(model, "mlp", layer), layer, hp, request.direction, method
     )
     v_star = vstar.target.double()
     if hp.key_policy == "original":
@@ -70,7 +75,7 @@ def apply_rome(
     right = (v_star - current) / division
     delta_out_in = torch.outer(right, u)
     if not bool(torch.isfinite(delta_out_in).all()):
-        raise EditFailed("rome", f"non-finite update (division factor k.u = {division:.3e})")
+        raise EditFailed(method, f"non-finite update (division factor k.u = {division:.3e})")
 
     weight = down_proj_weight(model, layer)
     with torch.no_grad():
@@ -78,7 +83,7 @@ def apply_rome(
         weight_norm = float(weight.double().norm())
         weight.add_(update)
     if not bool(torch.isfinite(weight).all()):
-        raise EditFailed("rome", "edited weights are not finite")
+        raise EditFailed(method, "edited weights are not finite")
 
     reference = float(k_avg @ u)
     ratio = division / reference if reference else float("inf")
@@ -100,7 +105,7 @@ def apply_rome(
     if update_ratio > hp.flag_update_ratio:
         flags.append("large_update")
     return EditResult(
-        method="rome",
+        method=method,
         layer=layer,
         layers=[layer],
         diagnostics=diagnostics,

@@ -8,7 +8,7 @@ also when the body raises, and puts back exactly what was there before (an insta
 Forcing (§5.1) and the v*/z optimisations of ROME and MEMIT (§5.2) all intervene through these
 functions, so the same module outputs change in the same way everywhere.
 
-* :func:`recorded`: read a module's first output (and input) during the body;
+* :func:`recorded`, :func:`watched`: read a module's first output (or every call) during the body;
 * :func:`edited_output`, :func:`edited_outputs`: replace or edit a module's hidden-state output;
 * :func:`run_until`: run a forward only as far as a module (the rest is never computed);
 * :func:`replaced_forward`: stand-in ``forward`` methods, the previous ones restored on exit;
@@ -96,17 +96,14 @@ def _keep_output(_inputs: tuple, output: Any) -> Any:
 
 
 @contextmanager
-def recorded(
-    modules: Mapping[K, nn.Module],
-    read: Callable[[tuple, Any], Any] = _keep_output,
-) -> Iterator[dict[K, Any]]:
-    """Record ``read(inputs, output)`` of each module's first forward call, keyed like
-    ``modules`` (by default the detached output). Hooks go away on exit."""
-    records: dict[K, Any] = {}
+def watched(
+    modules: Mapping[K, nn.Module], see: Callable[[K, tuple, Any], None]
+) -> Iterator[None]:
+    """Call ``see(key, inputs, output)`` after every forward call of ``modules[key]`` (outputs
+    unchanged); hooks go away on exit."""
 
     def hook(key, _module, inputs, output):
-        if key not in records:
-            records[key] = read(inputs, output)
+        see(key, inputs, output)
 
     def register():
         return [
@@ -115,6 +112,23 @@ def recorded(
         ]
 
     with _hooks(register):
+        yield
+
+
+@contextmanager
+def recorded(
+    modules: Mapping[K, nn.Module],
+    read: Callable[[tuple, Any], Any] = _keep_output,
+) -> Iterator[dict[K, Any]]:
+    """Record ``read(inputs, output)`` of each module's first forward call, keyed like
+    ``modules`` (by default the detached output). Hooks go away on exit."""
+    records: dict[K, Any] = {}
+
+    def see(key, inputs, output):
+        if key not in records:
+            records[key] = read(inputs, output)
+
+    with watched(modules, see):
         yield records
 
 
