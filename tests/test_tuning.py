@@ -18,7 +18,7 @@ from locedit.pipeline import tune as tune_stage
 from locedit.pipeline.common import compose_params
 from locedit.sweep import ResultStore, results_table, run_sweep
 from locedit.testing import save_tiny
-from locedit.tuning import CONSTRAINT, PAPER_GRIDS, is_feasible, select_trial
+from locedit.tuning import CONSTRAINT, PAPER_HPARAM_GRIDS, is_feasible, select_trial
 from locedit.tuning import trials as trials_module
 
 FACTS = [
@@ -117,7 +117,7 @@ def test_grid_visits_the_paper_values_and_picks_the_best_feasible(tmp_path, shar
 
     trials = finished(result)
     assert [t["state"] for t in result.trials] == ["COMPLETE"] * 4
-    assert {t["params"]["linf_eps"] for t in trials} == EPS_GRID == set(PAPER_GRIDS["linf_eps"])
+    assert {t["params"]["linf_eps"] for t in trials} == EPS_GRID == set(PAPER_HPARAM_GRIDS["linf_eps"])
     assert result.complete and result.ran_now == 4 and result.layer == 1 and result.n_facts == 3
 
     # a trial's means equal the edit stage's sweep with its value, averaged independently here

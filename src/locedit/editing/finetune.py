@@ -26,7 +26,7 @@ from locedit.data.records import Direction
 from locedit.editing.batch import EditBatch, build_batch
 from locedit.editing.forward import hidden_states
 from locedit.editing.hparams import FTHParams
-from locedit.editing.loss import objective, target_log_probs
+from locedit.editing.loss import batch_target_log_probs, objective
 from locedit.editing.types import EditFailed, EditRequest, EditResult
 from locedit.models.architecture import arch_spec, check_layer, mlp_param_names
 from locedit.models.hooks import frozen_layers
@@ -108,7 +108,7 @@ class ConstrainedFinetune(pl.LightningModule):
     def training_step(self, _batch, batch_idx):
         hidden = hidden_states(self.model, self.batch)
         loss, nll = objective(
-            target_log_probs(self.model, hidden, self.batch), self.batch.n_target, self.direction
+            batch_target_log_probs(self.model, hidden, self.batch), self.batch.n_target, self.direction
         )
         loss_value, nll_value = float(loss.detach()), float(nll.detach())
         if not (math.isfinite(loss_value) and math.isfinite(nll_value)):
@@ -200,7 +200,7 @@ def apply_finetune(
     with torch.no_grad():
         hidden = hidden_states(model, batch)
         _, nll_after = objective(
-            target_log_probs(model, hidden, batch), batch.n_target, request.direction
+            batch_target_log_probs(model, hidden, batch), batch.n_target, request.direction
         )
     diagnostics: dict[str, float] = {
         "ft_steps": float(len(module.losses)),

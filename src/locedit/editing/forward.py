@@ -40,7 +40,7 @@ def hidden_states(model: nn.Module, batch: EditBatch) -> torch.Tensor:
         ).last_hidden_state
 
 
-def run_until(model: nn.Module, batch: EditBatch, module: nn.Module) -> None:
+def run_batch_until(model: nn.Module, batch: EditBatch, module: nn.Module) -> None:
     """Forward the batch (no grad, noise applied) only as far as ``module``."""
     hooks.run_until(lambda: hidden_states(model, batch), module)
 

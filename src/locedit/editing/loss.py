@@ -25,7 +25,7 @@ def _row_totals(
     return totals[rewrite]
 
 
-def target_log_probs(model: nn.Module, hidden: torch.Tensor, batch: EditBatch) -> torch.Tensor:
+def batch_target_log_probs(model: nn.Module, hidden: torch.Tensor, batch: EditBatch) -> torch.Tensor:
     """Summed log p(target) per rewriting row, unembedding only the predicting positions."""
     logits = unembed(model, hidden[batch.target_rows, batch.target_cols]).float()
     log_probs = torch.log_softmax(logits, dim=-1)

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.editing.batch import request_batch, template_mean
 from locedit.editing.covariance import SingularCovarianceError, down_proj_module
-from locedit.editing.forward import captured_io, run_until
+from locedit.editing.forward import captured_io, run_batch_until
 from locedit.editing.hparams import MemitHParams
 from locedit.editing.types import EditFailed, EditRequest, EditResult
 from locedit.editing.vstar import optimise_vstar
@@ -101,7 +101,7 @@ def apply_memit(
             captured_io(keys_module, batch.lookup) as found,
             recorded({"z": z_module}) as rec,
         ):
-            run_until(model, batch, z_module)
+            run_batch_until(model, batch, z_module)
         k = template_mean(found["input"].double(), batch)
         mlp_out = found["output"].double()[batch.bare].mean(0)
         z_now = _lookup_mean(rec["z"], batch).double()
@@ -145,7 +145,7 @@ def apply_memit(
 
     # How much of the requested change of z the finished edit realises.
     with recorded({"z": z_module}) as rec:
-        run_until(model, batch, z_module)
+        run_batch_until(model, batch, z_module)
     z_final = _lookup_mean(rec["z"], batch).double()
     wanted = float((z_target - z_initial).norm())
     diagnostics["z_residual_fraction"] = (

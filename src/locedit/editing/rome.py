@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.editing.batch import EditBatch, request_batch, template_mean
 from locedit.editing.covariance import SingularCovarianceError, down_proj_module
-from locedit.editing.forward import captured_io, run_until
+from locedit.editing.forward import captured_io, run_batch_until
 from locedit.editing.hparams import RomeHParams
 from locedit.editing.types import EditFailed, EditRequest, EditResult
 from locedit.editing.vstar import optimise_vstar
@@ -27,7 +27,7 @@ def mlp_keys(model: nn.Module, batch: EditBatch, layer: int) -> dict[str, torch.
     """Down-projection input (key) and output at each row's lookup token, [B, d]."""
     module = down_proj_module(model, layer)
     with captured_io(module, batch.lookup) as found:
-        run_until(model, batch, module)
+        run_batch_until(model, batch, module)
     return found
 
 

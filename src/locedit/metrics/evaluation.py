@@ -23,8 +23,8 @@ from locedit.models.scoring import target_log_probs
 from locedit.models.tokens import TokenizationError, encode_prompt, encode_target
 
 
-class EditingProblem(Protocol):
-    """What the metrics read of an editing problem (:class:`locedit.problems.EditingProblem`):
+class ProblemSpec(Protocol):
+    """What the metrics read of an editing problem (:class:`locedit.problems.ProblemSpec`):
     the object it edits, whether its input is noised, and its direction (Sec. 5.1)."""
 
     @property
@@ -122,7 +122,7 @@ def _group(probs: dict[str, float], group: str, name: str) -> list[float]:
 
 
 def score_edit(
-    problem: EditingProblem, target_name: str, pre: dict[str, float], post: dict[str, float],
+    problem: ProblemSpec, target_name: str, pre: dict[str, float], post: dict[str, float],
     essence_before: float | None = None, essence_after: float | None = None,
 ) -> dict[str, float]:
     """All metric columns for one edit (Sec. 3.4 and App. C).
@@ -218,7 +218,7 @@ def essence_perplexity(model: nn.Module, texts: EssenceTexts) -> float:
     return sum(ppl) / len(ppl)
 
 
-def target_probe_name(problem: EditingProblem) -> str:
+def target_probe_name(problem: ProblemSpec) -> str:
     return f"{problem.target}_noised" if problem.noised_input else problem.target
 
 

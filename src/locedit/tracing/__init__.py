@@ -6,7 +6,7 @@ it is checked against; ``calibrate_noise`` sets sigma from the subject embedding
 """
 
 from locedit.models.hooks import window_layers
-from locedit.models.noise import NoiseConfig, fact_seed, noised_subject, subject_noise
+from locedit.models.noise import NoiseConfig, fact_noise, fact_seed, noised_subject, subject_noise
 from locedit.tracing.cache import ResultCache, tracing_key, zeroing_key
 from locedit.tracing.causal_trace import FactRuns, trace_fact, trace_fact_many, trace_fact_reference
 from locedit.tracing.noise import NoiseCalibration, calibrate_noise, noise_sigma, subject_embeddings
@@ -15,8 +15,8 @@ from locedit.tracing.patching import (
     SkipFact,
     TracingInput,
     encode_fact,
-    fact_noise,
     patched_target_probs,
+    tracing_noise,
 )
 from locedit.tracing.results import TraceResult, ZeroingResult
 from locedit.tracing.runner import TABLE_COLUMNS, TraceRun, TraceSettings, trace_records
@@ -48,6 +48,7 @@ __all__ = [
     "trace_fact_many",
     "trace_fact_reference",
     "trace_records",
+    "tracing_noise",
     "tracing_key",
     "window_layers",
     "zero_fact",

@@ -37,12 +37,12 @@ from locedit.tracing.patching import (
     captured_components,
     check_kind,
     encode_fact,
-    fact_noise,
     patched_components,
     patched_target_probs,
     set_positions,
     target_probs_from_final,
     target_probs_from_logits,
+    tracing_noise,
 )
 from locedit.tracing.results import TraceResult
 
@@ -76,7 +76,7 @@ def trace_fact_reference(
     """
     kind = check_kind(kind)
     inp = encode_fact(tokenizer, fact)
-    noise = fact_noise(model, inp, sigma, seed, n_samples, noise)
+    noise = tracing_noise(model, inp, sigma, seed, n_samples, noise)
     n_samples = int(noise.shape[0])
     total = n_layers(model)
     with torch.no_grad(), captured_components(model, kind, range(total)) as clean:
@@ -152,7 +152,7 @@ def trace_fact_many(
     """
     kinds = [check_kind(k) for k in kinds]
     inp = encode_fact(tokenizer, fact)
-    noise = fact_noise(model, inp, sigma, seed, n_samples, noise)
+    noise = tracing_noise(model, inp, sigma, seed, n_samples, noise)
     n_samples = int(noise.shape[0])
     runs = FactRuns.compute(model, inp, noise, kinds)
     return [

@@ -95,7 +95,7 @@ def encode_fact(tokenizer: PreTrainedTokenizerBase, fact: FactRecord) -> Tracing
     )
 
 
-def fact_noise(
+def tracing_noise(
     model: nn.Module,
     inp: TracingInput,
     sigma: float | None,

@@ -10,7 +10,7 @@ score is highest while the mean rewrite score stays <= 0.99 (paper App. A).
 from locedit.tuning.objective import SCORES, TrialScores, TuneTarget, evaluate
 from locedit.tuning.selection import CONSTRAINT, Selection, is_feasible, select_trial
 from locedit.tuning.space import (
-    PAPER_GRIDS,
+    PAPER_HPARAM_GRIDS,
     STEP_FIELDS,
     TUNED_FIELDS,
     SearchSpace,
@@ -23,7 +23,7 @@ from locedit.tuning.trials import NoScores, pending_grid_points
 
 __all__ = [
     "CONSTRAINT",
-    "PAPER_GRIDS",
+    "PAPER_HPARAM_GRIDS",
     "SCORES",
     "STEP_FIELDS",
     "TUNED_FIELDS",

@@ -31,7 +31,7 @@ TUNED_FIELDS: dict[str, str] = {name: m.tuned_field for name, m in REGISTRY.item
 STEP_FIELDS: dict[str, str] = {name: m.steps_field for name, m in REGISTRY.items()}
 
 #: The paper's grids (App. A): KL weight for ROME/MEMIT, L-infinity radius for finetuning.
-PAPER_GRIDS: dict[str, tuple[float, ...]] = {
+PAPER_HPARAM_GRIDS: dict[str, tuple[float, ...]] = {
     "kl_factor": (0.0625, 0.9, 1.0),
     "linf_eps": (1e-4, 5e-5, 2e-5, 1e-5),
 }
@@ -61,7 +61,7 @@ class TuneConfig:
     max_rewrite: float = 0.99
     objective: str = "overall_score"
     fallback: Fallback = "least_violation"
-    grid: Mapping[str, tuple[float, ...]] = field(default_factory=lambda: dict(PAPER_GRIDS))
+    grid: Mapping[str, tuple[float, ...]] = field(default_factory=lambda: dict(PAPER_HPARAM_GRIDS))
     ranges: Mapping[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_RANGES))
     step_choices: Mapping[str, Mapping[str, tuple[int, ...]]] = field(
         default_factory=lambda: {k: dict(v) for k, v in DEFAULT_STEP_CHOICES.items()}
@@ -96,7 +96,7 @@ class TuneConfig:
         """From the composed ``tune`` group; ``overrides`` (e.g. ``mode``) win over it."""
         cfg = dict(tune or {})
         search = dict(cfg.get("search") or {})
-        grid = {k: tuple(float(x) for x in v) for k, v in (cfg.get("grid") or PAPER_GRIDS).items()}
+        grid = {k: tuple(float(x) for x in v) for k, v in (cfg.get("grid") or PAPER_HPARAM_GRIDS).items()}
         ranges = {
             name: (float(search[name][0]), float(search[name][1])) if name in search else default
             for name, default in DEFAULT_RANGES.items()
@@ -202,7 +202,7 @@ def search_space(method: str, problem: str, config: TuneConfig) -> SearchSpace:
     """The space of one study, from the config's grids, ranges and step choices."""
     spec = get_method(method)
     name = spec.tuned_field
-    grid = tuple(float(x) for x in config.grid.get(name, PAPER_GRIDS[name]))
+    grid = tuple(float(x) for x in config.grid.get(name, PAPER_HPARAM_GRIDS[name]))
     if not grid:
         raise ValueError(f"tune.grid.{name} is empty")
     low, high = config.ranges.get(name, DEFAULT_RANGES[name])
