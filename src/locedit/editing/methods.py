@@ -56,15 +56,13 @@ class EditMethod:
     forcing_steps: tuple[int, ...]
     apply: Apply
     changed_params: Callable[[nn.Module, list[int], Any], list[str]]
+    #: a hyperparameter that overrides ``window`` (MEMIT's ``n_layers``)
+    window_field: str | None = None
 
     def window_for(self, hparams: HParams | None = None) -> int:
-        """The window size, or the one a method's hyperparameters set (MEMIT's ``n_layers``)."""
-        if (
-            hparams is not None
-            and isinstance(hparams, MemitHParams)
-            and self.hparams is MemitHParams
-        ):
-            return int(hparams.n_layers)
+        """The window size: the hyperparameter ``window_field`` names, if any, else ``window``."""
+        if hparams is not None and self.window_field is not None:
+            return int(getattr(hparams, self.window_field))
         return self.window
 
     def layers(self, layer: int, n_layers: int, hparams: HParams | None = None) -> list[int]:
@@ -135,7 +133,9 @@ def _finetuned(model: nn.Module, layers: list[int], hparams) -> list[str]:
     return finetuned_param_names(model, layers, hparams.params)
 
 
-def _closed_form(name: str, hparams: type, window: int, apply: Apply) -> EditMethod:
+def _closed_form(
+    name: str, hparams: type, window: int, apply: Apply, window_field: str | None = None
+) -> EditMethod:
     """ROME and MEMIT: a closed-form update of down-projections from key statistics, with the
     KL weight of the v*/z* optimisation tuned (App. A: 20 -> 25 v* steps for Fact Forcing)."""
     return EditMethod(
@@ -149,6 +149,7 @@ def _closed_form(name: str, hparams: type, window: int, apply: Apply) -> EditMet
         forcing_steps=(20, 25),
         apply=apply,
         changed_params=_down_projections,
+        window_field=window_field,
     )
 
 
@@ -174,7 +175,9 @@ REGISTRY: dict[str, EditMethod] = {
     m.name: m
     for m in (
         _closed_form("rome", RomeHParams, 1, "locedit.editing.rome:apply_rome"),
-        _closed_form("memit", MemitHParams, 5, "locedit.editing.memit:apply_memit"),
+        _closed_form(
+            "memit", MemitHParams, 5, "locedit.editing.memit:apply_memit", window_field="n_layers"
+        ),
         _constrained_finetune("ft1", 1),
         _constrained_finetune("ft5", 5),
     )
