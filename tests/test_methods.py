@@ -22,7 +22,7 @@ from locedit.editing import (
     key_stats_methods,
     layers_needing_covariance,
 )
-from locedit.editing.types import EditResult
+from locedit.editing.types import EditCall, EditResult
 from locedit.models.architecture import down_proj_name, down_proj_weight
 from locedit.testing import tiny_model
 from locedit.tuning import STEP_FIELDS, TUNED_FIELDS
@@ -63,12 +63,12 @@ def test_config_sections_refine_in_order():
     assert (ft1.steps, ft1.linf_eps) == (7, 1e-4)
 
 
-def _shift_bias(model, tokenizer, request, method, layer, layers, hparams, covariance, templates):
+def _shift_bias(edit: EditCall) -> EditResult:
     """A toy method: add ``hparams.amount`` to the down-projection weights of its layers."""
     with torch.no_grad():
-        for j in layers:
-            down_proj_weight(model, j).add_(hparams.amount)
-    return EditResult(method=method, layer=layer, layers=list(layers))
+        for j in edit.layers:
+            down_proj_weight(edit.model, j).add_(edit.hparams.amount)
+    return EditResult(method=edit.method, layer=edit.layer, layers=list(edit.layers))
 
 
 @dataclasses.dataclass(frozen=True)

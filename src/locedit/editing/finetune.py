@@ -20,14 +20,13 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import Direction
 from locedit.editing.batch import EditBatch, build_batch
 from locedit.editing.forward import hidden_states
 from locedit.editing.hparams import FTHParams
 from locedit.editing.loss import batch_target_log_probs, objective
-from locedit.editing.types import EditFailed, EditRequest, EditResult
+from locedit.editing.types import EditCall, EditFailed, EditResult
 from locedit.models.architecture import arch_spec, check_layer, mlp_param_names
 from locedit.models.hooks import frozen_layers
 from locedit.models.scoring import pad_token_id
@@ -151,18 +150,11 @@ def _quiet_lightning():
                 logging.getLogger(name).setLevel(level)
 
 
-def apply_finetune(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    request: EditRequest,
-    method: str,
-    layer: int,
-    layers: list[int],
-    hp: FTHParams,
-    covariance=None,
-    templates: list[str] | None = None,
-) -> EditResult:
-    """Finetune ``model`` in place; the caller (:func:`locedit.editing.edited`) restores it."""
+def apply_finetune(edit: EditCall) -> EditResult:
+    """Finetune ``edit.model`` in place; the caller (:func:`locedit.editing.edited`) restores it."""
+    model, tokenizer, request, method = edit.model, edit.tokenizer, edit.request, edit.method
+    layer, layers = edit.layer, edit.layers
+    hp: FTHParams = edit.hparams
     if hp.steps < 1:
         raise ValueError("FT needs steps >= 1")
     target_ids = encode_target(tokenizer, request.prompt, request.target)

@@ -21,13 +21,12 @@ import math
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from locedit.editing.batch import request_batch, template_mean
 from locedit.editing.covariance import SingularCovarianceError, down_proj_module
 from locedit.editing.forward import captured_io, run_batch_until
 from locedit.editing.hparams import MemitHParams
-from locedit.editing.types import EditFailed, EditRequest, EditResult
+from locedit.editing.types import EditCall, EditFailed, EditResult
 from locedit.editing.vstar import optimise_vstar
 from locedit.models.architecture import (
     arch_spec,
@@ -71,19 +70,12 @@ def mlp_change_for(
     return change, realised
 
 
-def apply_memit(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    request: EditRequest,
-    method: str,
-    layer: int,
-    layers: list[int],
-    hp: MemitHParams,
-    covariance,
-    templates: list[str],
-) -> EditResult:
-    """Edit ``model`` in place over ``layers`` (the window around ``layer``)."""
-    batch = request_batch(model, tokenizer, request, templates, hp)
+def apply_memit(edit: EditCall) -> EditResult:
+    """Edit ``edit.model`` in place over ``edit.layers`` (the window around ``edit.layer``)."""
+    model, request, method, layers = edit.model, edit.request, edit.method, edit.layers
+    hp: MemitHParams = edit.hparams
+    covariance = edit.covariance
+    batch = request_batch(model, edit.tokenizer, request, edit.templates, hp)
     z_layer = max(layers)
     z_module = component_module(model, "resid", z_layer)
 
@@ -156,7 +148,7 @@ def apply_memit(
     )
     return EditResult(
         method=method,
-        layer=layer,
+        layer=edit.layer,
         layers=list(layers),
         diagnostics=diagnostics,
         flags=flags,

@@ -27,12 +27,12 @@ from locedit.editing.hparams import (
     merge_overrides,
     plain,
 )
+from locedit.editing.types import EditCall
 from locedit.models.architecture import down_proj_name
 from locedit.models.hooks import window_layers
 
-#: How a method runs: (model, tokenizer, request, method name, layer, layers, hparams,
-#: covariance, context templates) -> EditResult, editing the model in place (the editor
-#: restores it). A ``"module:function"`` string is imported on first use, so a method's heavy
+#: How a method runs: an :class:`~locedit.editing.types.EditCall` -> EditResult, editing the
+#: model in place (the editor restores it). A ``"module:function"`` string is imported on first use, so a method's heavy
 #: dependencies (Lightning for finetuning) load only when it runs.
 Apply = Callable[..., Any] | str
 
@@ -85,9 +85,10 @@ class EditMethod:
         if isinstance(apply, str):
             module, _, name = apply.partition(":")
             apply = getattr(importlib.import_module(module), name)
-        return apply(
+        call = EditCall(
             model, tokenizer, request, self.name, layer, layers, hparams, covariance, templates
         )
+        return apply(call)
 
     def params(self, model: nn.Module, layers: list[int], hparams: HParams) -> list[str]:
         """Names of every parameter the edit may change (what the snapshot must cover)."""

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from locedit.editing.batch import EditBatch, request_batch, template_mean
 from locedit.editing.covariance import SingularCovarianceError, down_proj_module
 from locedit.editing.forward import captured_io, run_batch_until
 from locedit.editing.hparams import RomeHParams
-from locedit.editing.types import EditFailed, EditRequest, EditResult
+from locedit.editing.types import EditCall, EditFailed, EditResult
 from locedit.editing.vstar import optimise_vstar
 from locedit.models.architecture import component_module, down_proj_weight, from_out_in
 
@@ -31,22 +30,13 @@ def mlp_keys(model: nn.Module, batch: EditBatch, layer: int) -> dict[str, torch.
     return found
 
 
-def apply_rome(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    request: EditRequest,
-    method: str,
-    layer: int,
-    layers: list[int],
-    hp: RomeHParams,
-    covariance,
-    templates: list[str],
-) -> EditResult:
-    """Edit ``model`` in place; the caller (:func:`locedit.editing.edited`) restores it.
-
-    ``method`` is the registry name the edit runs under; ``layers`` is ``[layer]``.
-    """
-    batch = request_batch(model, tokenizer, request, templates, hp)
+def apply_rome(edit: EditCall) -> EditResult:
+    """Edit ``edit.model`` in place at ``edit.layer`` (its one layer); the caller
+    (:func:`locedit.editing.edited`) restores it."""
+    model, request, method, layer = edit.model, edit.request, edit.method, edit.layer
+    hp: RomeHParams = edit.hparams
+    covariance = edit.covariance
+    batch = request_batch(model, edit.tokenizer, request, edit.templates, hp)
 
     # Keys and values at the lookup token of every row, from one forward of the unedited model.
     found = mlp_keys(model, batch, layer)

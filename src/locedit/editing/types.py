@@ -53,6 +53,24 @@ class EditRequest:
             )
 
 
+@dataclass(frozen=True)
+class EditCall:
+    """One edit as the editor hands it to a method's ``apply`` (see
+    :mod:`locedit.editing.methods`): the model to edit in place, the request, the registry
+    name it runs under, the edit layer and every layer the method's window touches, its
+    hyperparameters, and the key statistics and context templates (methods that need them)."""
+
+    model: Any
+    tokenizer: Any
+    request: EditRequest
+    method: str
+    layer: int
+    layers: list[int]
+    hparams: Any
+    covariance: Any = None
+    templates: list[str] | None = None
+
+
 @dataclass
 class EditResult:
     """What one edit did; filled in by the editor, finished by :func:`edited`.
