@@ -21,7 +21,7 @@ $(STAMP): requirements.lock pyproject.toml
 repro: setup
 	test -d .dvc || $(BIN)/dvc init --no-scm -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	@echo "Reports in reports/; MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db"
+	@echo "Reports in reports/ (dvc exp show, dvc plots show); MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db, then http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist load --durations=15

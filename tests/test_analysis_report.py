@@ -135,6 +135,39 @@ def test_stage_writes_reports_and_logs_them_into_the_sweep_run(tmp_path, tables,
     figs = [a.path for a in client.list_artifacts(parent.info.run_id, "analysis/figures")]
     assert any(p.endswith(".png") for p in figs)
 
+    # reports/metrics.json (DVC metrics): Table 3's numbers, counts, and the same as MLflow metrics
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert metrics["edits"] == len(results) and metrics["failed"] == int(
+        (results["status"] != "ok").sum()
+    )
+    assert metrics["facts"] == results["fact_id"].nunique()
+    rome = metrics["error_injection"]["rome"]
+    for stat in ("r2_layer", "r2_trace", "r2_both", "added_r2", "added_r2_lo", "added_r2_hi"):
+        assert rome[stat] == pytest.approx(row[stat], abs=1e-6), stat
+    assert set(metrics) >= {"fact_forcing", "seconds"} and "zsre" not in json.dumps(metrics)
+    assert run.data.metrics["error_injection.rome.r2_layer"] == pytest.approx(rome["r2_layer"])
+    assert "analyze.locedit.code_version" in run.data.tags
+
+    # reports/plots/*.csv (DVC plots): means by layer, computed here by hand
+    curve = pd.read_csv(reports / "plots" / "rewrite_by_layer.csv")
+    ok = results[
+        (results["status"] == "ok")
+        & (results["dataset"] == "counterfact")
+        & (results["method"] == "ft5")
+        & (results["problem"] == "fact_forcing")
+        & (results["layer"] == 4)
+    ]
+    point = curve[(curve["series"] == "ft5 / fact_forcing") & (curve["layer"] == 4)].iloc[0]
+    assert point["rewrite_score"] == pytest.approx(np.mean(ok["rewrite_score"]), rel=1e-5)
+    assert point["n"] == len(ok)
+    trace = pd.read_csv(reports / "plots" / "trace_by_layer.csv")
+    sel = effects[
+        (effects["method"] == "tracing") & (effects["kind"] == "mlp") & (effects["window"] == 3)
+        & (effects["layer"] == 2)
+    ]
+    point = trace[(trace["series"] == "tracing mlp w3") & (trace["layer"] == 2)].iloc[0]
+    assert point["effect"] == pytest.approx(np.mean(sel["effect_max"]), rel=1e-5)
+
 
 def test_without_a_sweep_run_file_the_analysis_gets_a_fresh_run(tmp_path, tables, tracking_uri):
     import mlflow

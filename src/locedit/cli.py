@@ -15,14 +15,11 @@ from locedit.pipeline import STAGES
 
 
 def _compose(args: argparse.Namespace) -> int:
+    """The same file `dvc exp run` composes (Hydra enabled in .dvc/config), byte for byte."""
     from locedit.pipeline.common import compose_params
 
     cfg = compose_params(args.conf, args.overrides)
-    text = OmegaConf.to_yaml(cfg)
-    header = "# Composed from conf/ by `locedit compose"
-    header += (" " + " ".join(args.overrides)) if args.overrides else ""
-    header += "`; edit conf/ and recompose, or edit here for a one-off run.\n"
-    Path(args.output).write_text(header + text)
+    Path(args.output).write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
     print(f"wrote {args.output}")
     return 0
 

@@ -1,8 +1,9 @@
 """Stage `analyze`: regressions, tables, figures and summary from the tracing and edit tables.
 
-Reads outputs/trace/effects.parquet and outputs/edit/results.parquet, writes reports/, and logs
-the reports (and every R² as a metric) into the sweep's MLflow run named in
-outputs/edit/mlflow_run.json, or into a fresh run when that file is absent.
+Reads outputs/trace/effects.parquet and outputs/edit/results.parquet, writes reports/ (with
+reports/metrics.json and reports/plots/*.csv, the files dvc.yaml declares as metrics and plots),
+and logs the reports (every R² and the values of metrics.json as metrics) into the sweep's MLflow
+run named in outputs/edit/mlflow_run.json, or into a fresh run when that file is absent.
 """
 
 from __future__ import annotations
@@ -23,9 +24,24 @@ from locedit.analysis import (
     read_results,
     write_report,
 )
+from locedit.analysis.metrics_file import flat_metrics, write_dvc_files
 from locedit.pipeline.common import to_container
 
 log = logging.getLogger(__name__)
+
+
+def _stage_seconds(outputs: Path) -> dict[str, float]:
+    """Wall time of the last trace and edit runs, from their summary.json (when present)."""
+    seconds: dict[str, float] = {}
+    for stage in ("trace", "edit"):
+        path = outputs / stage / "summary.json"
+        try:
+            value = json.loads(path.read_text()).get("seconds")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(value, int | float):
+            seconds[stage] = float(value)
+    return seconds
 
 
 def _inputs(params: DictConfig) -> tuple[Path, Path, Path]:
@@ -54,12 +70,14 @@ def run(params: DictConfig) -> None:
     an = analyze(read_effects(effects_path), read_results(results_path), cfg)
     write_report(an, reports, model_name)
     seconds = time.perf_counter() - start
+    timings = {**_stage_seconds(Path(params.paths.outputs)), "analyze": seconds}
+    dvc_metrics = write_dvc_files(an, reports, timings)
     log.info(
         "analysis of %d regressions written to %s in %.1f s", len(an.regressions), reports, seconds
     )
 
     if cfg.log_mlflow:
-        log_to_mlflow(params, an, reports, run_file, seconds)
+        log_to_mlflow(params, an, reports, run_file, seconds, dvc_metrics)
     else:
         log.info("analysis.log_mlflow is false: not logging to MLflow")
 
@@ -75,9 +93,17 @@ def _parent_run_id(run_file: Path) -> str | None:
 
 
 def log_to_mlflow(
-    params: DictConfig, an: Analysis, reports: Path, run_file: Path, seconds: float
+    params: DictConfig,
+    an: Analysis,
+    reports: Path,
+    run_file: Path,
+    seconds: float,
+    dvc_metrics: dict | None = None,
 ) -> str:
-    """Log reports/ and the R² metrics into the sweep's run (or a fresh one); returns the run id."""
+    """Log reports/ and the R² metrics into the sweep's run (or a fresh one); returns the run id.
+
+    ``dvc_metrics`` (reports/metrics.json) is logged flat, ``<problem>.<method>.<stat>``.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -97,8 +123,12 @@ def log_to_mlflow(
         )
         active = None
     if active is None:
-        active = mlflow.start_run(run_name="analyze", tags={"locedit.stage": "analyze"})
+        active = mlflow.start_run(
+            run_name="analyze", tags={"locedit.stage": "analyze", **tracking.run_tags()}
+        )
         log.info("logging the analysis to a new MLflow run %s", active.info.run_id)
+    else:  # the sweep's run has its own tags; say what code and experiment analysed it
+        mlflow.set_tags({f"analyze.{k}": v for k, v in tracking.run_tags().items()})
     with active:
         analysis_params = tracking.flatten(
             to_container(params.get("analysis", {})), prefix="analysis."
@@ -109,6 +139,7 @@ def log_to_mlflow(
             log.warning("analysis params not logged to run %s: %s", active.info.run_id, err)
         metrics = mlflow_metrics(an)
         metrics["analysis.seconds"] = seconds
+        metrics.update(flat_metrics(dvc_metrics or {}))
         items = list(metrics.items())
         for i in range(0, len(items), 500):
             tracking.log_metrics(dict(items[i : i + 500]))

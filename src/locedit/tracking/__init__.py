@@ -1,14 +1,19 @@
 """MLflow set-up and logging helpers shared by every stage.
 
 Tracking goes to ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/`` (DESIGN.md §3),
-so ``mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`` shows every run.
+so ``mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`` shows every run. The experiment
+is marked as model development (MLflow 3 otherwise opens it on its GenAI overview), and every
+run carries the code it ran (git commit, code version) and the DVC experiment that started it.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
+import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +23,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_EXPERIMENT = "locedit"
+#: MLflow 3's UI opens an experiment on its runs table for this kind (not the GenAI overview).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: Environment variables ``dvc exp run`` sets for the stage commands, and the run tags they become.
+DVC_ENV_TAGS = {
+    "DVC_EXP_NAME": "dvc.exp_name",
+    "DVC_EXP_BASELINE_REV": "dvc.exp_baseline_rev",
+    "DVC_STAGE": "dvc.stage",
+}
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def configure(tracking_uri: str | None = None, experiment: str | None = None) -> str:
@@ -33,10 +48,64 @@ def configure(tracking_uri: str | None = None, experiment: str | None = None) ->
         artifact_root = None
     mlflow.set_tracking_uri(uri)
     name = experiment or DEFAULT_EXPERIMENT
-    if mlflow.get_experiment_by_name(name) is None:
-        mlflow.create_experiment(name, artifact_location=artifact_root)
+    found = mlflow.get_experiment_by_name(name)
+    if found is None:
+        mlflow.create_experiment(
+            name, artifact_location=artifact_root, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
+    elif EXPERIMENT_KIND_TAG not in found.tags:  # a store from before the kind was set
+        mlflow.MlflowClient().set_experiment_tag(
+            found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+        )
     mlflow.set_experiment(name)
     return uri
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(PACKAGE_DIR), *args],
+            capture_output=True, text=True, timeout=10, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+@functools.cache
+def code_version() -> str:
+    """A short hash of locedit's own source files: which code ran, with or without git.
+
+    One small function so that a shared code-version helper can replace it.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+@functools.cache
+def _git_tags() -> dict[str, str]:
+    commit = _git("rev-parse", "HEAD")
+    if not commit:
+        return {}
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    return {"mlflow.source.git.commit": commit, "locedit.git_dirty": str(bool(status)).lower()}
+
+
+def run_tags() -> dict[str, str]:
+    """Tags that trace a run back to its code and experiment.
+
+    ``mlflow.source.git.commit`` (shown by the UI) and ``locedit.git_dirty`` when locedit runs
+    from a git checkout, ``locedit.code_version`` always, and the DVC experiment's name,
+    baseline commit and stage when ``dvc exp run`` / ``dvc repro`` started the command.
+    """
+    tags = {"locedit.code_version": code_version(), **_git_tags()}
+    for env, tag in DVC_ENV_TAGS.items():
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -65,7 +134,7 @@ def stage_run(
 
     cfg = dict(mlflow_cfg or {})
     configure(cfg.get("tracking_uri"), cfg.get("experiment"))
-    tags = {"locedit.stage": stage}
+    tags = {"locedit.stage": stage, **run_tags()}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     with mlflow.start_run(run_name=run_name or stage, tags=tags, nested=parent_run_id is not None) as run:

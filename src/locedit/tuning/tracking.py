@@ -13,7 +13,7 @@ from typing import Any
 
 import optuna
 
-from locedit.tracking import configure, flatten, log_metrics
+from locedit.tracking import configure, flatten, log_metrics, run_tags
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def study_run(
         log.info("study %s: resuming MLflow run %s", study.study_name, previous)
         run = mlflow.start_run(run_id=previous, nested=nested)
     else:
-        tags = {"locedit.stage": "tune", "optuna.study_name": study.study_name}
+        tags = {"locedit.stage": "tune", "optuna.study_name": study.study_name, **run_tags()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = mlflow.start_run(
@@ -87,6 +87,7 @@ def trial_run(
             "locedit.stage": "tune",
             "mlflow.parentRunId": study_run_id,
             "optuna.trial": str(trial.number),
+            **run_tags(),
         },
     )
     mlflow.log_params(flatten({"trial": trial.number, **params}))

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Screenshots of the MLflow UI for docs/: the experiment's runs table and a per-layer metric
+# chart of one (method, problem) run of the sweep, taken by headless Chromium.
+#
+#   scripts/mlflow_screenshot.sh [DB] [OUT_DIR]
+#     DB       SQLite tracking store (default mlruns/mlflow.db, what `make repro` writes)
+#     OUT_DIR  where the PNGs go (default docs/mlflow)
+#   Environment: MLFLOW (default .venv/bin/mlflow), CHROMIUM (default chromium; Debian:
+#   `apt-get install chromium`), EXPERIMENT (default locedit), PORT (default: a free one).
+#
+# The server listens on 127.0.0.1 only and is stopped on exit. The committed screenshots in
+# docs/mlflow/ come from a tiny run (random 4-layer GPT-2, ROME and FT-1, layers 0-3; the
+# helpers in tests/e2e_support.py), so their numbers mean nothing: they show the layout.
+#
+# MLflow 3.17's UI picks its GenAI or model-training layout from the URL (`?workflowType=...`)
+# or from the toggle at the top left (remembered by the browser), not from the experiment's
+# `mlflow.experimentKind` tag (which locedit sets, for other MLflow 3 versions): the runs table
+# is http://127.0.0.1:5000/#/experiments/<id>/runs?workflowType=machine_learning
+set -euo pipefail
+
+DB=${1:-mlruns/mlflow.db}
+OUT=${2:-docs/mlflow}
+MLFLOW=${MLFLOW:-.venv/bin/mlflow}
+CHROMIUM=${CHROMIUM:-chromium}
+EXPERIMENT=${EXPERIMENT:-locedit}
+PYTHON=$(dirname "$MLFLOW")/python
+[ -x "$PYTHON" ] || PYTHON=python3
+PORT=${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+URL="http://127.0.0.1:$PORT"
+
+[ -f "$DB" ] || { echo "no tracking store at $DB: run the pipeline first (make repro)" >&2; exit 1; }
+command -v "$CHROMIUM" >/dev/null || { echo "$CHROMIUM not found: apt-get install chromium" >&2; exit 1; }
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+"$MLFLOW" server --backend-store-uri "sqlite:///$(realpath "$DB")" --host 127.0.0.1 \
+  --port "$PORT" --workers 1 >"$WORK/server.log" 2>&1 &
+SERVER=$!
+trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+for _ in $(seq 90); do
+  curl -fsS "$URL/health" >/dev/null 2>&1 && break
+  kill -0 "$SERVER" 2>/dev/null || { cat "$WORK/server.log" >&2; exit 1; }
+  sleep 1
+done
+
+# The experiment and the nested (method, problem) runs of the sweep, through the REST API.
+EXP_ID=$(curl -fsS "$URL/api/2.0/mlflow/experiments/get-by-name?experiment_name=$EXPERIMENT" \
+  | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["experiment"]["experiment_id"])')
+RUN_IDS=$(curl -fsS -X POST "$URL/api/2.0/mlflow/runs/search" -H 'Content-Type: application/json' \
+  -d "{\"experiment_ids\": [\"$EXP_ID\"], \"filter\": \"tags.locedit.stage = 'edit' and tags.mlflow.parentRunId != ''\", \"max_results\": 50, \"order_by\": [\"attributes.start_time ASC\"]}" \
+  | "$PYTHON" -c 'import json, sys; print(",".join(r["info"]["run_id"] for r in json.load(sys.stdin)["runs"]))')
+FIRST_RUN=${RUN_IDS%%,*}
+
+shot() {  # shot FILE URL
+  "$CHROMIUM" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+    --disable-background-networking --disable-component-update --disable-sync \
+    --user-data-dir="$WORK/profile-$1" --window-size=1400,900 --virtual-time-budget=20000 \
+    --screenshot="$OUT/$1" "$2" >/dev/null 2>&1
+  echo "$OUT/$1 <- $2"
+}
+shot runs.png "$URL/#/experiments/$EXP_ID/runs?workflowType=machine_learning"
+shot run-metrics.png "$URL/#/experiments/$EXP_ID/runs/$FIRST_RUN/model-metrics?workflowType=machine_learning"
+METRIC_QUERY=$("$PYTHON" - "$RUN_IDS" "$EXP_ID" <<'PY'
+import json, sys
+from urllib.parse import quote
+runs, exp = sys.argv[1].split(","), sys.argv[2]
+key = json.dumps("rewrite_score")  # drawn per edit layer (step = layer) by the edit stage
+print(f"runs={json.dumps(runs)}&metric={quote(key)}&experiments={json.dumps([exp])}"
+      f"&plot_metric_keys={quote(json.dumps([json.loads(key)]))}&plot_layout={{}}&x_axis=step"
+      "&y_axis_scale=linear&line_smoothness=1&show_point=true&deselected_curves=[]"
+      "&last_linear_y_axis_range=[]&workflowType=machine_learning")
+PY
+)
+shot metric-chart.png "$URL/#/metric/?$METRIC_QUERY"
