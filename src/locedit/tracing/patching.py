@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import FactRecord, RecordError
 from locedit.models.architecture import Component, component_module, embedding_module, n_layers
+from locedit.models.scoring import logit_scale
 from locedit.models.tokens import TokenizationError, encode_prompt, encode_target
 from locedit.tracing.noise import fact_seed, noised_subject, subject_noise
 
@@ -205,6 +206,7 @@ def target_probs_from_final(
     head = model.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
     softcap = getattr(model.config, "final_logit_softcapping", None)
+    scale = logit_scale(model)
     rows, n_target, width = final_hidden.shape
     flat = final_hidden.reshape(rows * n_target, width).to(weight.dtype)
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -213,6 +215,8 @@ def target_probs_from_final(
         logits = nn.functional.linear(
             flat, weight[start:stop], None if bias is None else bias[start:stop]
         )
+        if scale != 1.0:
+            logits = logits * scale
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return logits.to(compute)
