@@ -131,6 +131,28 @@ def arch_spec(model: nn.Module) -> ArchSpec:
     return spec
 
 
+def block_returns_tuple(model: nn.Module) -> bool:
+    """Whether a decoder block returns ``(hidden, ...)`` (Bloom, Falcon) rather than ``hidden``.
+
+    Code that stands in for a block (tracing's call recorder) must answer in the same form.
+    """
+    known = model.__dict__.get("_locedit_block_tuple")
+    if known is None:
+        seen: list[bool] = []
+        first = get_module(model, arch_spec(model).layer(0))
+        handle = first.register_forward_hook(
+            lambda _m, _i, out: seen.append(isinstance(out, tuple))
+        )
+        try:
+            with torch.no_grad():
+                model.base_model(input_ids=torch.zeros((1, 1), dtype=torch.long))
+        finally:
+            handle.remove()
+        known = bool(seen[0])
+        object.__setattr__(model, "_locedit_block_tuple", known)
+    return known
+
+
 def n_layers(model: nn.Module) -> int:
     spec = arch_spec(model)
     config = model.config
