@@ -12,8 +12,10 @@ import torch
 from locedit.data.records import FactRecord
 from locedit.editing import EditRequest, edited, hparams_for
 from locedit.editing.finetune import finetuned_param_names
+from locedit.editing.memit import effective_mom2_weight
 from locedit.models.architecture import (
     ARCHITECTURES,
+    UnsupportedArchitectureError,
     arch_spec,
     as_out_in,
     component_module,
@@ -22,17 +24,28 @@ from locedit.models.architecture import (
     get_module,
     n_layers,
 )
-from locedit.models.discovery import discover_spec, validate_spec
+from locedit.models.discovery import (
+    ArchitectureCheckError,
+    discover_spec,
+    spec_with_overrides,
+    validate_spec,
+)
 from locedit.models.scoring import target_log_probs
 from locedit.models.tokens import encode_prompt, encode_target
 from locedit.testing import ALL_FAMILIES, editable_tiny_model, tiny_model
-from locedit.tracing import encode_fact, trace_fact_many, trace_fact_reference, window_layers, zero_fact
+from locedit.tracing import (
+    encode_fact,
+    trace_fact_many,
+    trace_fact_reference,
+    window_layers,
+    zero_fact,
+)
 from locedit.tracing.patching import target_probs_from_logits
 
 FACT = FactRecord("mid", "Danielle Darrieux", "The mother tongue of Danielle Darrieux is", "French")
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"
-FAST = {"n_context_templates": 2, "context_template_lengths": (4,), "v_steps": 4}
+FAST = {"n_context_templates": 2, "context_template_lengths": (4,), "v_steps": 10}
 LAYERS = 4
 
 
@@ -91,7 +104,9 @@ def _zeroed_by_hand(model, inp, layers, positions) -> float:
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_rome_memit_and_ft1_edit_exactly_what_they_should(family, tok, store, tmp_path, monkeypatch):
+def test_rome_memit_and_ft1_edit_exactly_what_they_should(
+    family, tok, store, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     model = editable_tiny_model(family, n_layers=LAYERS)
     originals = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -113,13 +128,14 @@ def test_rome_memit_and_ft1_edit_exactly_what_they_should(family, tok, store, tm
         v_star = result.tensors["v_star"].double()
         torch.testing.assert_close(weight @ k_star + bias, v_star, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(v_now, v_star, rtol=1e-4, atol=1e-5)
-        update = (weight - as_out_in(model, originals[down_proj_name(model, layer)]).double())
+        update = weight - as_out_in(model, originals[down_proj_name(model, layer)]).double()
         singular = torch.linalg.svdvals(update)
         assert singular[0] > 0 and singular[1] / singular[0] < 1e-5
         assert result.changed == [down_proj_name(model, layer)]
+        after_rome = p_target()
     _assert_restored(model, originals)
 
-    hp = hparams_for("memit", overrides={**FAST, "v_steps": 6})
+    hp = hparams_for("memit", overrides=FAST)
     with edited(model, tok, "memit", request, 2, hp, store) as result:
         changed = sorted(n for n, p in model.named_parameters() if not torch.equal(p, originals[n]))
         assert changed == sorted(down_proj_name(model, j) for j in result.layers)
@@ -129,9 +145,15 @@ def test_rome_memit_and_ft1_edit_exactly_what_they_should(family, tok, store, tm
                 as_out_in(model, down_proj_weight(model, j).detach())
                 - as_out_in(model, originals[down_proj_name(model, j)])
             ).double()
-            singular = torch.linalg.svdvals(delta)
-            assert singular[1] / singular[0] < 1e-5
-        after_memit = p_target()
+            _, singular, right = torch.linalg.svd(delta)
+            assert singular[1] / singular[0] < 1e-5  # rank one
+            # Its input direction is (lambda C + k k^T)^-1 k, solved independently in numpy.
+            k = result.tensors[f"k_l{j}"].double().numpy()
+            c = store.get(model, j).numpy()
+            lam = effective_mom2_weight(hp, int(c.shape[0]))
+            adjusted = np.linalg.solve(lam * c + np.outer(k, k), k)
+            cosine = abs(right[0].numpy() @ adjusted) / np.linalg.norm(adjusted)
+            assert cosine == pytest.approx(1.0, abs=1e-5)
     _assert_restored(model, originals)
 
     eps = 1e-2
@@ -146,7 +168,7 @@ def test_rome_memit_and_ft1_edit_exactly_what_they_should(family, tok, store, tm
         assert 0 < worst <= eps
         after_ft = p_target()
     _assert_restored(model, originals)
-    assert after_memit > before and after_ft > before
+    assert after_rome > before and after_ft > before
 
 
 def _key_and_value(model, tok, layer):
@@ -172,3 +194,50 @@ def _key_and_value(model, tok, layer):
 def _assert_restored(model, originals):
     for name, p in model.named_parameters():
         assert torch.equal(p, originals[name]), name
+
+
+@pytest.mark.parametrize(
+    ("family", "reason"),
+    [
+        ("opt", "not laid out [batch, position, width]"),
+        ("mixtral", "mixture-of-experts"),
+        ("qwen2_moe", "mixture-of-experts"),
+        ("olmoe", "mixture-of-experts"),
+        ("bart", "encoder-decoder"),
+    ],
+)
+def test_unsupported_structures_are_refused_in_one_line(family, reason):
+    model = tiny_model(family, n_layers=2)
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        arch_spec(model)
+    message = str(err.value)
+    assert reason in message and family in message and "\n" not in message
+
+
+def test_a_wrong_override_fails_the_named_check_with_how_to_fix():
+    model = tiny_model("llama", n_layers=2)
+    table = ARCHITECTURES["llama"]
+    cases = {
+        "mlp-output": {"mlp_down": "model.layers.{}.mlp.up_proj"},
+        "rome-identity": {"down_orientation": "in_out"},
+        "final-norm": {"final_norm": "model.layers.1.input_layernorm"},
+        "paths": {"attn": "model.layers.{}.attention"},
+    }
+    for check, override in cases.items():
+        with pytest.raises(ArchitectureCheckError) as err:
+            validate_spec(model, spec_with_overrides(table, override))
+        message = str(err.value)
+        assert f"check '{check}'" in message and "model.arch" in message and "ArchSpec" in message
+    fresh = tiny_model("llama", n_layers=2).state_dict()
+    assert all(torch.equal(p, fresh[name]) for name, p in model.state_dict().items())
+
+
+def test_load_model_applies_model_arch_settings(tmp_path):
+    from locedit.models.loading import load_model
+    from locedit.testing import save_tiny
+
+    folder = save_tiny(tmp_path / "m", "qwen3", n_layers=2)
+    model, _ = load_model(str(folder))
+    assert arch_spec(model) == discover_spec(tiny_model("qwen3", n_layers=2))
+    with pytest.raises(ArchitectureCheckError, match="check 'mlp-output'"):
+        load_model(str(folder), arch={"mlp_down": "model.layers.{}.mlp.gate_proj"})

@@ -36,6 +36,12 @@ _OVERRIDE_HINT = (
 )
 
 
+_FLAT_MLP = (
+    "the MLP output of {path} is not laid out [batch, position, width] (the block runs its MLP "
+    "on flattened rows, as OPT does), and tracing and editing address positions in it"
+)
+
+
 class ArchitectureCheckError(UnsupportedArchitectureError):
     """A spec that fails a numerical check on the loaded model (one line: which, how to fix)."""
 
@@ -46,8 +52,7 @@ def _model_type(model: nn.Module) -> str:
 
 def _refuse(model: nn.Module, what: str) -> UnsupportedArchitectureError:
     return UnsupportedArchitectureError(
-        f"cannot find the structure of model_type {_model_type(model)!r}: {what}; "
-        + _OVERRIDE_HINT
+        f"cannot find the structure of model_type {_model_type(model)!r}: {what}; " + _OVERRIDE_HINT
     )
 
 
@@ -55,7 +60,9 @@ def refuse_unsupported_structure(model: nn.Module) -> None:
     """Encoder-decoder and mixture-of-experts models are out of scope: say so in one line."""
     config = getattr(model, "config", None)
     name = _model_type(model)
-    if getattr(config, "is_encoder_decoder", False):
+    # BartForCausalLM & co. clear is_encoder_decoder on their copy; the encoder width stays.
+    encoder = any(getattr(config, a, None) for a in ("encoder_layers", "num_encoder_layers"))
+    if getattr(config, "is_encoder_decoder", False) or encoder:
         raise UnsupportedArchitectureError(
             f"model_type {name!r} is an encoder-decoder model; locedit traces and edits "
             "decoder-only causal LMs (the experiment's layer l is a decoder block of one stack)"
@@ -176,13 +183,15 @@ def discover_spec(model: nn.Module) -> ArchSpec:
     ]
     if not blocks:
         raise _refuse(model, f"no nn.ModuleList of {n} identical blocks ({n_attr}={n})")
-    layers, stack = max(blocks, key=lambda item: (sum(p.numel() for p in item[1].parameters()), -len(item[0])))
+    layers, stack = max(
+        blocks, key=lambda item: (sum(p.numel() for p in item[1].parameters()), -len(item[0]))
+    )
     probe = n // 2
     block = stack[probe]
     prefix = f"{layers}.{probe}"
 
     def generic(path: str) -> str:
-        return f"{layers}.{{}}{path[len(prefix):]}"
+        return f"{layers}.{{}}{path[len(prefix) :]}"
 
     children = dict(block.named_children())
     attn_children = [
@@ -194,7 +203,9 @@ def discover_spec(model: nn.Module) -> ArchSpec:
     ]
     attn_children = [c for c in attn_children if "cross" not in c.lower()] or attn_children
     if len(attn_children) != 1:
-        raise _refuse(model, f"found {len(attn_children)} attention modules in a block, expected one")
+        raise _refuse(
+            model, f"found {len(attn_children)} attention modules in a block, expected one"
+        )
     attn_name = attn_children[0]
 
     embed = _module_path(model, model.get_input_embeddings())
@@ -219,9 +230,7 @@ def discover_spec(model: nn.Module) -> ArchSpec:
         "last_block": stack[-1],
     }
     ids = _probe_ids(model)
-    seen, base_out = _recorded_forward(
-        model, watched, lambda: model.base_model(input_ids=ids)
-    )
+    seen, base_out = _recorded_forward(model, watched, lambda: model.base_model(input_ids=ids))
     hidden = int(_first_tensor(seen["last_block"].output).shape[-1])
 
     attn_prefix = f"{prefix}.{attn_name}"
@@ -241,8 +250,14 @@ def discover_spec(model: nn.Module) -> ArchSpec:
     down_out = _first_tensor(seen[down].output)
     relative = down[len(prefix) + 1 :]
     container = f"{prefix}.{relative.split('.')[0]}"
-    mlp = container if container in seen and _same(_first_tensor(seen[container].output), down_out) else down
+    mlp = (
+        container
+        if container in seen and _same(_first_tensor(seen[container].output), down_out)
+        else down
+    )
     mlp_out = _first_tensor(seen[mlp].output)
+    if mlp_out.shape != _first_tensor(seen["last_block"].output).shape:
+        raise _refuse(model, _FLAT_MLP.format(path=generic(mlp)))
 
     attn = attn_prefix
     attn_proj = [
@@ -311,7 +326,9 @@ def spec_with_overrides(base: ArchSpec | None, overrides: Mapping[str, object]) 
     """``base`` with the ``model.arch`` settings applied (all required fields when no base)."""
     unknown = sorted(set(overrides) - set(ARCH_FIELDS))
     if unknown:
-        raise ValueError(f"unknown model.arch setting(s) {unknown}; known: {', '.join(ARCH_FIELDS)}")
+        raise ValueError(
+            f"unknown model.arch setting(s) {unknown}; known: {', '.join(ARCH_FIELDS)}"
+        )
     if base is None:
         missing = [f for f in _REQUIRED if overrides.get(f) is None]
         if missing:
@@ -403,6 +420,8 @@ def validate_spec(model: nn.Module, spec: ArchSpec) -> list[CheckResult]:
         raise fail("mlp-output", f"the output of {spec.mlp} is not that of {spec.mlp_down}")
     if post is not None and not _same(seen["post"].inputs[0], mlp_out):
         raise fail("mlp-post-norm", f"{spec.mlp_post_norm} does not read the MLP output")
+    if mlp_out.shape != _first_tensor(seen["last"].output).shape:
+        raise fail("mlp-layout", _FLAT_MLP.format(path=spec.mlp))
     results.append(CheckResult("mlp-output", "MLP hook = down-projection output"))
     attn_out = _first_tensor(seen["attn"].output)
     if attn_out is None or attn_out.shape[-1] != mlp_out.shape[-1]:
@@ -431,7 +450,10 @@ def validate_spec(model: nn.Module, spec: ArchSpec) -> list[CheckResult]:
         finally:
             handle.remove()
         if not (changed - logits).abs().max() > 1e-6 * (float(logits.abs().max()) + 1.0):
-            raise fail(f"{kind}-effect", f"replacing the output of {module_name(spec, kind, layer)} leaves the logits unchanged")
+            raise fail(
+                f"{kind}-effect",
+                f"replacing the output of {module_name(spec, kind, layer)} leaves the logits unchanged",
+            )
     results.append(CheckResult("effect", "replacing the MLP or attention output changes logits"))
 
     # The last position's key and value (OPT's MLP runs on [batch * seq, width] rows).
@@ -443,6 +465,12 @@ def validate_spec(model: nn.Module, spec: ArchSpec) -> list[CheckResult]:
     delta = torch.outer(target - value, key) / float(key @ key)
     if spec.down_orientation == "in_out":
         delta = delta.T
+    if tuple(delta.shape) != tuple(down.weight.shape):
+        raise fail(
+            "rome-identity",
+            f"orientation {spec.down_orientation} does not fit the weight shape "
+            f"{tuple(down.weight.shape)} of {spec.mlp_down.format(layer)}",
+        )
     name = spec.mlp_down.format(layer) + ".weight"
     with preserved_weights(model, [name]):
         with torch.no_grad():
@@ -450,7 +478,9 @@ def validate_spec(model: nn.Module, spec: ArchSpec) -> list[CheckResult]:
         after, _ = _recorded_forward(model, {"down": down}, lambda: model(input_ids=ids))
         got = _first_tensor(after["down"].output).flatten(0, -2)[-1].double()
     if not _same(got, target):
-        raise fail("rome-identity", f"(W + dW) k* != v* at {name} (orientation {spec.down_orientation})")
+        raise fail(
+            "rome-identity", f"(W + dW) k* != v* at {name} (orientation {spec.down_orientation})"
+        )
     results.append(CheckResult("rome-identity", f"(W + dW) k* = v* at layer {layer}"))
     return results
 
