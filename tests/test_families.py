@@ -241,3 +241,26 @@ def test_load_model_applies_model_arch_settings(tmp_path):
     assert arch_spec(model) == discover_spec(tiny_model("qwen3", n_layers=2))
     with pytest.raises(ArchitectureCheckError, match="check 'mlp-output'"):
         load_model(str(folder), arch={"mlp_down": "model.layers.{}.mlp.gate_proj"})
+
+
+def test_models_check_prints_the_spec_and_every_check(tmp_path, capsys):
+    from locedit.cli import main
+    from locedit.testing import save_tiny
+
+    folder = save_tiny(tmp_path / "m", "phi3", n_layers=2)
+    assert main(["models", "--check", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "model_type 'phi3', spec discovered" in out
+    assert "model.layers.{}.mlp.down_proj" in out and "all checks passed" in out
+    for check in ("layers", "mlp-output", "final-norm", "effect", "rome-identity"):
+        assert f"check {check}" in out
+    wrong = [
+        "models",
+        "--check",
+        str(folder),
+        "--arch",
+        "final_norm=model.layers.0.input_layernorm",
+    ]
+    assert main(wrong) == 2
+    assert main(["models"]) == 0
+    assert "discovered" in capsys.readouterr().out
