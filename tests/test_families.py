@@ -242,6 +242,15 @@ def test_load_model_applies_model_arch_settings(tmp_path):
     with pytest.raises(ArchitectureCheckError, match="check 'mlp-output'"):
         load_model(str(folder), arch={"mlp_down": "model.layers.{}.mlp.gate_proj"})
 
+    from omegaconf import OmegaConf
+
+    from locedit.pipeline.common import model_from_params
+
+    arch = {"mlp_down": "model.layers.{}.mlp.up_proj", "mlp_post_norm": None}
+    params = OmegaConf.create({"model": {"name": str(folder), "arch": arch}})
+    with pytest.raises(ArchitectureCheckError, match="check 'mlp-output'"):
+        model_from_params(params)
+
 
 def test_models_check_prints_the_spec_and_every_check(tmp_path, capsys):
     from locedit.cli import main
