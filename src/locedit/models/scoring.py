@@ -22,7 +22,10 @@ def logit_scale(model: nn.Module) -> float:
 
 def unembed(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Logits from final-layer hidden states (after the final norm), as the LM head does."""
-    logits = model.get_output_embeddings()(hidden) * logit_scale(model)
+    logits = model.get_output_embeddings()(hidden)
+    scale = logit_scale(model)
+    if scale != 1.0:
+        logits = logits * scale
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
