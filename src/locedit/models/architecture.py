@@ -145,7 +145,8 @@ def block_returns_tuple(model: nn.Module) -> bool:
         )
         try:
             with torch.no_grad():
-                model.base_model(input_ids=torch.zeros((1, 1), dtype=torch.long))
+                device = model.get_input_embeddings().weight.device
+                model.base_model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
         finally:
             handle.remove()
         known = bool(seen[0])
