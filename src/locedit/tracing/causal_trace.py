@@ -402,9 +402,9 @@ def _swap_cache(call: tuple[tuple, dict], old, new) -> tuple[tuple, dict]:
 
 
 def _alibi_for_rows(kwargs: dict, rows: int) -> dict:
-    """ALiBi biases come per (row, head) (Bloom): the recorded single row's, for ``rows`` rows."""
+    """ALiBi biases come per (row, head) (Bloom): repeat the single recorded row's to ``rows``."""
     alibi = kwargs.get("alibi")
-    if not isinstance(alibi, torch.Tensor) or alibi.shape[0] * rows == alibi.shape[0]:
+    if not isinstance(alibi, torch.Tensor) or rows == 1:
         return kwargs
     return {**kwargs, "alibi": alibi.repeat(rows, *([1] * (alibi.ndim - 1)))}
 
