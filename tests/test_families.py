@@ -1,7 +1,8 @@
-"""Every listed transformers family, as a tiny random model with GPT-2's vocabulary: its
-structure is discovered (or read from the table, which discovery must reproduce), passes the
-numerical checks, and traces, zeroes and edits with the same exactness checks as the
-hand-written families."""
+"""Every family of ``locedit.testing.ALL_FAMILIES``, as a tiny random model with GPT-2's
+vocabulary: its structure is discovered (or read from the table, which discovery must
+reproduce), passes the numerical checks, and traces, zeroes and edits with the same exactness
+checks as the hand-written families. Structures locedit cannot trace or edit (OPT's flattened
+MLP rows, mixture-of-experts, encoder-decoder) are refused in one line."""
 
 from __future__ import annotations
 
