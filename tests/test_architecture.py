@@ -17,6 +17,7 @@ from locedit.models.architecture import (
     mlp_param_names,
     n_layers,
 )
+from locedit.models.discovery import discover_spec
 from locedit.testing import FAMILIES, tiny_model
 
 
@@ -76,13 +77,25 @@ def test_layer_out_of_range_is_a_clear_error():
         component_module(model, "mlp", 5)
 
 
-def test_unknown_architecture_names_supported_ones_and_how_to_add():
+def test_an_unfindable_structure_is_one_line_saying_how_to_override():
     model = torch.nn.Linear(2, 2)
     model.config = type("Config", (), {"model_type": "mystery"})()
     with pytest.raises(UnsupportedArchitectureError) as err:
         arch_spec(model)
     message = str(err.value)
-    assert "mystery" in message and "gpt2" in message and "ARCHITECTURES" in message
+    assert "mystery" in message and "model.arch" in message and "ARCHITECTURES" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("family", sorted(ARCHITECTURES))
+def test_discovery_reproduces_every_table_entry(family):
+    """The table overrides discovery; on the families it names both must say the same."""
+    assert discover_spec(tiny_model(family, n_layers=2)) == ARCHITECTURES[family]
+
+
+def test_table_entry_overrides_and_is_used_without_a_forward_pass():
+    model = tiny_model("gemma3_text", n_layers=2)
+    assert arch_spec(model) is ARCHITECTURES["gemma3_text"]
 
 
 def test_table_covers_the_required_families():

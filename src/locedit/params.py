@@ -36,14 +36,20 @@ def compose_params(conf_dir: Path | str = "conf", overrides: list[str] | None = 
 
 
 @lru_cache(maxsize=2)
-def _cached_model(name: str, cache_dir: str | None, dtype: str):
-    return load_model(name, Path(cache_dir) if cache_dir else None, DTYPES[dtype])
+def _cached_model(name: str, cache_dir: str | None, dtype: str, arch: tuple = ()):
+    return load_model(name, Path(cache_dir) if cache_dir else None, DTYPES[dtype], dict(arch))
 
 
 def model_from_params(params: DictConfig):
     """(model, tokenizer) for ``params.model``; loaded once per process."""
     cfg = params.model
-    return _cached_model(str(cfg.name), cfg.get("cache_dir"), str(cfg.get("dtype", "float32")))
+    arch = {k: v for k, v in to_container(cfg.get("arch") or {}).items() if v is not None}
+    return _cached_model(
+        str(cfg.name),
+        cfg.get("cache_dir"),
+        str(cfg.get("dtype", "float32")),
+        tuple(sorted(arch.items())),
+    )
 
 
 def to_container(cfg) -> dict:

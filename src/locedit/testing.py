@@ -12,20 +12,28 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPT2TokenizerFast,
-    GPTJConfig,
-    GPTJForCausalLM,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2TokenizerFast
 
 GPT2_VOCAB = 50257
+#: Families with a hand-written table entry (the bundled models' and the paper's).
 FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "gemma3_text")
+#: Families (model_type names) whose tiny models trace and edit in the parametrised tests.
+ALL_FAMILIES = (
+    "gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+    "gemma3_text", "phi", "phi3", "olmo", "olmo2", "falcon", "stablelm", "starcoder2",
+    "bloom", "gpt_bigcode", "cohere", "granite",
+)
+#: Per-family settings on top of the generic tiny config (the first five keep the shapes the
+#: hand-written configs of earlier versions had, so seeded tests see the same weights).
+_EXTRA: dict[str, dict] = {
+    "gptj": {"rotary_dim": 8},
+    "gpt_neox": {"intermediate_size": 256},
+    "gemma3_text": {"num_key_value_heads": 1, "sliding_window": 16},
+    "gemma2": {"sliding_window": 16},
+    "mistral": {"sliding_window": 16},
+    "starcoder2": {"sliding_window": 16},
+    "opt": {"word_embed_proj_dim": 64},
+}
 
 
 @lru_cache(maxsize=1)
@@ -50,6 +58,50 @@ def gpt2_tokenizer() -> GPT2TokenizerFast:
     return tokenizer
 
 
+def tiny_config(
+    family: str = "gpt2",
+    n_layers: int = 4,
+    d_model: int = 64,
+    vocab_size: int = GPT2_VOCAB,
+    tie_embeddings: bool = True,
+):
+    """A tiny config of ``family`` (a transformers ``model_type``) from its own defaults.
+
+    Only settings the family's config knows are passed: 4 heads of width d_model / 4, two
+    key/value heads, an MLP twice as wide as the model (4x where the family fixes it), 128
+    positions, GPT-2's vocabulary and special tokens (the tests' tokenizer).
+    """
+    defaults = AutoConfig.for_model(family)
+    wanted = {
+        "num_hidden_layers": n_layers,
+        "hidden_size": d_model,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": d_model // 4,
+        "intermediate_size": 2 * d_model,
+        "ffn_dim": 2 * d_model,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": tie_embeddings,
+        **_EXTRA.get(family, {}),
+    }
+    if family in ("gpt2", "gptj", "gpt_neox"):
+        del wanted["tie_word_embeddings"]  # as before: the family's default (tied)
+    kwargs = {
+        k: v
+        for k, v in wanted.items()
+        if hasattr(defaults, k) and not isinstance(getattr(type(defaults), k, None), property)
+    }
+    pad = getattr(defaults, "pad_token_id", None)
+    return AutoConfig.for_model(
+        family,
+        vocab_size=vocab_size,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        pad_token_id=pad if isinstance(pad, int) and pad < vocab_size else None,
+        **kwargs,
+    )
+
+
 def tiny_model(
     family: str = "gpt2",
     n_layers: int = 4,
@@ -58,41 +110,13 @@ def tiny_model(
     seed: int = 0,
     tie_embeddings: bool = True,
 ) -> torch.nn.Module:
-    """A randomly initialised model of ``family`` small enough for a unit test."""
+    """A randomly initialised model of ``family`` (any ``model_type``) for a unit test."""
+    try:
+        config = tiny_config(family, n_layers, d_model, vocab_size, tie_embeddings)
+    except ValueError as err:
+        raise ValueError(f"unknown family {family!r}; e.g. {', '.join(ALL_FAMILIES)}") from err
     torch.manual_seed(seed)
-    common = {"vocab_size": vocab_size, "bos_token_id": 50256, "eos_token_id": 50256}
-    if family == "gpt2":
-        config = GPT2Config(n_layer=n_layers, n_embd=d_model, n_head=4, n_positions=128, **common)
-        model = GPT2LMHeadModel(config)
-    elif family == "gptj":
-        config = GPTJConfig(
-            n_layer=n_layers, n_embd=d_model, n_head=4, rotary_dim=8, n_positions=128, **common
-        )
-        model = GPTJForCausalLM(config)
-    elif family == "gpt_neox":
-        config = GPTNeoXConfig(
-            num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=4,
-            intermediate_size=4 * d_model, max_position_embeddings=128, **common,
-        )
-        model = GPTNeoXForCausalLM(config)
-    elif family == "llama":
-        config = LlamaConfig(
-            num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=4,
-            num_key_value_heads=2, intermediate_size=2 * d_model, max_position_embeddings=128,
-            tie_word_embeddings=tie_embeddings, **common,
-        )
-        model = LlamaForCausalLM(config)
-    elif family == "gemma3_text":
-        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-        config = Gemma3TextConfig(
-            num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=4,
-            num_key_value_heads=1, head_dim=16, intermediate_size=2 * d_model,
-            max_position_embeddings=128, sliding_window=16, **common,
-        )
-        model = Gemma3ForCausalLM(config)
-    else:
-        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    model = AutoModelForCausalLM.from_config(config)
     model.eval()
     model.requires_grad_(False)
     return model

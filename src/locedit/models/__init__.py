@@ -1,4 +1,4 @@
-"""Models: the architecture table, loading (hub id, folder, bundled GGUF) and weight safety."""
+"""Models: the architecture table and discovery, loading (hub id, folder, bundled GGUF) and weight safety."""
 
 from locedit.models.architecture import (
     ARCHITECTURES,
@@ -9,6 +9,7 @@ from locedit.models.architecture import (
     down_proj_weight,
     n_layers,
 )
+from locedit.models.discovery import ArchitectureCheckError, discover_spec, validate_spec
 from locedit.models.loading import BUNDLED, ModelLoadError, load_model
 from locedit.models.snapshot import (
     RestorationError,
@@ -20,6 +21,7 @@ from locedit.models.snapshot import (
 __all__ = [
     "ARCHITECTURES",
     "ArchSpec",
+    "ArchitectureCheckError",
     "BUNDLED",
     "ModelLoadError",
     "RestorationError",
@@ -27,9 +29,11 @@ __all__ = [
     "WeightSnapshot",
     "arch_spec",
     "component_module",
+    "discover_spec",
     "down_proj_weight",
     "load_model",
     "model_fingerprint",
     "n_layers",
     "preserved_weights",
+    "validate_spec",
 ]

@@ -1,7 +1,9 @@
-"""One table of where things live in each supported transformer family.
+"""Where things live in a transformer: the spec every component lookup goes through.
 
-Code above ``locedit.models`` speaks of "layer l, MLP output" and asks this table for the
-module; it never branches on model names. Adding a family is one entry here and one test.
+Code above ``locedit.models`` speaks of "layer l, MLP output" and asks :func:`arch_spec` for
+the module; it never branches on model names. Families not in :data:`ARCHITECTURES` are
+discovered by inspection (:mod:`locedit.models.discovery`); the table documents the families
+it names and overrides discovery for them (a test keeps both in agreement).
 """
 
 from __future__ import annotations
@@ -104,21 +106,52 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 
 
 class UnsupportedArchitectureError(ValueError):
-    """Raised for a model family that has no entry in :data:`ARCHITECTURES`."""
+    """A model whose structure locedit cannot find or does not support (one line says why)."""
 
 
 def arch_spec(model: nn.Module) -> ArchSpec:
-    """The table entry for ``model``, chosen by its ``config.model_type``."""
+    """The spec of ``model``: the one attached at load time (``model.arch`` settings, table
+    entry or discovery, validated), else its table entry, else discovered from the model.
+    """
+    attached = model.__dict__.get("_locedit_arch")
+    if attached is not None:
+        return attached
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    if getattr(model, "config", None) is None:
         raise UnsupportedArchitectureError(
-            f"model_type {model_type!r} is not in locedit's architecture table. Supported: "
-            f"{', '.join(sorted(ARCHITECTURES))}. To add a family, add an ArchSpec entry to "
-            "ARCHITECTURES in src/locedit/models/architecture.py (module paths of layers, MLP, "
-            "MLP down-projection and its weight orientation, attention, embeddings, final norm) "
-            "and a case to tests/test_architecture.py."
+            f"{type(model).__name__} (model_type {model_type!r}) is not a Hugging Face model "
+            "with a config; locedit reads the layer count and structure from it"
         )
-    return ARCHITECTURES[model_type]
+    from locedit.models.discovery import attach_spec, discover_spec
+
+    spec = discover_spec(model)
+    attach_spec(model, spec)
+    return spec
+
+
+def block_returns_tuple(model: nn.Module) -> bool:
+    """Whether a decoder block returns ``(hidden, ...)`` (Bloom, Falcon) rather than ``hidden``.
+
+    Code that stands in for a block (tracing's call recorder) must answer in the same form.
+    """
+    known = model.__dict__.get("_locedit_block_tuple")
+    if known is None:
+        seen: list[bool] = []
+        first = get_module(model, arch_spec(model).layer(0))
+        handle = first.register_forward_hook(
+            lambda _m, _i, out: seen.append(isinstance(out, tuple))
+        )
+        try:
+            with torch.no_grad():
+                device = model.get_input_embeddings().weight.device
+                model.base_model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+        finally:
+            handle.remove()
+        known = bool(seen[0])
+        object.__setattr__(model, "_locedit_block_tuple", known)
+    return known
 
 
 def n_layers(model: nn.Module) -> int:

@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from locedit.models.architecture import arch_spec
+from locedit.models.discovery import prepare_architecture
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,14 @@ def load_model(
     name_or_path: str,
     cache_dir: Path | None = None,
     dtype: torch.dtype = torch.float32,
+    arch: Mapping[str, object] | None = None,
+    check: bool = True,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """Load model and tokenizer in eval mode, checking the architecture is supported."""
+    """Load model and tokenizer in eval mode with its architecture spec.
+
+    The spec is ``arch`` (``model.arch`` settings) over the table entry over discovery, and
+    (unless ``check`` is off) is checked numerically on the model before any heavy work.
+    """
     source = resolve_model_path(name_or_path, cache_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
@@ -143,9 +150,9 @@ def load_model(
             f"cannot load model {name_or_path!r}: {err}. Use a bundled name "
             f"({', '.join(BUNDLED)}), a local HF folder, or a hub id (needs network access)."
         ) from err
-    arch_spec(model)
     model.eval()
     model.requires_grad_(False)
+    prepare_architecture(model, arch, check=check)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -13,9 +13,19 @@ import torch
 from torch import nn
 
 
+def logit_scale(model: nn.Module) -> float:
+    """Factor some heads apply to the logits after the output embedding (Cohere, Granite)."""
+    config = model.config
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    return scale / float(getattr(config, "logits_scaling", None) or 1.0)
+
+
 def unembed(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Logits from final-layer hidden states (after the final norm), as the LM head does."""
     logits = model.get_output_embeddings()(hidden)
+    scale = logit_scale(model)
+    if scale != 1.0:
+        logits = logits * scale
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap

@@ -29,8 +29,20 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from locedit.data.records import FactRecord
-from locedit.models.architecture import Component, arch_spec, get_module, n_layers
-from locedit.models.hooks import decoder_layers, recorded_inputs, replaced_forward, window_layers
+from locedit.models.architecture import (
+    Component,
+    arch_spec,
+    block_returns_tuple,
+    get_module,
+    n_layers,
+)
+from locedit.models.hooks import (
+    decoder_layers,
+    hidden_of,
+    recorded_inputs,
+    replaced_forward,
+    window_layers,
+)
 from locedit.models.noise import NoiseSource, noised_subject
 from locedit.tracing.patching import (
     TracingInput,
@@ -179,7 +191,7 @@ def _cache_kwarg(model: nn.Module) -> str:
 
 
 @contextmanager
-def _recording_layers(layers: nn.ModuleList):
+def _recording_layers(layers: nn.ModuleList, as_tuple: bool = False):
     """Replace each decoder layer by an identity that records how the model calls it.
 
     One cheap pass through the model's own forward then yields the exact per-layer arguments
@@ -191,7 +203,8 @@ def _recording_layers(layers: nn.ModuleList):
     def make(index: int):
         def record(*args, **kwargs):
             calls[index] = (args, kwargs)
-            return args[0] if args else kwargs["hidden_states"]
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return (hidden,) if as_tuple else hidden
 
         return record
 
@@ -315,11 +328,12 @@ class FactRuns:
                 rows = torch.nonzero((starts[centres] <= j) & (j < ends[centres]))[:, 0]
                 patch = set_positions(rows, position, self.clean[kind][j][token])
                 args, kwargs = _swap_cache(calls[j], probe_cache, cache)
+                kwargs = _alibi_for_rows(kwargs, hidden.shape[0])
                 if kind == "resid":
-                    hidden = patch(layers[j](hidden, *args[1:], **kwargs))
+                    hidden = patch(hidden_of(layers[j](hidden, *args[1:], **kwargs)))
                 else:
                     with patched_components(model, kind, {j: patch}):
-                        hidden = layers[j](hidden, *args[1:], **kwargs)
+                        hidden = hidden_of(layers[j](hidden, *args[1:], **kwargs))
             final = get_module(model, arch_spec(model).final_norm)
             targets = [p - prefix for p in self.inp.target_positions]
             return final(hidden[:, targets])
@@ -334,7 +348,9 @@ class FactRuns:
             for j, (keys, values) in enumerate(self.kv):
                 probe_cache.update(keys[:1, :, :prefix], values[:1, :, :prefix], j)
             kwargs = {_cache_kwarg(model): probe_cache, "use_cache": True}
-        with torch.no_grad(), _recording_layers(decoder_layers(model)) as calls:
+        with torch.no_grad(), _recording_layers(
+            decoder_layers(model), block_returns_tuple(model)
+        ) as calls:
             model.base_model(input_ids=self.inp.ids()[:, prefix:], **kwargs)
         return calls, probe_cache
 
@@ -358,6 +374,14 @@ def _swap_cache(call: tuple[tuple, dict], old, new) -> tuple[tuple, dict]:
     args = tuple(new if a is old else a for a in args)
     kwargs = {k: (new if v is old else v) for k, v in kwargs.items()}
     return args, kwargs
+
+
+def _alibi_for_rows(kwargs: dict, rows: int) -> dict:
+    """ALiBi biases come per (row, head) (Bloom): repeat the single recorded row's to ``rows``."""
+    alibi = kwargs.get("alibi")
+    if not isinstance(alibi, torch.Tensor) or rows == 1:
+        return kwargs
+    return {**kwargs, "alibi": alibi.repeat(rows, *([1] * (alibi.ndim - 1)))}
 
 
 def _reusable_kv(cache, total: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:

@@ -21,6 +21,7 @@ from locedit.data.records import FactRecord, RecordError
 from locedit.models.architecture import Component, component_module, n_layers
 from locedit.models.hooks import Edit, edited_outputs, hidden_of, recorded
 from locedit.models.noise import NoiseSource, d_model, noised_subject, resolve_noise
+from locedit.models.scoring import logit_scale
 from locedit.models.tokens import TokenizationError, encode_prompt, encode_target
 
 KINDS: tuple[str, ...] = ("mlp", "attn", "resid")
@@ -180,6 +181,7 @@ def target_probs_from_final(
     head = model.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
     softcap = getattr(model.config, "final_logit_softcapping", None)
+    scale = logit_scale(model)
     rows, n_target, width = final_hidden.shape
     flat = final_hidden.reshape(rows * n_target, width).to(weight.dtype)
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -188,6 +190,8 @@ def target_probs_from_final(
         logits = nn.functional.linear(
             flat, weight[start:stop], None if bias is None else bias[start:stop]
         )
+        if scale != 1.0:
+            logits = logits * scale
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return logits.to(compute)
