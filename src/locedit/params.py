@@ -8,15 +8,15 @@ import logging
 from functools import lru_cache
 from pathlib import Path
 
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from locedit.models.device import DTYPES, resolve_device
 from locedit.models.loading import load_model
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+__all__ = ["DTYPES", "compose_params", "load_params", "model_from_params", "to_container"]
 
 
 def load_params(path: Path | str = "params.yaml") -> DictConfig:
@@ -36,12 +36,19 @@ def compose_params(conf_dir: Path | str = "conf", overrides: list[str] | None = 
 
 
 @lru_cache(maxsize=2)
-def _cached_model(name: str, cache_dir: str | None, dtype: str, arch: tuple = ()):
-    return load_model(name, Path(cache_dir) if cache_dir else None, DTYPES[dtype], dict(arch))
+def _cached_model(
+    name: str, cache_dir: str | None, dtype: str, arch: tuple = (), device: str = "cpu"
+):
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown model.dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return load_model(
+        name, Path(cache_dir) if cache_dir else None, DTYPES[dtype], dict(arch), device=device
+    )
 
 
 def model_from_params(params: DictConfig):
-    """(model, tokenizer) for ``params.model``; loaded once per process."""
+    """(model, tokenizer) for ``params.model`` on ``model.device`` (``auto``: CUDA when
+    available, else CPU) in ``model.dtype``; loaded once per process."""
     cfg = params.model
     arch = {k: v for k, v in to_container(cfg.get("arch") or {}).items() if v is not None}
     return _cached_model(
@@ -49,6 +56,7 @@ def model_from_params(params: DictConfig):
         cfg.get("cache_dir"),
         str(cfg.get("dtype", "float32")),
         tuple(sorted(arch.items())),
+        str(resolve_device(cfg.get("device", "auto"))),
     )
 
 

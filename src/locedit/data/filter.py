@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import FactRecord
+from locedit.models.device import model_device
 from locedit.models.scoring import target_log_probs
 from locedit.models.tokens import TokenizationError, encode_prompt, encode_target
 
@@ -76,7 +77,7 @@ def greedy_completions(
         batches = range(0, len(prompts), batch_size)
         for start in tqdm(batches, desc="greedy completions", unit="batch", disable=not progress):
             chunk = list(prompts[start : start + batch_size])
-            enc = tokenizer(chunk, return_tensors="pt", padding=True)
+            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(model_device(model))
             with torch.no_grad():
                 generated = model.generate(
                     **enc,

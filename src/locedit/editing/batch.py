@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from locedit.editing.types import EditRequest
+from locedit.models.device import model_device
 from locedit.models.scoring import pad_token_id
 from locedit.models.tokens import TokenizationError, encode_target
 
@@ -101,6 +102,7 @@ def build_batch(
     kl_prompts: Sequence[str] = (),
     pad_id: int = 0,
     noise_per_template: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> EditBatch:
     """Rows for ``templates`` (each a prefix followed by ``{}``) plus KL rows.
 
@@ -170,11 +172,12 @@ def build_batch(
             }
         )
     width = max(len(r["ids"]) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    # Built on the CPU row by row, then moved to ``device`` in one copy each.
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
     t_rows, t_cols, t_tokens = [], [], []
     for i, row in enumerate(rows):
-        input_ids[i, : len(row["ids"])] = torch.tensor(row["ids"], dtype=torch.long)
+        input_ids[i, : len(row["ids"])] = torch.tensor(row["ids"], dtype=torch.long, device="cpu")
         mask[i, : len(row["ids"])] = 1
         if row["rewrite"]:
             for offset, token in enumerate(target_ids):
@@ -182,19 +185,19 @@ def build_batch(
                 t_cols.append(row["prompt_len"] - 1 + offset)
                 t_tokens.append(token)
     return EditBatch(
-        input_ids=input_ids,
-        attention_mask=mask,
-        lookup=torch.tensor([r["end"] - 1 for r in rows], dtype=torch.long),
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        lookup=torch.tensor([r["end"] - 1 for r in rows], dtype=torch.long, device=device),
         subject_start=tuple(r["start"] for r in rows),
         subject_len=tuple(r["end"] - r["start"] for r in rows),
-        rewrite=torch.tensor([r["rewrite"] for r in rows]),
-        bare=torch.tensor([r["bare"] for r in rows]),
-        kl=torch.tensor([not r["rewrite"] for r in rows]),
-        target_rows=torch.tensor(t_rows, dtype=torch.long),
-        target_cols=torch.tensor(t_cols, dtype=torch.long),
-        target_tokens=torch.tensor(t_tokens, dtype=torch.long),
+        rewrite=torch.tensor([r["rewrite"] for r in rows], device=device),
+        bare=torch.tensor([r["bare"] for r in rows], device=device),
+        kl=torch.tensor([not r["rewrite"] for r in rows], device=device),
+        target_rows=torch.tensor(t_rows, dtype=torch.long, device=device),
+        target_cols=torch.tensor(t_cols, dtype=torch.long, device=device),
+        target_tokens=torch.tensor(t_tokens, dtype=torch.long, device=device),
         n_target=len(target_ids),
-        noise=noise,
+        noise=None if noise is None else noise.to(device),
         noise_sample=tuple(r["sample"] for r in rows),
         template=tuple(r["template"] for r in rows),
     )
@@ -210,5 +213,5 @@ def request_batch(
     kl_prompts = [hp.kl_prompt] if hp.kl_factor else []
     return build_batch(
         tokenizer, request, target_ids, templates, kl_prompts, pad_token_id(model),
-        hp.noise_per_template,
+        hp.noise_per_template, model_device(model),
     )

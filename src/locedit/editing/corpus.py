@@ -21,6 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from locedit.models.device import model_device, rng_devices
+
 log = logging.getLogger(__name__)
 
 CorpusKind = Literal["model_samples", "text_file", "hf_dataset"]
@@ -132,11 +134,14 @@ def sample_from_model(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
     out: list[list[int]] = []
     batches = range(0, n_samples, batch_size)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    device = model_device(model)
+    # On a GPU the samples come from its generator: seeded and reproducible there, but not the
+    # CPU's text (README "GPU and precision").
+    with torch.random.fork_rng(devices=rng_devices(device)), torch.no_grad():
         torch.manual_seed(seed)
         for first in tqdm(batches, desc=desc or "sampling", disable=desc is None, leave=False):
             size = min(batch_size, n_samples - first)
-            ids = torch.full((size, 1), start, dtype=torch.long)
+            ids = torch.full((size, 1), start, dtype=torch.long, device=device)
             generated = model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),

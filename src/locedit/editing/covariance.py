@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from locedit.editing.corpus import CorpusSpec, corpus_token_ids, generate_context_templates
 from locedit.models import hooks
 from locedit.models.architecture import arch_spec, check_layer, get_module
+from locedit.models.device import accumulation_device, model_device
 from locedit.models.scoring import pad_right
 from locedit.models.snapshot import model_fingerprint
 
@@ -62,8 +63,12 @@ def second_moments(
     sums = {layer: None for layer in layers}
     state = {"mask": None}
 
+    device = model_device(model)
+    # float64 sums on the model's device where it has float64 (CUDA), else on the CPU.
+    accumulate = accumulation_device(device)
+
     def capture(layer, inputs, _output):
-        keys = inputs[0][state["mask"]].double()
+        keys = inputs[0][state["mask"]].to(accumulate, torch.float64)
         product = keys.T @ keys
         sums[layer] = product if sums[layer] is None else sums[layer] + product
 
@@ -72,7 +77,7 @@ def second_moments(
     with hooks.watched(modules, capture):
         batches = range(0, len(rows), batch_size)
         for start in tqdm(batches, desc="key second moments", disable=not progress, leave=False):
-            ids, mask = pad_right(rows[start : start + batch_size], pad_id)
+            ids, mask = pad_right(rows[start : start + batch_size], pad_id, device)
             keep = mask.bool()
             if skip_first:
                 keep[:, 0] = False
@@ -116,7 +121,9 @@ class CovarianceSolver:
         self.tolerance = tolerance
         candidates = [ridge] + [r for r in self.LADDER if r > ridge]
         for candidate in candidates:
-            regularised = matrix + candidate * self.scale * torch.eye(self.dim, dtype=torch.float64)
+            regularised = matrix + candidate * self.scale * torch.eye(
+                self.dim, dtype=torch.float64, device=matrix.device
+            )
             factor, info = torch.linalg.cholesky_ex(regularised)
             if int(info) != 0:
                 continue
@@ -141,15 +148,16 @@ class CovarianceSolver:
         self.factor = factor
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        """x with (C + ridge) x = rhs, float64; raises when the residual check fails."""
-        b = rhs.double().reshape(self.dim, -1)
+        """x with (C + ridge) x = rhs, float64 on ``rhs``'s device; raises when the residual
+        check fails."""
+        b = rhs.to(self.factor.device, torch.float64).reshape(self.dim, -1)
         x = torch.cholesky_solve(b, self.factor)
         residual = float((self.matrix @ x - b).norm() / b.norm().clamp_min(1e-300))
         if not residual <= self.tolerance:
             raise SingularCovarianceError(
                 f"covariance solve residual {residual:.2e} > {self.tolerance:g}"
             )
-        return x.reshape(rhs.shape)
+        return x.reshape(rhs.shape).to(rhs.device)
 
 
 class CovarianceStore:
@@ -236,7 +244,7 @@ class CovarianceStore:
         for layer in layers:
             path = self.path(model, layer)
             path.parent.mkdir(parents=True, exist_ok=True)
-            mom2 = (sums[layer] / count).to(_DTYPES[spec.dtype])
+            mom2 = (sums[layer] / count).to("cpu", _DTYPES[spec.dtype])
             meta = {
                 "schema": STATS_SCHEMA_VERSION,
                 "model_fingerprint": self.fingerprint(model),
@@ -276,7 +284,9 @@ class CovarianceStore:
         if key in self._solvers:
             self._solvers.move_to_end(key)
             return self._solvers[key]
-        solver = CovarianceSolver(self.get(model, layer), ridge)
+        # Factorised in float64 where the model runs (CPU for devices without float64).
+        device = accumulation_device(model_device(model))
+        solver = CovarianceSolver(self.get(model, layer).to(device), ridge)
         self._solvers[key] = solver
         while len(self._solvers) > self._max_cached:
             self._solvers.popitem(last=False)

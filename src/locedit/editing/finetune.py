@@ -3,7 +3,7 @@
 What is optimised is a :class:`ConstrainedFinetune` LightningModule (loss in
 ``training_step``, Adam in ``configure_optimizers``, the projection back into the ball of
 radius eps around the original weights after every optimiser step); how it runs is a
-``lightning.Trainer`` on CPU with no logger, checkpoints or progress bar, so nothing is left
+``lightning.Trainer`` on the model's device (``model.device``) with no logger, checkpoints or progress bar, so nothing is left
 on disk. The paper's code trains the down-projection (weight and bias) of each layer in the
 window; ``params: mlp`` trains every MLP parameter instead.
 """
@@ -28,6 +28,7 @@ from locedit.editing.hparams import FTHParams
 from locedit.editing.loss import batch_target_log_probs, objective
 from locedit.editing.types import EditCall, EditFailed, EditResult
 from locedit.models.architecture import arch_spec, check_layer, mlp_param_names
+from locedit.models.device import lightning_devices, model_device
 from locedit.models.hooks import frozen_layers
 from locedit.models.scoring import pad_token_id
 from locedit.models.tokens import encode_target
@@ -85,12 +86,23 @@ class ConstrainedFinetune(pl.LightningModule):
         self.param_names = list(param_names)
         self.trained = [named[name] for name in self.param_names]
         self.bounds = [linf_bounds(p.detach(), hp.linf_eps) for p in self.trained]
+        # bfloat16/float16 weights train through float32 master copies (Adam's second moment
+        # underflows in float16, and bfloat16 rounds most small steps away); the weights are
+        # the masters rounded to their dtype, projected into the ball in both precisions.
+        self.masters = [
+            p.detach().float().clone().requires_grad_(True) if _is_half(p) else None
+            for p in self.trained
+        ]
+        self.master_bounds = [
+            None if m is None else linf_bounds(m.detach(), hp.linf_eps) for m in self.masters
+        ]
         self.losses: list[float] = []
         self.nlls: list[float] = []
         self.converged = False
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.trained, lr=self.hp.lr, weight_decay=self.hp.weight_decay)
+        params = [p if m is None else m for p, m in zip(self.trained, self.masters, strict=True)]
+        return torch.optim.Adam(params, lr=self.hp.lr, weight_decay=self.hp.weight_decay)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(list(range(self.hp.steps)), batch_size=None)
@@ -121,16 +133,36 @@ class ConstrainedFinetune(pl.LightningModule):
         return loss
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        closure = optimizer_closure
+        if any(m is not None for m in self.masters):
+
+            def closure():
+                loss = optimizer_closure()
+                for param, master in zip(self.trained, self.masters, strict=True):
+                    if master is not None:
+                        master.grad = None if param.grad is None else param.grad.float()
+                return loss
+
+        super().optimizer_step(epoch, batch_idx, optimizer, closure)
         self.project_to_linf_ball()
 
     @torch.no_grad()
     def project_to_linf_ball(self) -> None:
         """Clamp every trained weight back into [original - eps, original + eps]."""
+        for param, master, master_bounds in zip(
+            self.trained, self.masters, self.master_bounds, strict=True
+        ):
+            if master is not None:
+                master.copy_(torch.maximum(torch.minimum(master, master_bounds[1]), master_bounds[0]))
+                param.copy_(master.to(param.dtype))
         for param, (lo, hi) in zip(self.trained, self.bounds, strict=True):
             if not bool(torch.isfinite(param).all()):
                 raise EditFailed("ft", "non-finite weights after an optimiser step")
             param.copy_(torch.maximum(torch.minimum(param, hi), lo))
+
+
+def _is_half(param: torch.Tensor) -> bool:
+    return param.dtype in (torch.float16, torch.bfloat16)
 
 
 @contextlib.contextmanager
@@ -158,7 +190,9 @@ def apply_finetune(edit: EditCall) -> EditResult:
     if hp.steps < 1:
         raise ValueError("FT needs steps >= 1")
     target_ids = encode_target(tokenizer, request.prompt, request.target)
-    batch = build_batch(tokenizer, request, target_ids, pad_id=pad_token_id(model))
+    batch = build_batch(
+        tokenizer, request, target_ids, pad_id=pad_token_id(model), device=model_device(model)
+    )
     names = finetuned_param_names(model, layers, hp.params)
     module = ConstrainedFinetune(model, batch, names, hp, request.direction)
     flags_before = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -169,9 +203,10 @@ def apply_finetune(edit: EditCall) -> EditResult:
         for name in names:
             named[name].requires_grad_(True)
         with _quiet_lightning(), tempfile.TemporaryDirectory(prefix="locedit-ft-") as root:
+            accelerator, devices = lightning_devices(model_device(model))
             trainer = pl.Trainer(
-                accelerator="cpu",
-                devices=1,
+                accelerator=accelerator,
+                devices=devices,
                 max_epochs=1,
                 max_steps=hp.steps,
                 logger=False,

@@ -55,7 +55,7 @@ def captured_io(module: nn.Module, positions: torch.Tensor) -> Iterator[dict[str
     found: dict[str, torch.Tensor] = {}
 
     def read(inputs, output) -> bool:
-        rows = torch.arange(inputs[0].shape[0])
+        rows = torch.arange(inputs[0].shape[0], device=positions.device)
         found["input"] = inputs[0][rows, positions].detach()
         found["output"] = hooks.hidden_of(output)[rows, positions].detach()
         return True
@@ -74,8 +74,8 @@ def added_at(
     first forward, [B, d_model].
     """
     size = int(positions.shape[0])
-    rows = torch.arange(size)
-    mask = torch.zeros(size, width, 1)
+    rows = torch.arange(size, device=positions.device)
+    mask = torch.zeros(size, width, 1, device=positions.device)
     mask[rows, positions] = 1.0
     state: dict[str, torch.Tensor] = {}
 

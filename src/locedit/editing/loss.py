@@ -21,7 +21,7 @@ def _row_totals(
 ) -> torch.Tensor:
     """Summed log p(target token) per rewriting row from log-distributions at target positions."""
     picked = log_probs.gather(1, tokens[:, None])[:, 0]
-    totals = torch.zeros(size, dtype=picked.dtype).index_add(0, rows, picked)
+    totals = torch.zeros(size, dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
     return totals[rewrite]
 
 
@@ -54,7 +54,11 @@ def split_log_probs(
     ROME does. Both come from one unembedding call: at a few dozen positions the cost is
     reading the vocabulary matrix, so one read instead of two halves it.
     """
-    kl_rows = torch.nonzero(split.kl)[:, 0] if with_kl else torch.zeros(0, dtype=torch.long)
+    kl_rows = (
+        torch.nonzero(split.kl)[:, 0]
+        if with_kl
+        else torch.zeros(0, dtype=torch.long, device=split.kl.device)
+    )
     rows = torch.cat([split.target_rows, kl_rows])
     cols = torch.cat([split.target_cols, torch.zeros_like(kl_rows)])
     log_probs = torch.log_softmax(unembed(model, hidden[rows, cols]).float(), dim=-1)

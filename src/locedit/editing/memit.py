@@ -64,7 +64,8 @@ def mlp_change_for(
     normal = jacobian.T @ jacobian
     mu = damping * float(torch.trace(normal)) / int(point.shape[0])
     change = torch.linalg.solve(
-        normal + mu * torch.eye(int(point.shape[0]), dtype=torch.float64), jacobian.T @ wanted
+        normal + mu * torch.eye(int(point.shape[0]), dtype=torch.float64, device=point.device),
+        jacobian.T @ wanted,
     )
     realised = float((jacobian @ change).norm() / wanted.norm().clamp_min(1e-300))
     return change, realised

@@ -53,9 +53,10 @@ def split_batch(batch: EditBatch, pad_id: int = 0) -> SplitBatch:
     width_prefix = max(cuts)
     width_suffix = max(n - c for n, c in zip(lengths, cuts, strict=True))
     size = batch.size
-    prefix = torch.full((size, width_prefix), pad_id, dtype=torch.long)
-    suffix = torch.full((size, width_suffix), pad_id, dtype=torch.long)
-    mask = torch.zeros((size, width_prefix + width_suffix), dtype=torch.long)
+    device = batch.input_ids.device
+    prefix = torch.full((size, width_prefix), pad_id, dtype=torch.long, device=device)
+    suffix = torch.full((size, width_suffix), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((size, width_prefix + width_suffix), dtype=torch.long, device=device)
     noise_prefix, noise_suffix = [], []
     for row, (n, cut) in enumerate(zip(lengths, cuts, strict=True)):
         ids = batch.input_ids[row, :n]

@@ -35,8 +35,9 @@ def optimise_vstar_reference(
     """
     if batch.noise is not None:
         raise ValueError("the reference v* handles clean requests only")
-    rows = torch.arange(batch.size)
-    delta = torch.zeros(int(model.config.hidden_size), requires_grad=True)
+    device = batch.input_ids.device
+    rows = torch.arange(batch.size, device=device)
+    delta = torch.zeros(int(model.config.hidden_size), requires_grad=True, device=device)
     optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
     state: dict[str, torch.Tensor] = {}
 
@@ -56,7 +57,7 @@ def optimise_vstar_reference(
             ).logits.float()
             log_probs = torch.log_softmax(logits, dim=-1)
             picked = log_probs[batch.target_rows, batch.target_cols, batch.target_tokens]
-            totals = torch.zeros(batch.size).index_add(0, batch.target_rows, picked)
+            totals = torch.zeros(batch.size, device=device).index_add(0, batch.target_rows, picked)
             loss, _ = objective(totals[batch.rewrite], batch.n_target, direction)
             init = state["init"][batch.bare].mean(0)
             if use_kl:

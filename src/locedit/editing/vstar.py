@@ -88,8 +88,10 @@ def optimise_vstar(
         raise ValueError(f"{method} needs v_steps >= 1")
     split = split_batch(batch, pad_token_id(model))
     forward = PrefixCachedForward(model, split)
-    lookup = torch.zeros(split.size, dtype=torch.long)
-    delta = torch.zeros(d_model, requires_grad=True)
+    # delta and the loss stay float32 whatever the weights' dtype (bfloat16/float16 models).
+    device = split.suffix_ids.device
+    lookup = torch.zeros(split.size, dtype=torch.long, device=device)
+    delta = torch.zeros(d_model, requires_grad=True, device=device, dtype=torch.float32)
     optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
     kl_init: torch.Tensor | None = None
     first: tuple[float, float] | None = None

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import Direction, FactRecord
 from locedit.metrics import scores
+from locedit.models.device import model_device
 from locedit.models.noise import NoiseConfig, d_model, fact_noise, fact_seed, noised_subject
 from locedit.models.scoring import target_log_probs
 from locedit.models.tokens import TokenizationError, encode_prompt, encode_target
@@ -101,7 +102,7 @@ def probe_probabilities(
         if noise is None:
             raise ValueError("noised probes need the tracing noise configuration")
         start, end = probe.subject_span
-        tensor = fact_noise(record.fact_id, end - start, d_model(model), noise)
+        tensor = fact_noise(record.fact_id, end - start, d_model(model), noise).to(model_device(model))
         with noised_subject(model, start, end, tensor):
             log_p = target_log_probs(
                 model, [probe.prompt_ids] * noise.n_samples, [probe.target_ids] * noise.n_samples,
@@ -188,8 +189,8 @@ def sample_essence_texts(
 ) -> EssenceTexts:
     """Five top-k=5 samples, seeded per fact so a rerun draws the same texts."""
     prompt = f"{record.subject} is a"
-    enc = tokenizer(prompt, return_tensors="pt")
-    torch.manual_seed(fact_seed(seed, f"essence:{record.fact_id}"))
+    enc = tokenizer(prompt, return_tensors="pt").to(model_device(model))
+    torch.manual_seed(fact_seed(seed, f"essence:{record.fact_id}"))  # seeds CUDA too
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         generated = model.generate(

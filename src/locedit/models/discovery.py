@@ -127,8 +127,8 @@ def _is_linear(module: nn.Module) -> bool:
 
 def _probe_ids(model: nn.Module, length: int = 6) -> torch.Tensor:
     weight = model.get_input_embeddings().weight
-    ids = (torch.arange(length) * 7919 + 11).remainder(int(weight.shape[0]))[None]
-    return ids.to(weight.device)
+    ids = (torch.arange(length, device=weight.device) * 7919 + 11).remainder(int(weight.shape[0]))
+    return ids[None]
 
 
 @dataclass
@@ -433,11 +433,11 @@ def validate_spec(model: nn.Module, spec: ArchSpec) -> list[CheckResult]:
         raise fail("unembedding", "logits differ from the output embedding of the final norm")
     results.append(CheckResult("final-norm", "last block -> final norm -> unembedding = logits"))
 
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device="cpu").manual_seed(0)  # CPU: the same probe everywhere
 
     def replaced(_m, _i, output):
         hidden = _first_tensor(output)
-        noise = torch.randn(hidden.shape, generator=generator).to(hidden)
+        noise = torch.randn(hidden.shape, generator=generator, device="cpu").to(hidden)
         new = noise * (float(hidden.float().std()) + 1.0)
         return new if isinstance(output, torch.Tensor) else (new, *output[1:])
 
@@ -458,7 +458,9 @@ def validate_spec(model: nn.Module, spec: ArchSpec) -> list[CheckResult]:
     # The last position's key and value (OPT's MLP runs on [batch * seq, width] rows).
     key = seen["down"].inputs[0].flatten(0, -2)[-1].double()
     value = _first_tensor(seen["down"].output).flatten(0, -2)[-1].double()
-    wanted = torch.randn(value.shape, generator=generator, dtype=torch.float64).to(value.device)
+    wanted = torch.randn(
+        value.shape, generator=generator, dtype=torch.float64, device="cpu"
+    ).to(value.device)
     target = value + wanted * (float(value.norm()) / value.numel() ** 0.5 + 1.0)
     delta = torch.outer(target - value, key) / float(key @ key)
     if spec.down_orientation == "in_out":

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from locedit.models.device import parse_dtype, resolve_device
 from locedit.models.discovery import prepare_architecture
 
 log = logging.getLogger(__name__)
@@ -132,24 +133,27 @@ def resolve_model_path(name_or_path: str, cache_dir: Path | None = None) -> str:
 def load_model(
     name_or_path: str,
     cache_dir: Path | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     arch: Mapping[str, object] | None = None,
     check: bool = True,
+    device: torch.device | str = "cpu",
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """Load model and tokenizer in eval mode with its architecture spec.
+    """Load model and tokenizer in eval mode with its architecture spec, on ``device``
+    (``model.device``: auto, cpu, cuda, cuda:N) in ``dtype`` (``model.dtype``).
 
     The spec is ``arch`` (``model.arch`` settings) over the table entry over discovery, and
     (unless ``check`` is off) is checked numerically on the model before any heavy work.
     """
     source = resolve_model_path(name_or_path, cache_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=parse_dtype(dtype))
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise ModelLoadError(
             f"cannot load model {name_or_path!r}: {err}. Use a bundled name "
             f"({', '.join(BUNDLED)}), a local HF folder, or a hub id (needs network access)."
         ) from err
+    model.to(resolve_device(device))
     model.eval()
     model.requires_grad_(False)
     prepare_architecture(model, arch, check=check)

@@ -39,9 +39,15 @@ def fact_seed(seed: int, fact_id: str) -> int:
 def subject_noise(
     n_samples: int, n_subject_tokens: int, d_model: int, sigma: float, seed: int
 ) -> torch.Tensor:
-    """Gaussian noise [n_samples, n_subject_tokens, d_model] from a dedicated generator."""
-    generator = torch.Generator().manual_seed(seed)
-    return sigma * torch.randn(n_samples, n_subject_tokens, d_model, generator=generator)
+    """Gaussian noise [n_samples, n_subject_tokens, d_model] from a dedicated generator.
+
+    Drawn on the CPU (deliberately: the same seed gives the same noise on every device, so
+    CPU and GPU runs trace and edit with identical noise); users move it to the model.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return sigma * torch.randn(
+        n_samples, n_subject_tokens, d_model, generator=generator, device="cpu"
+    )
 
 
 def d_model(model: nn.Module) -> int:
@@ -86,7 +92,8 @@ def resolve_noise(
     tensor = (
         source if isinstance(source, torch.Tensor) else source(n_samples, n_subject_tokens, width)
     )
-    tensor = torch.as_tensor(tensor)
+    if not isinstance(tensor, torch.Tensor):
+        tensor = torch.as_tensor(tensor, device="cpu")
     if tensor.dim() == 2:
         tensor = tensor.unsqueeze(0)
     if tensor.dim() != 3 or tuple(tensor.shape[1:]) != (n_subject_tokens, width):
@@ -109,7 +116,7 @@ def noised_subject(
 
     def add_noise(output: torch.Tensor) -> torch.Tensor:
         patched = output.clone()
-        patched[:, subject_start:subject_end] += noise.to(output.dtype)
+        patched[:, subject_start:subject_end] += noise.to(device=output.device, dtype=output.dtype)
         return patched
 
     with edited_output(embedding_module(model), add_noise):
@@ -128,8 +135,9 @@ def positioned_noise(model: nn.Module, entries: Sequence[tuple], size: int) -> I
         groups.setdefault((start, int(noise.shape[0])), []).append((row, noise))
     with ExitStack() as stack:
         for (start, n_tok), members in sorted(groups.items()):
+            first = members[0][1]
             per_row = torch.zeros(
-                size, n_tok, int(members[0][1].shape[-1]), dtype=members[0][1].dtype
+                size, n_tok, int(first.shape[-1]), dtype=first.dtype, device=first.device
             )
             for row, noise in members:
                 per_row[row] = noise

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from locedit.models.device import model_device
+
 
 def logit_scale(model: nn.Module) -> float:
     """Factor some heads apply to the logits after the output embedding (Cohere, Granite)."""
@@ -32,15 +34,18 @@ def unembed(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask, so positions stay those of the unpadded prompt."""
+def pad_right(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask on ``device``, so positions stay those of the
+    unpadded prompt."""
     width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(sequences), width), dtype=torch.long, device="cpu")
     for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long, device="cpu")
         mask[row, : len(seq)] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def pad_token_id(model: nn.Module) -> int:
@@ -73,12 +78,13 @@ def target_log_probs(
         for start in range(0, len(prompts), batch_size):
             chunk = range(start, min(start + batch_size, len(prompts)))
             out.append(_log_probs_batch(model, [prompts[i] for i in chunk], [targets[i] for i in chunk], pad))
-    return torch.cat(out) if out else torch.empty(0)
+    return torch.cat(out) if out else torch.empty(0, device=model_device(model))
 
 
 def _log_probs_batch(model, prompts, targets, pad: int) -> torch.Tensor:
     sequences = [list(p) + list(t[:-1]) for p, t in zip(prompts, targets, strict=True)]
-    ids, mask = pad_right(sequences, pad)
+    device = model_device(model)
+    ids, mask = pad_right(sequences, pad, device)
     hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
     rows, cols, token_ids = [], [], []
     for row, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
@@ -86,17 +92,20 @@ def _log_probs_batch(model, prompts, targets, pad: int) -> torch.Tensor:
             rows.append(row)
             cols.append(len(prompt) - 1 + offset)
             token_ids.append(token)
-    logits = unembed(model, hidden[torch.tensor(rows), torch.tensor(cols)]).float()
-    picked = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(token_ids)[:, None])[:, 0]
-    totals = torch.zeros(len(prompts), dtype=picked.dtype)
-    return totals.index_add(0, torch.tensor(rows), picked)
+    rows_t = torch.tensor(rows, device=device)
+    logits = unembed(model, hidden[rows_t, torch.tensor(cols, device=device)]).float()
+    index = torch.tensor(token_ids, device=device)[:, None]
+    picked = torch.log_softmax(logits, dim=-1).gather(1, index)[:, 0]
+    totals = torch.zeros(len(prompts), dtype=picked.dtype, device=device)
+    return totals.index_add(0, rows_t, picked)
 
 
 def next_token_log_probs(model: nn.Module, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
     """log-softmax over the vocabulary at the last position of each prompt: [n, vocab]."""
-    ids, mask = pad_right(prompts, pad_token_id(model))
+    device = model_device(model)
+    ids, mask = pad_right(prompts, pad_token_id(model), device)
     with torch.no_grad():
         hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        last = torch.tensor([len(p) - 1 for p in prompts])
-        logits = unembed(model, hidden[torch.arange(len(prompts)), last]).float()
+        last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+        logits = unembed(model, hidden[torch.arange(len(prompts), device=device), last]).float()
     return torch.log_softmax(logits, dim=-1)

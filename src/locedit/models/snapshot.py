@@ -15,7 +15,12 @@ class RestorationError(RuntimeError):
 
 
 class WeightSnapshot:
-    """Exact copies of named parameters, restorable and verifiable bit for bit."""
+    """Exact copies of named parameters, restorable and verifiable bit for bit.
+
+    The copies stay on the parameters' device (a deliberate choice: restoring is a device-local
+    copy; GPT-J's largest edited matrix is 128 MiB in bfloat16) and in their dtype; equality is
+    checked on the raw bits, so -0.0 vs 0.0 or a NaN payload count as changes in every dtype.
+    """
 
     def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
         params = dict(model.named_parameters())
@@ -29,7 +34,7 @@ class WeightSnapshot:
     def changed(self) -> list[str]:
         """Names of parameters that differ from the snapshot now."""
         params = dict(self.model.named_parameters())
-        return [n for n, saved in self.saved.items() if not torch.equal(params[n].detach(), saved)]
+        return [n for n, saved in self.saved.items() if not same_bits(params[n].detach(), saved)]
 
     def restore(self) -> None:
         """Copy the saved values back and verify bit-identity."""
@@ -40,6 +45,19 @@ class WeightSnapshot:
         still_changed = self.changed()
         if still_changed:
             raise RestorationError(f"restoration failed for {still_changed}")
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same bits (shape, dtype, device and every byte)."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    bits = _BITS.get(a.element_size())
+    if bits is None or a.is_complex() or a.dtype == torch.bool:
+        return torch.equal(a, b)
+    return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
 
 
 @contextmanager
@@ -65,6 +83,6 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(config.to_json_string(use_diff=False).encode())
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         digest.update(memoryview(raw.numpy()))
     return digest.hexdigest()[:16]

@@ -114,7 +114,10 @@ def run(params: DictConfig) -> None:
     with stage_run("edit", logged, params.mlflow, run_name="edit sweep") as parent:
         (out / "mlflow_run.json").write_text(json.dumps({"run_id": parent.info.run_id}) + "\n")
         start = time.perf_counter()
-        ran = run_sweep(spec, cfg.get("executor", "local"), int(cfg.get("workers", 1)), cfg.get("ray_address"))
+        ran = run_sweep(
+            spec, cfg.get("executor", "local"), int(cfg.get("workers", 1)), cfg.get("ray_address"),
+            gpus_per_worker=float(cfg.get("gpus_per_worker", 1.0)),
+        )
         elapsed = time.perf_counter() - start
         table = results_table(ResultStore(out).rows(), [t.key for t in spec.tasks])
         table.to_parquet(out / "results.parquet", index=False)

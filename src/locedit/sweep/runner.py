@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from locedit.data.records import FactRecord
+from locedit.models.device import assign_gpus, visible_gpus
 from locedit.sweep.plan import EditTask
 from locedit.sweep.store import ResultStore
 from locedit.sweep.worker import EvaluationConfig, run_fact
@@ -47,6 +47,8 @@ class SweepSpec:
 @lru_cache(maxsize=1)
 def _worker_state(params_yaml: str):
     """Model, tokenizer and covariance store of a worker process, loaded once per process."""
+    from omegaconf import OmegaConf
+
     from locedit.editing import CovarianceStore
     from locedit.params import model_from_params
 
@@ -59,6 +61,8 @@ def _run_fact_job(
     spec: SweepSpec, fact_id: str, tasks: list[EditTask], on_row: Callable[[dict], None] | None = None
 ) -> list[dict]:
     """One fact's edits; rows go to ``on_row`` as they finish, or back to the driver at the end."""
+    from omegaconf import OmegaConf
+
     if spec.threads:
         torch.set_num_threads(spec.threads)
     model, tokenizer, covariance = _worker_state(OmegaConf.to_yaml(OmegaConf.create(spec.params)))
@@ -83,9 +87,14 @@ def pending_jobs(tasks: Sequence[EditTask], done: set[str]) -> dict[tuple[str, s
 
 def run_sweep(
     spec: SweepSpec, executor: str = "local", workers: int = 1, ray_address: str | None = None,
-    progress: bool = True,
+    progress: bool = True, gpus_per_worker: float = 1.0,
 ) -> int:
-    """Run every task not yet in the store; returns how many edits ran now."""
+    """Run every task not yet in the store; returns how many edits ran now.
+
+    With GPUs, each local worker process sees its own GPU(s) (:func:`worker_gpu_plan`) and
+    Ray runs one actor per worker with ``gpus_per_worker`` GPUs (Ray's ``num_gpus``), each
+    holding its own model replica.
+    """
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose from {EXECUTORS}")
     store = ResultStore(spec.out_dir)
@@ -105,18 +114,57 @@ def run_sweep(
             for (fact_id, _), tasks in pending.items():
                 _run_fact_job(spec, fact_id, tasks, on_row=lambda row: record([row]))
         elif executor == "local":
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            context = get_context("spawn")
+            queue = context.Queue()
+            for visible in worker_gpu_plan(spec.params, workers, gpus_per_worker):
+                queue.put(visible)
+            with ProcessPoolExecutor(
+                max_workers=workers, mp_context=context,
+                initializer=_claim_gpu, initargs=(queue,),
+            ) as pool:
                 futures = [pool.submit(_run_fact_job, spec, f, t) for (f, _), t in pending.items()]
                 for future in as_completed(futures):
                     record(future.result())
         else:
-            _run_ray(spec, pending, workers, ray_address, record)
+            _run_ray(spec, pending, workers, ray_address, record, gpus_per_worker)
     finally:
         bar.close()
     return n_pending
 
 
-def _run_ray(spec: SweepSpec, pending, workers: int, address: str | None, record) -> None:
+def worker_gpu_plan(params: Mapping, workers: int, gpus_per_worker: float = 1.0) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each local worker: the visible GPUs spread over the workers
+    when ``model.device`` is ``auto`` or ``cuda`` (an explicit ``cuda:N`` or ``cpu`` keeps
+    every worker where it says)."""
+    setting = str((params.get("model") or {}).get("device", "auto")).lower()
+    if setting not in ("auto", "cuda"):
+        return [None] * workers
+    return assign_gpus(workers, visible_gpus(), gpus_per_worker)
+
+
+def _claim_gpu(queue) -> None:
+    """Worker initializer: take this process's GPU(s) before CUDA is initialised."""
+    import os
+
+    visible = queue.get()
+    if visible is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+
+
+class _FactWorker:
+    """A Ray actor: one model replica on its own GPU(s), running fact jobs in turn."""
+
+    def __init__(self, spec: SweepSpec) -> None:
+        self.spec = spec
+
+    def run(self, fact_id: str, tasks: list[EditTask]) -> list[dict]:
+        return _run_fact_job(self.spec, fact_id, tasks)
+
+
+def _run_ray(
+    spec: SweepSpec, pending, workers: int, address: str | None, record,
+    gpus_per_worker: float = 1.0,
+) -> None:
     import ray
 
     started_here = not ray.is_initialized()
@@ -124,8 +172,21 @@ def _run_ray(spec: SweepSpec, pending, workers: int, address: str | None, record
         ray.init(address=address, num_cpus=None if address else max(workers, 1),
                  include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
-        remote = ray.remote(num_cpus=spec.threads or 1)(_run_fact_job)
         spec_ref = ray.put(spec)
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        if gpus > 0 and gpus_per_worker > 0:
+            # One actor (model replica) per worker on its own GPU(s); Ray sets their
+            # CUDA_VISIBLE_DEVICES, so model.device=auto finds the GPU it was given.
+            from ray.util import ActorPool
+
+            actor = ray.remote(num_cpus=spec.threads or 1, num_gpus=gpus_per_worker)(_FactWorker)
+            n_actors = max(1, min(workers, int(gpus / gpus_per_worker)))
+            pool = ActorPool([actor.remote(spec_ref) for _ in range(n_actors)])
+            jobs = [(fact_id, tasks) for (fact_id, _), tasks in pending.items()]
+            for rows in pool.map_unordered(lambda a, job: a.run.remote(*job), jobs):
+                record(rows)
+            return
+        remote = ray.remote(num_cpus=spec.threads or 1)(_run_fact_job)
         refs = [remote.remote(spec_ref, fact_id, tasks) for (fact_id, _), tasks in pending.items()]
         while refs:
             ready, refs = ray.wait(refs, num_returns=1)

@@ -36,6 +36,7 @@ from locedit.models.architecture import (
     get_module,
     n_layers,
 )
+from locedit.models.device import model_device
 from locedit.models.hooks import (
     decoder_layers,
     hidden_of,
@@ -92,7 +93,7 @@ def trace_fact_reference(
     n_samples = int(noise.shape[0])
     total = n_layers(model)
     with torch.no_grad(), captured_components(model, kind, range(total)) as clean:
-        logits = model(input_ids=inp.ids()).logits
+        logits = model(input_ids=inp.ids(1, model_device(model))).logits
     p_clean = float(target_probs_from_logits(logits[:, inp.target_positions], inp.target_ids)[0])
     p_noised = float(patched_target_probs(model, inp, noise, kind, {}).mean())
     grid = np.zeros((inp.n_prompt, total))
@@ -243,6 +244,7 @@ class FactRuns:
         base = model.base_model
         layers = decoder_layers(model)
         n_samples = noise.shape[0]
+        device = model_device(model)
         clean: dict[str, list[torch.Tensor]] = {}
         with torch.no_grad():
             with ExitStack() as stack:
@@ -250,7 +252,7 @@ class FactRuns:
                     k: stack.enter_context(captured_components(model, k, range(total)))
                     for k in kinds
                 }
-                hidden = base(input_ids=inp.ids()).last_hidden_state
+                hidden = base(input_ids=inp.ids(1, device)).last_hidden_state
             for kind in kinds:
                 clean[kind] = [stores[kind][j][0] for j in range(total)]
             p_clean = float(
@@ -263,7 +265,7 @@ class FactRuns:
             ):
                 cache = DynamicCache(config=model.config)
                 out = base(
-                    input_ids=inp.ids(n_samples), use_cache=True, **{_cache_kwarg(model): cache}
+                    input_ids=inp.ids(n_samples, device), use_cache=True, **{_cache_kwarg(model): cache}
                 )
             inputs = [recorded[j] for j in range(total)]
             p_noised = target_probs_from_final(
@@ -292,7 +294,7 @@ class FactRuns:
         finals = torch.cat([self._restore_token(kind, window, token) for token in tokens])
         # One pass over the output embedding for all restorations of the fact.
         probs = target_probs_from_final(self.model, finals, self.inp.target_ids)
-        grid[tokens] = probs.view(len(tokens), total, n_samples).mean(-1).numpy()
+        grid[tokens] = probs.view(len(tokens), total, n_samples).mean(-1).cpu().numpy()
         return grid
 
     def _restore_token(self, kind: Component, window: int, token: int) -> torch.Tensor:
@@ -304,12 +306,15 @@ class FactRuns:
         total = len(self.layer_inputs)
         n_samples = self.noise.shape[0]
         spans = [window_layers(layer, window, total) for layer in range(total)]
-        starts = torch.tensor([span.start for span in spans])
-        ends = torch.tensor([span.stop for span in spans])
+        device = model_device(model)
+        # Row bookkeeping stays on the CPU (it is read by Python every layer); the rows that
+        # index the model's tensors go to its device.
+        starts = torch.tensor([span.start for span in spans], device="cpu")
+        ends = torch.tensor([span.stop for span in spans], device="cpu")
         # Rows are (window centre, sample), centres in order, so rows whose window has started
         # by layer j form a prefix of the batch that grows with j.
-        row_centre = torch.arange(total).repeat_interleave(n_samples)
-        row_sample = torch.arange(n_samples).repeat(total)
+        row_centre = torch.arange(total, device="cpu").repeat_interleave(n_samples)
+        row_sample = torch.arange(n_samples, device=device).repeat(total)
         active_at = [int((starts <= j).sum()) * n_samples for j in range(total)]
         prefix = token if self.kv is not None else 0
         position = token - prefix
@@ -325,7 +330,7 @@ class FactRuns:
                     fresh = self.layer_inputs[j][row_sample[n_have:n_active], prefix:]
                     hidden = fresh if hidden is None else torch.cat([hidden, fresh])
                 centres = row_centre[:n_active]
-                rows = torch.nonzero((starts[centres] <= j) & (j < ends[centres]))[:, 0]
+                rows = torch.nonzero((starts[centres] <= j) & (j < ends[centres]))[:, 0].to(device)
                 patch = set_positions(rows, position, self.clean[kind][j][token])
                 args, kwargs = _swap_cache(calls[j], probe_cache, cache)
                 kwargs = _alibi_for_rows(kwargs, hidden.shape[0])
@@ -351,7 +356,7 @@ class FactRuns:
         with torch.no_grad(), _recording_layers(
             decoder_layers(model), block_returns_tuple(model)
         ) as calls:
-            model.base_model(input_ids=self.inp.ids()[:, prefix:], **kwargs)
+            model.base_model(input_ids=self.inp.ids(1, model_device(model))[:, prefix:], **kwargs)
         return calls, probe_cache
 
     def _prefix_cache(

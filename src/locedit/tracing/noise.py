@@ -64,7 +64,10 @@ def subject_embeddings(
             except (RecordError, TokenizationError) as err:
                 log.info("noise calibration skips fact %s: %s", record.fact_id, err)
                 continue
-            ids = torch.tensor([encoded.input_ids[encoded.subject_start : encoded.subject_end]])
+            ids = torch.tensor(
+                [encoded.input_ids[encoded.subject_start : encoded.subject_end]],
+                device=embed.weight.device,
+            )
             out.append(embed(ids)[0].detach())
     return out
 

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import FactRecord, RecordError
 from locedit.models.architecture import Component, component_module, n_layers
+from locedit.models.device import model_device
 from locedit.models.hooks import Edit, edited_outputs, hidden_of, recorded
 from locedit.models.noise import NoiseSource, d_model, noised_subject, resolve_noise
 from locedit.models.scoring import logit_scale
@@ -71,8 +72,8 @@ class TracingInput:
             "subject_end": self.subject_end,
         }
 
-    def ids(self, batch: int = 1) -> torch.Tensor:
-        return torch.tensor([self.input_ids], dtype=torch.long).repeat(batch, 1)
+    def ids(self, batch: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.tensor([self.input_ids], dtype=torch.long, device=device).repeat(batch, 1)
 
 
 def encode_fact(tokenizer: PreTrainedTokenizerBase, fact: FactRecord) -> TracingInput:
@@ -114,7 +115,7 @@ def tracing_noise(
         sigma=sigma,
         seed=seed,
         n_samples=n_samples,
-    )
+    ).to(model_device(model))
 
 
 #: layer -> function that rewrites that layer's component output
@@ -161,7 +162,7 @@ def captured_components(
 def target_probs_from_logits(logits: torch.Tensor, target_ids: Sequence[int]) -> torch.Tensor:
     """p(o) per row from logits at the object positions [rows, n_target, vocab] (float64)."""
     logp = torch.log_softmax(logits.float() if logits.dtype != torch.float64 else logits, dim=-1)
-    index = torch.tensor(list(target_ids), dtype=torch.long)[None, :, None].expand(
+    index = torch.tensor(list(target_ids), dtype=torch.long, device=logits.device)[None, :, None].expand(
         logits.shape[0], -1, 1
     )
     return logp.gather(2, index)[..., 0].double().sum(-1).exp()
@@ -198,9 +199,10 @@ def target_probs_from_final(
 
     vocab = weight.shape[0]
     chunk = max(1024, budget // max(1, flat.shape[0]))
-    lse = torch.full((flat.shape[0],), -torch.inf, dtype=compute)
-    ids = torch.tensor(list(target_ids), dtype=torch.long).repeat(rows)
-    picked = torch.zeros(flat.shape[0], dtype=compute)
+    device = flat.device
+    lse = torch.full((flat.shape[0],), -torch.inf, dtype=compute, device=device)
+    ids = torch.tensor(list(target_ids), dtype=torch.long, device=device).repeat(rows)
+    picked = torch.zeros(flat.shape[0], dtype=compute, device=device)
     for start in range(0, vocab, chunk):
         stop = min(vocab, start + chunk)
         logits = logits_of(start, stop)
@@ -226,10 +228,10 @@ def patched_target_probs(
     batch = 1 if noise is None else noise.shape[0]
     with torch.no_grad(), patched_components(model, kind, patches):
         if noise is None:
-            logits = model(input_ids=inp.ids(batch)).logits
+            logits = model(input_ids=inp.ids(batch, model_device(model))).logits
         else:
             with noised_subject(model, inp.subject_start, inp.subject_end, noise):
-                logits = model(input_ids=inp.ids(batch)).logits
+                logits = model(input_ids=inp.ids(batch, model_device(model))).logits
     return target_probs_from_logits(logits[:, inp.target_positions], inp.target_ids)
 
 

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import FactRecord
 from locedit.models.architecture import n_layers
+from locedit.models.device import model_device
 from locedit.models.hooks import window_layers
 from locedit.tracing.patching import (
     check_kind,
@@ -44,9 +45,12 @@ def zero_fact(
     total = n_layers(model)
     subject = list(range(inp.subject_start, inp.subject_end))
     spans = [window_layers(layer, window, total) for layer in range(total)]
+    device = model_device(model)
 
     def patch_for(layer: int):
-        rows = torch.tensor([centre for centre, span in enumerate(spans) if layer in span])
+        rows = torch.tensor(
+            [centre for centre, span in enumerate(spans) if layer in span], device=device
+        )
 
         def fn(hidden: torch.Tensor) -> torch.Tensor:
             patched = hidden.clone()
@@ -57,8 +61,8 @@ def zero_fact(
         return fn
 
     with torch.no_grad(), patched_components(model, kind, {j: patch_for(j) for j in range(total)}):
-        hidden = model.base_model(input_ids=inp.ids(2 * total + 1)).last_hidden_state
-    probs = target_probs_from_final(model, hidden[:, inp.target_positions], inp.target_ids).numpy()
+        hidden = model.base_model(input_ids=inp.ids(2 * total + 1, device)).last_hidden_state
+    probs = target_probs_from_final(model, hidden[:, inp.target_positions], inp.target_ids).cpu().numpy()
     return ZeroingResult(
         **inp.result_fields(kind, window),
         p_clean=float(probs[2 * total]),

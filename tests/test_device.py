@@ -1,0 +1,251 @@
+"""Devices and precision: the settings, GPUs per worker, the implicit-device guard over every
+path a stage runs, bit-exact snapshots in every dtype, and CPU vs CUDA agreement.
+
+Tests marked ``device`` take a ``device`` argument; on a machine without CUDA the ``cuda``
+half is skipped and the ``cpu`` half runs (``make gpu-check`` runs them on the GPU).
+"""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import locedit
+from locedit.data.filter import greedy_completions
+from locedit.data.records import FactRecord
+from locedit.editing import CorpusSpec, CovarianceStore, EditRequest, edited, hparams_for
+from locedit.metrics.evaluation import build_probes, probe_probabilities, sample_essence_texts
+from locedit.models.architecture import down_proj_weight
+from locedit.models.device import (
+    ImplicitDeviceError,
+    assign_gpus,
+    implicit_device_guard,
+    lightning_devices,
+    parse_dtype,
+    resolve_device,
+    visible_gpus,
+)
+from locedit.models.noise import NoiseConfig
+from locedit.models.snapshot import WeightSnapshot, same_bits
+from locedit.testing import editable_tiny_model, tiny_model
+from locedit.tracing import trace_fact_many, trace_fact_reference, zero_fact
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    ),
+]
+FAST = {"n_context_templates": 2, "context_template_lengths": (4,), "v_steps": 5}
+FACT = FactRecord(
+    "eiffel", "The Eiffel Tower", "The Eiffel Tower is located in the city of", "Paris", "Rome",
+    paraphrase_prompts=("Where is the Eiffel Tower? In the city of",),
+    neighborhood_prompts=("The Louvre is located in the city of",),
+)
+REQUEST = EditRequest(FACT.prompt, FACT.subject, "Rome")
+TEMPLATES = ["{}", "Yesterday I read. {}"]
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def test_device_and_dtype_settings():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto")
+    with pytest.raises(ValueError, match="unknown model.device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda:0")
+    assert parse_dtype("bfloat16") is torch.bfloat16 and parse_dtype("float16") is torch.float16
+    with pytest.raises(ValueError, match="model.dtype"):
+        parse_dtype("int8")
+    assert lightning_devices(torch.device("cpu")) == ("cpu", 1)
+    assert lightning_devices(torch.device("cuda", 1)) == ("gpu", [1])
+
+
+def test_gpu_assignment_for_workers():
+    assert assign_gpus(3, []) == [None, None, None]
+    assert assign_gpus(2, ["0", "1"]) == ["0", "1"]
+    assert assign_gpus(4, ["0", "1"]) == ["0", "1", "0", "1"]  # surplus workers share
+    assert assign_gpus(2, ["0", "1", "2", "3"], per_worker=2) == ["0,1", "2,3"]
+    assert assign_gpus(4, ["3", "5"], per_worker=0.5) == ["3", "5", "3", "5"]
+    assert assign_gpus(0, ["0"]) == []
+    with pytest.raises(ValueError, match="only 1 GPUs"):
+        assign_gpus(1, ["0"], per_worker=2)
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert visible_gpus({}, count=2) == ["0", "1"]
+
+
+# ------------------------------------------------------------------------------- guard
+
+
+@pytest.fixture(scope="module")
+def stats(tmp_path_factory, tok):
+    return CovarianceStore(
+        tmp_path_factory.mktemp("stats"), CorpusSpec(n_samples=8, sample_length=16), tok
+    )
+
+
+def run_every_path(model, tok, stats):
+    """Tracing (fast, reference, zeroing), ROME, MEMIT, FT-1, the metric probes, essence
+    sampling and the filter's greedy generation, on whatever device the model is."""
+    trace_fact_many(model, tok, FACT, sigma=0.5, kinds=("mlp", "resid"), windows=(3,), n_samples=2)
+    trace_fact_reference(model, tok, FACT, sigma=0.5, window=3, n_samples=2)
+    zero_fact(model, tok, FACT, window=3)
+    for method in ("rome", "memit", "ft1"):
+        hp = hparams_for(method, overrides=FAST if method != "ft1" else {"steps": 3})
+        with edited(model, tok, method, REQUEST, 1, hp, stats):
+            probes = build_probes(tok, FACT, "Rome", noised=True)
+            probe_probabilities(model, probes, FACT, NoiseConfig(0.5, 2, 0))
+    sample_essence_texts(model, tok, FACT, n_samples=2, max_new_tokens=4)
+    greedy_completions(model, tok, [FACT.prompt, "Hello"], max_new_tokens=3, progress=False)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3_text"])
+def test_every_path_names_its_device(family, tok, stats):
+    """No tensor factory under locedit runs without device= on any stage's path."""
+    model = editable_tiny_model(family, n_layers=4)
+    stats.ensure(model, [0, 1, 2, 3], progress=False)
+    with implicit_device_guard() as guard:
+        stats.ensure(model, [0, 1, 2, 3], progress=False)
+        run_every_path(model, tok, stats)
+    assert guard.violations == []
+
+
+def test_guard_catches_an_injected_implicit_cpu_tensor(tok, stats, monkeypatch):
+    """A ``torch.zeros(...)`` without device= in the edit loss fails under the guard, though the
+    same code runs fine on the CPU without it."""
+    import locedit.editing.loss as loss
+
+    source = (
+        "import torch\n"
+        "def _row_totals(log_probs, rows, tokens, size, rewrite):\n"
+        "    picked = log_probs.gather(1, tokens[:, None])[:, 0]\n"
+        "    totals = torch.zeros(size, dtype=picked.dtype).index_add(0, rows, picked)\n"
+        "    return totals[rewrite]\n"
+    )
+    namespace: dict = {}
+    exec(compile(source, loss.__file__, "exec"), namespace)  # the bug, "inside" loss.py
+    monkeypatch.setattr(loss, "_row_totals", namespace["_row_totals"])
+    model = editable_tiny_model("gpt2", n_layers=4)
+    hp = hparams_for("rome", overrides=FAST)
+    with edited(model, tok, "rome", REQUEST, 1, hp, stats):
+        pass  # without the guard the bug is invisible on the CPU
+    with pytest.raises(ImplicitDeviceError, match=r"torch.zeros.*loss.py"):
+        with implicit_device_guard():
+            with edited(model, tok, "rome", REQUEST, 1, hp, stats):
+                pass
+
+
+def test_guard_ignores_other_packages_and_explicit_devices():
+    with implicit_device_guard(package=str(Path(locedit.__file__).parent)) as guard:
+        torch.zeros(3)  # this test file is not under locedit
+        torch.as_tensor(torch.ones(2, device="cpu"))
+    assert guard.violations == []
+    with pytest.raises(ImplicitDeviceError):
+        with implicit_device_guard(package=str(Path(__file__).parent)):
+            torch.randn(3)
+
+
+# ------------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_snapshot_restores_bit_exact_in_every_dtype(dtype):
+    model = tiny_model("gpt2", n_layers=2).to(dtype)
+    name = "transformer.h.0.mlp.c_proj.weight"
+    param = dict(model.named_parameters())[name]
+    param.data[0, 0] = 0.0
+    snapshot = WeightSnapshot(model, [name])
+    with torch.no_grad():
+        param.add_(torch.randn(param.shape, device="cpu").to(dtype))
+        param[0, 0] = -0.0  # equal by ==, different bits
+    assert snapshot.changed() == [name]
+    snapshot.restore()
+    assert snapshot.changed() == [] and same_bits(param.detach(), snapshot.saved[name])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_edits_report_float32(dtype, tok, stats):
+    """ROME, MEMIT and FT run on bfloat16/float16 weights with float32 losses and
+    probabilities, and restore the weights bit for bit."""
+    model = editable_tiny_model("gemma3_text", n_layers=4)
+    stats.ensure(model, [0, 1, 2, 3], progress=False)  # statistics of the float32 model
+    half = copy.deepcopy(model).to(getattr(torch, dtype))
+    stats.ensure(half, [0, 1, 2, 3], progress=False)
+    before = {n: p.detach().clone() for n, p in half.named_parameters()}
+    for method in ("rome", "memit", "ft1"):
+        hp = hparams_for(method, overrides=FAST if method != "ft1" else {"steps": 3})
+        with edited(half, tok, method, REQUEST, 1, hp, stats) as result:
+            assert all(isinstance(v, float) for v in result.diagnostics.values())
+            assert down_proj_weight(half, 1).dtype == getattr(torch, dtype)
+    assert all(same_bits(p.detach(), before[n]) for n, p in half.named_parameters())
+
+
+# -------------------------------------------------------------------- CPU vs device
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("device", DEVICES)
+def test_tracing_agrees_across_devices(device, tok):
+    model = editable_tiny_model("llama", n_layers=4)
+    moved = copy.deepcopy(model).to(device)
+    for reference, result in zip(
+        trace_fact_many(model, tok, FACT, sigma=0.5, kinds=("mlp", "attn"), windows=(3,), n_samples=3),
+        trace_fact_many(moved, tok, FACT, sigma=0.5, kinds=("mlp", "attn"), windows=(3,), n_samples=3),
+        strict=True,
+    ):
+        assert abs(result.p_clean - reference.p_clean) < 1e-4
+        assert abs(result.p_noised - reference.p_noised) < 1e-4
+        assert abs(result.p_restored - reference.p_restored).max() < 1e-4
+    zero_cpu, zero_dev = zero_fact(model, tok, FACT, window=3), zero_fact(moved, tok, FACT, window=3)
+    assert abs(zero_cpu.p_zeroed - zero_dev.p_zeroed).max() < 1e-4
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["rome", "memit", "ft1"])
+def test_edits_agree_across_devices(device, method, tok, stats):
+    model = editable_tiny_model("gpt2", n_layers=4)
+    stats.ensure(model, [0, 1, 2, 3], progress=False)  # the device copy reads the same files
+    moved = copy.deepcopy(model).to(device)
+    eps = 1e-2
+    hp = hparams_for(method, overrides=FAST if method != "ft1" else {"steps": 5, "linf_eps": eps})
+    updates = []
+    for net in (model, moved):
+        original = down_proj_weight(net, 1).detach().double().cpu().clone()
+        with edited(net, tok, method, REQUEST, 1, hp, stats):
+            updates.append(down_proj_weight(net, 1).detach().double().cpu() - original)
+        assert torch.equal(down_proj_weight(net, 1).detach().double().cpu(), original)
+    reference, result = updates
+    if method == "ft1":  # Adam's sign-like steps: compare inside the L-inf box
+        assert result.abs().max() <= eps and reference.abs().max() <= eps
+        assert (result - reference).abs().max() <= eps
+    else:
+        assert float((result - reference).norm() / reference.norm()) < 1e-3
+
+
+# ---------------------------------------------------------------------------- imports
+
+
+def test_core_imports_without_the_pipeline_tools():
+    """The GPU machine has torch and transformers but no mlflow, dvc, optuna, hydra, omegaconf,
+    gguf or ray: the modules the GPU check and the device tests use import without them."""
+    blocked = ["mlflow", "dvc", "optuna", "hydra", "omegaconf", "gguf", "ray"]
+    code = (
+        "import sys\n"
+        f"for name in {blocked!r}: sys.modules[name] = None\n"
+        "import locedit.models, locedit.tracing, locedit.editing, locedit.metrics\n"
+        "import locedit.data.filter, locedit.sweep.worker, locedit.testing\n"
+        "import locedit.models.device, locedit.problems\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(locedit.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
