@@ -21,6 +21,7 @@ from locedit.editing import CorpusSpec, CovarianceStore, EditRequest, edited, hp
 from locedit.metrics.evaluation import build_probes, probe_probabilities, sample_essence_texts
 from locedit.models.architecture import down_proj_weight
 from locedit.models.device import (
+    FACTORIES,
     ImplicitDeviceError,
     assign_gpus,
     implicit_device_guard,
@@ -152,6 +153,27 @@ def test_guard_ignores_other_packages_and_explicit_devices():
     with pytest.raises(ImplicitDeviceError):
         with implicit_device_guard(package=str(Path(__file__).parent)):
             torch.randn(3)
+
+
+def test_no_factory_call_under_locedit_lacks_a_device():
+    """The static half of the guard: also the paths no test runs name their device."""
+    import ast
+
+    factories = {f.__name__ for f in FACTORIES}
+    missing = []
+    for path in sorted(Path(locedit.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            func = getattr(node, "func", None)
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(func, ast.Attribute)
+                and func.attr in factories
+                and isinstance(func.value, ast.Name)
+                and func.value.id == "torch"
+                and not any(k.arg == "device" for k in node.keywords)
+            ):
+                missing.append(f"{path.name}:{node.lineno} torch.{func.attr}")
+    assert missing == []
 
 
 # ------------------------------------------------------------------------- precision

