@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.locedit-installed
 
-.PHONY: setup repro test test-all lint bench clean-outputs
+.PHONY: setup repro test test-all lint bench gpu-check gpu-check-dry clean-outputs
 
 setup: $(STAMP)
 
@@ -35,3 +35,12 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/tracing.py
 	$(BIN)/python benchmarks/editing.py
+
+# On a GPU machine with torch+transformers in the system python3 (no .venv, no network):
+# device tests on CUDA, then benchmarks/gpu_check.py -> benchmarks/results/*-cuda.json.
+gpu-check:
+	PYTHON=$(PYTHON) scripts/gpu_check.sh
+
+# The same on the CPU with tiny shapes (about a minute): does the script run?
+gpu-check-dry:
+	PYTHON=$(PYTHON) scripts/gpu_check.sh --dry
