@@ -271,3 +271,21 @@ def test_core_imports_without_the_pipeline_tools():
     env = {**os.environ, "PYTHONPATH": str(Path(locedit.__file__).parents[1])}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_wide_moments_take_several_passes_and_the_solver_cache_has_a_byte_bound(tok, tmp_path):
+    """GPT-J-sized moments (2 GiB each in float64) must not all accumulate at once: here a
+    budget of one 128x128 float64 matrix per pass, and a cache bound of one solver."""
+    model = editable_tiny_model("gpt2", n_layers=4)  # d_mlp 256
+    store = CovarianceStore(
+        tmp_path, CorpusSpec(n_samples=4, sample_length=8), tok,
+        moment_budget_bytes=8 * 256 * 256, max_cached_bytes=1,
+    )
+    passes = []
+    original = store._compute
+    store._compute = lambda m, layers, progress: passes.append(layers) or original(m, layers, progress)
+    store.ensure(model, [0, 1, 2], progress=False)
+    assert passes == [[0], [1], [2]]
+    store.solver(model, 0)
+    store.solver(model, 1)
+    assert len(store._solvers) == 1

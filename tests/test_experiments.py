@@ -12,7 +12,7 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml
 
 
 def test_all_configs_are_covered():
-    assert {"default", "paper", "gpt2-xl", "gpt-j", "zsre", "smollm2"} <= set(EXPERIMENTS)
+    assert {"default", "paper", "gpt2-xl", "gpt-j", "zsre", "smollm2", "gpu"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

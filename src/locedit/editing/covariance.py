@@ -22,7 +22,13 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.editing.corpus import CorpusSpec, corpus_token_ids, generate_context_templates
 from locedit.models import hooks
-from locedit.models.architecture import arch_spec, check_layer, get_module
+from locedit.models.architecture import (
+    arch_spec,
+    as_out_in,
+    check_layer,
+    down_proj_weight,
+    get_module,
+)
 from locedit.models.device import accumulation_device, model_device
 from locedit.models.scoring import pad_right
 from locedit.models.snapshot import model_fingerprint
@@ -160,6 +166,10 @@ class CovarianceSolver:
         return x.reshape(rhs.shape).to(rhs.device)
 
 
+def _nbytes(solver: CovarianceSolver) -> int:
+    return sum(t.element_size() * t.nelement() for t in (solver.matrix, solver.factor))
+
+
 class CovarianceStore:
     """Cached key statistics (and context templates) under one directory.
 
@@ -176,6 +186,8 @@ class CovarianceStore:
         tokenizer: PreTrainedTokenizerBase | None = None,
         compute_missing: bool = True,
         max_cached: int = 12,
+        max_cached_bytes: int = 24 << 30,
+        moment_budget_bytes: int = 16 << 30,
     ) -> None:
         self.directory = Path(directory)
         self.corpus = corpus or CorpusSpec()
@@ -184,6 +196,11 @@ class CovarianceStore:
         self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._solvers: OrderedDict = OrderedDict()
         self._max_cached = max_cached
+        # GPT-J's 16384-wide moment is 2 GiB in float64 and a solver holds two such matrices:
+        # the cache is bounded in bytes too, and one corpus pass accumulates at most
+        # moment_budget_bytes of float64 sums (more layers: more passes).
+        self._max_cached_bytes = max_cached_bytes
+        self._moment_budget_bytes = moment_budget_bytes
 
     @classmethod
     def from_params(
@@ -232,7 +249,10 @@ class CovarianceStore:
                     f"{self.fingerprint(model)}, corpus {self.corpus.content_id()}); run "
                     "`locedit run stats` or give CovarianceStore a tokenizer to compute them"
                 )
-            self._compute(model, missing, progress)
+            width = int(as_out_in(model, down_proj_weight(model, missing[0])).shape[1])  # d_mlp
+            per_pass = max(1, self._moment_budget_bytes // (8 * width * width))
+            for start in range(0, len(missing), per_pass):
+                self._compute(model, missing[start : start + per_pass], progress)
         return [self.path(model, layer) for layer in layers]
 
     def _compute(self, model: nn.Module, layers: list[int], progress: bool) -> None:
@@ -288,7 +308,10 @@ class CovarianceStore:
         device = accumulation_device(model_device(model))
         solver = CovarianceSolver(self.get(model, layer).to(device), ridge)
         self._solvers[key] = solver
-        while len(self._solvers) > self._max_cached:
+        while len(self._solvers) > 1 and (
+            len(self._solvers) > self._max_cached
+            or sum(_nbytes(s) for s in self._solvers.values()) > self._max_cached_bytes
+        ):
             self._solvers.popitem(last=False)
         return solver
 
