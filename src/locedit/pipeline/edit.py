@@ -79,7 +79,7 @@ def build_spec(params: DictConfig) -> SweepSpec:
     hparams = resolved_hparams(plain, list(cfg.methods), list(cfg.problems), tuned_hparams(params))
     config = evaluation_config(params)
     context = content_id([model_fingerprint(model), asdict(config)])
-    tasks = plan_tasks([r.fact_id for r in records], layers, hparams, context)
+    tasks = plan_tasks(records, layers, hparams, context)
     return SweepSpec(
         params=plain, records={r.fact_id: r for r in records}, tasks=tasks, hparams=hparams,
         config=config, out_dir=output_dir(params, "edit"), context=context,

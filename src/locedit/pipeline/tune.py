@@ -14,16 +14,15 @@ are cached next to them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import asdict, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from locedit import versioning
 from locedit.data.records import read_records
 from locedit.editing import CovarianceStore, default_layer, hparams_for
 from locedit.models.architecture import n_layers
@@ -64,18 +63,9 @@ def pinned_hparams(params: DictConfig) -> dict[str, dict[str, dict[str, Any]]]:
     return pins
 
 
-@lru_cache(maxsize=1)
 def code_version() -> str:
-    """Hash of the source files of :data:`SCORING_PACKAGES`."""
-    import locedit
-
-    root = Path(locedit.__file__).parent
-    digest = hashlib.sha256()
-    for package in SCORING_PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
+    """Code version (:func:`locedit.versioning.code_version`) of :data:`SCORING_PACKAGES`."""
+    return versioning.code_version(*(f"locedit.{package}" for package in SCORING_PACKAGES))
 
 
 def _fingerprint(model) -> str:

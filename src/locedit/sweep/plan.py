@@ -8,23 +8,47 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from locedit.data.records import FactRecord
 from locedit.editing import hparams_for, layer_grid
 from locedit.problems import get_problem
+from locedit.versioning import code_version, content_key
+
+#: The module that computes each method's edit (its imports are versioned with it); a method
+#: missing here is versioned with the whole ``locedit.editing`` package.
+METHOD_MODULES: dict[str, str] = {
+    "rome": "locedit.editing.rome",
+    "memit": "locedit.editing.memit",
+    "ft1": "locedit.editing.finetune",
+    "ft5": "locedit.editing.finetune",
+}
+
+#: The modules that score an edit and build its target (every method shares them).
+EVALUATION_MODULES: tuple[str, ...] = ("locedit.metrics.evaluation", "locedit.problems")
 
 
 @dataclass(frozen=True)
 class EditTask:
-    """One cell of the sweep; ``key`` identifies its result row for resuming."""
+    """One cell of the sweep; ``key`` identifies its result row for resuming.
+
+    ``hparams_id`` covers the hyperparameters and evaluation context (it also seeds the edit);
+    ``content`` the fact's content and the code version of the method and the metrics, so
+    a code change or an edited record reruns exactly the rows it affects.
+    """
 
     fact_id: str
     layer: int
     method: str
     problem: str
     hparams_id: str
+    content: str = ""
+
+    @property
+    def seed_key(self) -> str:
+        return f"{self.fact_id}|{self.layer}|{self.method}|{self.problem}|{self.hparams_id}"
 
     @property
     def key(self) -> str:
-        return f"{self.fact_id}|{self.layer}|{self.method}|{self.problem}|{self.hparams_id}"
+        return f"{self.seed_key}|{self.content}" if self.content else self.seed_key
 
 
 def sweep_layers(edit_cfg: Mapping[str, Any], n_layers: int) -> list[int]:
@@ -57,15 +81,41 @@ def resolved_hparams(
     return out
 
 
+def fact_content(fact: FactRecord | str) -> Any:
+    """What a fact's edit rows depend on: every field but the free-form ``extra``."""
+    if isinstance(fact, FactRecord):
+        return {k: v for k, v in asdict(fact).items() if k != "extra"}
+    return str(fact)
+
+
+def method_code_version(method: str) -> str:
+    """Code version of what computes a ``method`` row: the method's module, the metrics."""
+    return code_version(METHOD_MODULES.get(method, "locedit.editing"), *EVALUATION_MODULES)
+
+
+def edit_content_id(fact: FactRecord | str, method: str, problem: str, context: str) -> str:
+    return content_key(
+        "edit", model=None, record=fact_content(fact), params=[problem, context],
+        code=method_code_version(method), length=12,
+    )
+
+
 def plan_tasks(
-    fact_ids: Sequence[str], layers: Sequence[int], hparams: Mapping[tuple[str, str], Any],
+    facts: Sequence[FactRecord | str], layers: Sequence[int], hparams: Mapping[tuple[str, str], Any],
     context: str,
 ) -> list[EditTask]:
-    """Every task, fact-major so a worker can reuse a fact's pre-edit probabilities."""
+    """Every task, fact-major so a worker can reuse a fact's pre-edit probabilities.
+
+    ``context`` carries the model fingerprint and evaluation settings; give records (not only
+    ids) so that a changed record is re-edited.
+    """
     ids = {pair: content_id([asdict(h), context]) for pair, h in hparams.items()}
-    return [
-        EditTask(fact_id, layer, method, problem, ids[(method, problem)])
-        for fact_id in fact_ids
-        for (method, problem) in hparams
-        for layer in layers
-    ]
+    tasks = []
+    for fact in facts:
+        fact_id = fact.fact_id if isinstance(fact, FactRecord) else str(fact)
+        for method, problem in hparams:
+            cid = edit_content_id(fact, method, problem, context)
+            tasks.extend(
+                EditTask(fact_id, layer, method, problem, ids[(method, problem)], cid) for layer in layers
+            )
+    return tasks
