@@ -122,12 +122,17 @@ def module_closure(*modules: ModuleType | str) -> list[str]:
     return sorted(seen)
 
 
+def read_source(name: str) -> bytes:
+    """The source bytes of module ``name`` (what its code version hashes)."""
+    return _source_file(name).read_bytes()
+
+
 @cache
 def _code_version(names: tuple[str, ...]) -> str:
     digest = hashlib.sha256()
     for name in module_closure(*names):
         digest.update(name.encode() + b"\0")
-        digest.update(_source_file(name).read_bytes() + b"\0")
+        digest.update(read_source(name) + b"\0")
     return digest.hexdigest()[:12]
 
 

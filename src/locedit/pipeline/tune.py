@@ -29,6 +29,7 @@ from locedit.models.architecture import n_layers
 from locedit.models.snapshot import model_fingerprint
 from locedit.pipeline.common import model_from_params, output_dir, to_container
 from locedit.pipeline.edit import evaluation_config
+from locedit.storage import atomic_write_text, clean_temporary, output_lock
 from locedit.sweep import resolved_hparams
 from locedit.sweep.plan import content_id
 from locedit.tracking import stage_run
@@ -173,9 +174,7 @@ def _payload(
 
 
 def _write(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def _prepare_dirs(params: DictConfig) -> Path:
@@ -206,6 +205,13 @@ def _report(results: dict[str, StudyResult]) -> None:
 
 
 def run(params: DictConfig) -> None:
+    out = output_dir(params, "tune")
+    with output_lock(out, "tune"):
+        clean_temporary(out)
+        _run_locked(params)
+
+
+def _run_locked(params: DictConfig) -> None:
     out = _prepare_dirs(params)
     config = tune_config(params)
     pins = pinned_hparams(params)
@@ -266,7 +272,11 @@ def run_single(
     """`locedit tune`: one study whatever ``tune.enabled`` says; its choice is merged into
     ``best_hparams.json`` (other pairs are kept) so ``locedit run edit`` uses it. A later
     ``dvc repro`` regenerates that file from the tune config."""
-    method, problem = method.lower(), problem.lower()
+    with output_lock(output_dir(params, "tune"), "tune"):
+        return _run_single_locked(params, method.lower(), problem.lower(), mode)
+
+
+def _run_single_locked(params: DictConfig, method: str, problem: str, mode: str | None) -> StudyResult:
     out = _prepare_dirs(params)
     config = tune_config(params, mode=mode, enabled=True)
     result = tune_pair(params, method, problem, config)
