@@ -59,17 +59,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _params(path: str, overrides: list[str]):
-    from omegaconf import OmegaConf
-
-    from locedit.pipeline.common import compose_params, load_params
+    from locedit.pipeline.common import apply_overrides, compose_params, load_params
 
     params = load_params(path) if Path(path).exists() else compose_params("conf")
-    for override in overrides:
-        key, _, value = override.partition("=")
-        OmegaConf.update(
-            params, key, OmegaConf.create({"v": value}).v if value else None, merge=True
-        )
-    return params
+    return apply_overrides(params, overrides)
 
 
 def run_edit(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ def run(params: DictConfig) -> None:
         "dataset": cfg.dataset,
         "valid_records": len(result.records),
         "skipped": dict(result.skipped),
+        "skipped_records": result.problems[:100],
         "slice": [start, stop],
         "written": len(records),
     }
