@@ -104,19 +104,27 @@ def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def clean_temporary(directory: Path) -> int:
+def clean_temporary(directory: Path, min_age_s: float = 0.0) -> int:
     """Remove the ``*.tmp`` files (and ``*.tmp.*``) an interrupted run left under ``directory``.
 
-    Call it at stage start, under the stage's lock, so no live writer's file is removed.
+    Call it at stage start, under the stage's lock, so no live writer's file is removed; where
+    no lock guards the folder (a shared cache), ``min_age_s`` spares files written recently.
     """
     directory = Path(directory)
     if not directory.exists():
         return 0
     removed = 0
+    now = time.time()
     for path in directory.rglob(f"*{TMP_SUFFIX}*"):
-        if path.is_file() and (path.name.endswith(TMP_SUFFIX) or f"{TMP_SUFFIX}." in path.name):
-            path.unlink(missing_ok=True)
-            removed += 1
+        if not (path.name.endswith(TMP_SUFFIX) or f"{TMP_SUFFIX}." in path.name):
+            continue
+        try:
+            if not path.is_file() or now - path.stat().st_mtime < min_age_s:
+                continue
+            path.unlink()
+        except OSError:
+            continue
+        removed += 1
     if removed:
         log.info("removed %d temporary file(s) under %s left by an interrupted run", removed, directory)
     return removed
