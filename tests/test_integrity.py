@@ -267,3 +267,35 @@ def test_concurrent_writers_one_wins(tmp_path):
              for _ in range(2)]
     outputs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert outputs == ["held", "refused"]
+
+
+def test_pre_edit_covariance_and_tune_keys_follow_their_own_code(tmp_path, monkeypatch):
+    from locedit.editing import CorpusSpec, CovarianceStore
+    from locedit.sweep.worker import pre_edit_key
+    from locedit.testing import tiny_model
+
+    store = CovarianceStore(tmp_path, CorpusSpec(n_samples=4, sample_length=8))
+    model = tiny_model("gpt2", n_layers=2)
+
+    def keys():
+        versioning.clear_caches()
+        return {
+            "pre": pre_edit_key(FACTS[0], ["error_injection"], "ctx"),
+            "cov": store.statistics_key(model),
+            "tune": tune_stage.code_version(),
+        }
+
+    before = keys()
+    assert pre_edit_key(FACTS[1], ["error_injection"], "ctx") != before["pre"]
+    _changed_source(monkeypatch, "locedit.analysis.figures")  # none of them
+    assert keys() == before
+    monkeypatch.undo()
+    _changed_source(monkeypatch, "locedit.editing.rome")  # tuning scores ROME edits
+    after = keys()
+    assert after["tune"] != before["tune"] and after["pre"] == before["pre"] and after["cov"] == before["cov"]
+    monkeypatch.undo()
+    _changed_source(monkeypatch, "locedit.editing.corpus")  # the statistics' corpus sampler
+    assert keys()["cov"] != before["cov"]
+    monkeypatch.undo()
+    _changed_source(monkeypatch, "locedit.metrics.evaluation")
+    assert keys()["pre"] != before["pre"]
