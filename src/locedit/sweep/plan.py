@@ -82,9 +82,10 @@ def resolved_hparams(
 
 
 def fact_content(fact: FactRecord | str) -> Any:
-    """What a fact's edit rows depend on: every field but the free-form ``extra``."""
+    """What a fact's edit rows depend on: every field, ``extra`` too (the filter's
+    ``erasure_ok`` decides whether Fact Erasure applies)."""
     if isinstance(fact, FactRecord):
-        return {k: v for k, v in asdict(fact).items() if k != "extra"}
+        return asdict(fact)
     return str(fact)
 
 
