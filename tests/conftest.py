@@ -43,13 +43,17 @@ def gpt2_model():
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-@pytest.fixture
-def shared_data() -> Path:
+def require_shared_data(path: Path = SHARED_DATA) -> Path:
     """``../shared/data``: skipped on a developer machine without it, a failure in CI (``CI=true``),
     where a missing data folder means the checkout is wrong, not that the test does not apply."""
-    if not SHARED_DATA.exists():
-        message = f"shared data folder {SHARED_DATA} not present"
+    if not path.exists():
+        message = f"shared data folder {path} not present"
         if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
             pytest.fail(f"{message} (CI=true: it must be checked out next to the repository)")
         pytest.skip(message)
-    return SHARED_DATA
+    return path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    return require_shared_data()

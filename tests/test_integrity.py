@@ -299,3 +299,35 @@ def test_pre_edit_covariance_and_tune_keys_follow_their_own_code(tmp_path, monke
     monkeypatch.undo()
     _changed_source(monkeypatch, "locedit.metrics.evaluation")
     assert keys()["pre"] != before["pre"]
+
+
+def test_an_edit_without_a_row_fails_the_stage_instead_of_a_short_table(tmp_path, monkeypatch):
+    params = _one_fact_params(tmp_path, methods=("ft1",))
+    params = OmegaConf.merge(params, {"edit": {"layers": [0, 1]}})
+    original = ResultStore.append
+
+    def lossy(self, rows):  # a row that never reaches the disk
+        rows = list(rows)
+        return original(self, [r for r in rows if r["layer"] != 0])
+
+    monkeypatch.setattr(ResultStore, "append", lossy)
+    with pytest.raises(RuntimeError, match="1 of 2 edits have no result row"):
+        edit_stage.run(params)
+    assert not (tmp_path / "outputs" / "edit" / "summary.json").exists()
+    monkeypatch.setattr(ResultStore, "append", original)
+    edit_stage.run(params)  # the rerun computes the missing edit
+    summary = json.loads((tmp_path / "outputs" / "edit" / "summary.json").read_text())
+    assert summary["edits"] == 2 and summary["ran_now"] == 1
+
+
+def test_missing_shared_data_fails_in_ci_and_skips_elsewhere(tmp_path, monkeypatch):
+    from conftest import require_shared_data
+
+    missing = tmp_path / "no-data"
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        require_shared_data(missing)
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        require_shared_data(missing)
+    assert require_shared_data(tmp_path) == tmp_path
