@@ -331,3 +331,18 @@ def test_missing_shared_data_fails_in_ci_and_skips_elsewhere(tmp_path, monkeypat
     with pytest.raises(pytest.skip.Exception):
         require_shared_data(missing)
     assert require_shared_data(tmp_path) == tmp_path
+
+
+def test_an_interrupted_tune_leaves_no_previous_choice(tmp_path, monkeypatch):
+    params = _one_fact_params(tmp_path, methods=("ft1",))
+    out = tmp_path / "outputs" / "tune"
+    (out / "studies").mkdir(parents=True)
+    (out / tune_stage.TUNED_FILE).write_text('{"hparams": {"error_injection": {"ft1": {"linf_eps": 1}}}}')
+
+    def killed(_params):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune_stage, "_run_locked", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tune_stage.run(params)
+    assert not (out / tune_stage.TUNED_FILE).exists() and not (out / ".lock").exists()

@@ -58,7 +58,10 @@ def noise_config(params: DictConfig) -> NoiseConfig:
 def tuned_hparams(params: DictConfig) -> dict:
     """Hyperparameters chosen by the tune stage, when it wrote any."""
     path = params.edit.get("tuned_params")
-    if not path or not Path(path).exists():
+    if not path:
+        return {}
+    if not Path(path).exists():
+        log.warning("edit.tuned_params %s not found (run the tune stage): using conf/method values", path)
         return {}
     return json.loads(Path(path).read_text()).get("hparams", {}) or {}
 

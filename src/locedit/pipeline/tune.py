@@ -29,7 +29,7 @@ from locedit.models.architecture import n_layers
 from locedit.models.snapshot import model_fingerprint
 from locedit.pipeline.common import model_from_params, output_dir, to_container
 from locedit.pipeline.edit import evaluation_config
-from locedit.storage import atomic_write_text, clean_temporary, output_lock
+from locedit.storage import atomic_write_text, clean_temporary, output_lock, remove_outputs
 from locedit.sweep import resolved_hparams
 from locedit.sweep.plan import content_id
 from locedit.tracking import stage_run
@@ -208,6 +208,8 @@ def run(params: DictConfig) -> None:
     out = output_dir(params, "tune")
     with output_lock(out, "tune"):
         clean_temporary(out)
+        # An interrupted run must not leave the previous choice looking current.
+        remove_outputs([out / TUNED_FILE, out / "studies" / "index.json"])
         _run_locked(params)
 
 
