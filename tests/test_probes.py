@@ -90,7 +90,7 @@ def test_probe_probabilities_match_a_forward_by_hand(tok, model):
             expected = _p_by_hand(model, probe.prompt_ids, probe.target_ids)
         else:
             start, end = probe.subject_span
-            noise = fact_noise(RECORD, end - start, 64, NOISE)
+            noise = fact_noise(RECORD.fact_id, end - start, 64, NOISE)
             expected = _p_by_hand(model, probe.prompt_ids, probe.target_ids, noise, probe.subject_span)
         assert got[probe.key] == pytest.approx(expected, rel=1e-4), probe.key
     # the noise changes the probability (it is applied, not ignored)
