@@ -1,8 +1,9 @@
 """Every family of ``locedit.testing.ALL_FAMILIES``, as a tiny random model with GPT-2's
 vocabulary: its structure is discovered (or read from the table, which discovery must
 reproduce), passes the numerical checks, and traces, zeroes and edits with the same exactness
-checks as the hand-written families. Structures locedit cannot trace or edit (OPT's flattened
-MLP rows, mixture-of-experts, encoder-decoder) are refused in one line."""
+checks as the hand-written families (OPT's flattened MLP rows through its row adapter).
+Structures locedit cannot trace or edit (mixture-of-experts, encoder-decoder) are refused in
+one line."""
 
 from __future__ import annotations
 
