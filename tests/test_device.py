@@ -289,3 +289,16 @@ def test_wide_moments_take_several_passes_and_the_solver_cache_has_a_byte_bound(
     store.solver(model, 0)
     store.solver(model, 1)
     assert len(store._solvers) == 1
+
+
+def test_bad_device_settings_are_refused_in_one_line():
+    from omegaconf import OmegaConf
+
+    from locedit.params import apply_overrides
+
+    params = OmegaConf.create({"model": {"device": "auto", "dtype": "float32"}, "edit": {"gpus_per_worker": 1}})
+    apply_overrides(params, ["model.device=cuda:1", "model.dtype=bfloat16", "edit.gpus_per_worker=0.5"])
+    for bad, expected in [("model.device=gpu", "model.device='gpu'"), ("model.dtype=int8", "model.dtype"),
+                          ("edit.gpus_per_worker=0", "gpus_per_worker")]:
+        with pytest.raises(ValueError, match=expected):
+            apply_overrides(OmegaConf.create({"model": {"device": "auto"}}), [bad])

@@ -1,8 +1,9 @@
 """Every family of ``locedit.testing.ALL_FAMILIES``, as a tiny random model with GPT-2's
 vocabulary: its structure is discovered (or read from the table, which discovery must
 reproduce), passes the numerical checks, and traces, zeroes and edits with the same exactness
-checks as the hand-written families. Structures locedit cannot trace or edit (OPT's flattened
-MLP rows, mixture-of-experts, encoder-decoder) are refused in one line."""
+checks as the hand-written families (OPT's flattened MLP rows through its row adapter).
+Structures locedit cannot trace or edit (mixture-of-experts, encoder-decoder) are refused in
+one line."""
 
 from __future__ import annotations
 
@@ -151,6 +152,10 @@ def test_rome_memit_and_ft1_edit_exactly_what_they_should(
             # Its input direction is (lambda C + k k^T)^-1 k, solved independently in numpy.
             k = result.tensors[f"k_l{j}"].double().numpy()
             c = store.get(model, j).numpy()
+            # A singular covariance (OPT's ReLU leaves dead units) is solved with the ridge the
+            # solver logged, relative to the mean eigenvalue.
+            ridge = result.diagnostics[f"covariance_ridge_l{j}"]
+            c = c + ridge * np.trace(c) / c.shape[0] * np.eye(c.shape[0])
             lam = effective_mom2_weight(hp, int(c.shape[0]))
             adjusted = np.linalg.solve(lam * c + np.outer(k, k), k)
             cosine = abs(right[0].numpy() @ adjusted) / np.linalg.norm(adjusted)
@@ -200,7 +205,6 @@ def _assert_restored(model, originals):
 @pytest.mark.parametrize(
     ("family", "reason"),
     [
-        ("opt", "not laid out [batch, position, width]"),
         ("mixtral", "mixture-of-experts"),
         ("qwen2_moe", "mixture-of-experts"),
         ("olmoe", "mixture-of-experts"),
@@ -274,3 +278,31 @@ def test_models_check_prints_the_spec_and_every_check(tmp_path, capsys):
     assert main(wrong) == 2
     assert main(["models"]) == 0
     assert "discovered" in capsys.readouterr().out
+
+
+def test_opt_row_adapter_changes_names_not_numbers():
+    """OPT runs its MLP on [batch * position, width] rows; discovery wraps the down-projection
+    so hooks see positions. Logits and gradients are bit-identical to the unadapted model's."""
+    plain = tiny_model("opt", n_layers=2, seed=3)
+    adapted = tiny_model("opt", n_layers=2, seed=3)
+    spec = arch_spec(adapted)
+    assert spec.mlp == spec.mlp_down == "model.decoder.layers.{}.fc2.linear"
+    ids = torch.tensor([[464, 3139, 286, 4881, 318], [15, 16, 17, 18, 19]])
+    torch.testing.assert_close(adapted(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+    grads = []
+    for model, name in ((plain, "fc2"), (adapted, "fc2.linear")):
+        weight = model.get_submodule(f"model.decoder.layers.1.{name}").weight
+        weight.requires_grad_(True)
+        model(input_ids=ids).logits[:, -1, 42].sum().backward()
+        grads.append(weight.grad.clone())
+        weight.requires_grad_(False)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    # the MLP hook sees [batch, position, width]
+    mlp = adapted.get_submodule("model.decoder.layers.0.fc2.linear")
+    seen = {}
+    handle = mlp.register_forward_hook(lambda _m, _i, out: seen.update(shape=out.shape))
+    try:
+        adapted(input_ids=ids)
+    finally:
+        handle.remove()
+    assert tuple(seen["shape"]) == (2, 5, 64)

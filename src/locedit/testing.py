@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2TokenizerFast
 
+from locedit.models.architecture import arch_spec
+
 GPT2_VOCAB = 50257
 #: Families with a hand-written table entry (the bundled models' and the paper's).
 FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "gemma3_text")
@@ -22,7 +24,7 @@ FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "gemma3_text")
 ALL_FAMILIES = (
     "gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
     "gemma3_text", "phi", "phi3", "olmo", "olmo2", "falcon", "stablelm", "starcoder2",
-    "bloom", "gpt_bigcode", "cohere", "granite",
+    "bloom", "gpt_bigcode", "cohere", "granite", "opt",
 )
 #: Per-family settings on top of the generic tiny config (the first five keep the shapes the
 #: hand-written configs of earlier versions had, so seeded tests see the same weights).
@@ -150,6 +152,7 @@ def editable_tiny_model(
     an edit visible while everything stays random and offline.
     """
     model = tiny_model(family, n_layers=n_layers, seed=seed, **kwargs)
+    arch_spec(model)  # as load_model does: the spec (and OPT's row adapter) before any snapshot
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():

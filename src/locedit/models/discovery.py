@@ -9,6 +9,7 @@ principled meaning for (mixture-of-experts MLPs, encoder-decoder models) are ref
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
@@ -40,6 +41,51 @@ _FLAT_MLP = (
     "the MLP output of {path} is not laid out [batch, position, width] (the block runs its MLP "
     "on flattened rows, as OPT does), and tracing and editing address positions in it"
 )
+
+
+class PositionRows(nn.Module):
+    """A down-projection that its block calls on flattened ``[batch * position, width]`` rows
+    (OPT), run on ``[batch, position, width]`` so that hooks on :attr:`linear` see positions.
+
+    The block's pre-hook (see :func:`adapt_flat_rows`) notes each call's (batch, position)
+    shape in :attr:`rows_shape`. Same weights, same arithmetic: only views change, so outputs
+    are bit-identical to the unadapted block's.
+    """
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.linear = linear
+        self.rows_shape: tuple[int, int] | None = None
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        shape = self.rows_shape
+        if rows.dim() != 2 or shape is None or rows.shape[0] != shape[0] * shape[1]:
+            return self.linear(rows)
+        return self.linear(rows.view(*shape, rows.shape[-1])).reshape(rows.shape[0], -1)
+
+
+def _note_rows(adapter: PositionRows, _block, args: tuple, kwargs: dict) -> None:
+    hidden = args[0] if args else kwargs["hidden_states"]
+    adapter.rows_shape = (int(hidden.shape[0]), int(hidden.shape[1]))
+
+
+def adapt_flat_rows(stack: nn.ModuleList, relative: str) -> str:
+    """Wrap the down-projection at ``relative`` (a path inside each block) of every block in
+    :class:`PositionRows`; returns the adapted relative path (``relative + ".linear"``).
+
+    The one structural change locedit makes to a model, done once at discovery: parameter
+    names gain ``.linear``; values, outputs and gradients are unchanged (tested).
+    """
+    parent_path, _, child = relative.rpartition(".")
+    for block in stack:
+        parent = block.get_submodule(parent_path) if parent_path else block
+        down = getattr(parent, child)
+        if isinstance(down, PositionRows):
+            continue
+        adapter = PositionRows(down)
+        setattr(parent, child, adapter)
+        block.register_forward_pre_hook(functools.partial(_note_rows, adapter), with_kwargs=True)
+    return f"{relative}.linear"
 
 
 class ArchitectureCheckError(UnsupportedArchitectureError):
@@ -170,8 +216,12 @@ def _module_path(model: nn.Module, target: nn.Module) -> str | None:
     return None
 
 
-def discover_spec(model: nn.Module) -> ArchSpec:
-    """Derive an :class:`ArchSpec` from the module tree and one forward pass of ``model``."""
+def discover_spec(model: nn.Module, *, adapt: bool = True) -> ArchSpec:
+    """Derive an :class:`ArchSpec` from the module tree and one forward pass of ``model``.
+
+    A block that runs its MLP on flattened rows (OPT) gets its down-projection wrapped in
+    :class:`PositionRows` (``adapt``), after which the MLP is seen per position.
+    """
     refuse_unsupported_structure(model)
     n_attr, n = config_n_layers(model)
     blocks = [
@@ -257,6 +307,9 @@ def discover_spec(model: nn.Module) -> ArchSpec:
     )
     mlp_out = _first_tensor(seen[mlp].output)
     if mlp_out.shape != _first_tensor(seen["last_block"].output).shape:
+        if adapt and mlp_out.dim() == 2:
+            adapt_flat_rows(stack, relative)
+            return discover_spec(model, adapt=False)
         raise _refuse(model, _FLAT_MLP.format(path=generic(mlp)))
 
     attn = attn_prefix
@@ -504,6 +557,8 @@ def prepare_architecture(
 __all__ = [
     "ArchitectureCheckError",
     "CheckResult",
+    "PositionRows",
+    "adapt_flat_rows",
     "attach_spec",
     "choose_spec",
     "discover_spec",
