@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--device", default="cpu", help="model.device: cpu (default), auto, cuda, cuda:N")
+    parser.add_argument("--dtype", default="float32", help="model.dtype: float32, bfloat16, float16")
     parser.add_argument("--n-facts", type=int, default=10)
     parser.add_argument("--layer", type=int, default=None, help="default: the middle layer")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     load_start = load_average()
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     depth = n_layers(model)
     layer = args.layer if args.layer is not None else depth // 2
 

@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--device", default="cpu", help="model.device: cpu (default), auto, cuda, cuda:N")
+    parser.add_argument("--dtype", default="float32", help="model.dtype: float32, bfloat16, float16")
     parser.add_argument("--n-facts", type=int, default=4)
     parser.add_argument(
         "--facts-file",
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     facts = (read_records(args.facts_file) if args.facts_file else DEFAULT_FACTS)[: args.n_facts]
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     sigma = calibrate_noise(model, tokenizer, facts).sigma
     common = {
         "sigma": sigma,
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     load_start = os.getloadavg()
     with torch.no_grad():  # warm-up: first calls pay one-off allocation costs
-        model(input_ids=torch.tensor([[tokenizer.bos_token_id or 0] * 8]))
+        model(input_ids=torch.tensor([[tokenizer.bos_token_id or 0] * 8], device=model.device))
     rss_loaded = peak_rss_mb()
 
     fast, t0 = [], time.perf_counter()

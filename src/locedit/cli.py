@@ -38,6 +38,8 @@ def _tune(args: argparse.Namespace) -> int:
     from locedit.pipeline.common import check_params, load_params
 
     params = load_params(args.params)
+    if args.device:  # one tuning worker per GPU: --device cuda:0, --device cuda:1, ...
+        params.model.device = args.device
     check_params(params)
     module = importlib.import_module("locedit.pipeline.tune")
     module.run_single(params, method=args.method, problem=args.problem, mode=args.mode)
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problem", required=True)
     p.add_argument("--mode", choices=["grid", "search"], default=None)
     p.add_argument("--params", default="params.yaml")
+    p.add_argument("--device", default=None, help="model.device of this worker, e.g. cuda:1")
     p.set_defaults(func=_tune)
 
     from locedit.editing.cli import add_edit_parser
