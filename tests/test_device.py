@@ -84,6 +84,18 @@ def test_gpu_assignment_for_workers():
     assert visible_gpus({}, count=2) == ["0", "1"]
 
 
+def test_local_workers_spread_over_gpus_only_when_the_device_allows(monkeypatch):
+    from locedit.sweep.runner import worker_gpu_plan
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert worker_gpu_plan({"model": {"device": "auto"}}, 3) == ["4", "5", "4"]
+    assert worker_gpu_plan({"model": {"device": "cuda"}}, 1, 2) == ["4,5"]
+    assert worker_gpu_plan({"model": {"device": "cuda:1"}}, 2) == [None, None]
+    assert worker_gpu_plan({"model": {"device": "cpu"}}, 2) == [None, None]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert worker_gpu_plan({"model": {"device": "auto"}}, 2) == [None, None]
+
+
 # ------------------------------------------------------------------------------- guard
 
 
