@@ -3,8 +3,10 @@ and in bfloat16 (and float16), on the CPU.
 
 Writes benchmarks/results/precision-<model>.json: per dtype the largest difference from float32
 of p_clean, p_noised and the tracing effects (MLP, window 5, 10 samples, the same noise), and
-of p(target) after a ROME and a MEMIT edit at the model's default layer (each dtype computes
-its own key statistics from the same corpus spec). Numbers, not timings.
+of p(target) after a ROME and a MEMIT edit at the model's default layer. By default every
+dtype edits with the float32 model's key statistics and context templates (``--own-stats``:
+each dtype samples and computes its own, which on the CPU is slow in bfloat16), so the
+difference is that of the edit itself. Numbers, not timings.
 
     PYTHONPATH=src python benchmarks/precision.py --model tiny
     PYTHONPATH=src python benchmarks/precision.py --model gemma-3-270m --n-facts 3
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-facts", type=int, default=3)
     parser.add_argument("--dtypes", nargs="*", default=["bfloat16", "float16"])
     parser.add_argument("--corpus-samples", type=int, default=32)
+    parser.add_argument("--own-stats", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -62,18 +65,26 @@ def main(argv: list[str] | None = None) -> dict:
     sigma = calibrate_noise(base, tok, facts).sigma
     total = n_layers(base)
     out: dict = {"model": args.model, "n_layers": total, "sigma": sigma, "facts": [f.fact_id for f in facts],
-                 "device": "cpu", "dtypes": {}}
+                 "device": "cpu", "shared_stats": not args.own_stats,
+                 "corpus_samples": args.corpus_samples, "dtypes": {}}
     models = {"float32": base, **{d: copy.deepcopy(base).to(getattr(torch, d)) for d in args.dtypes}}
     traced, edits = {}, {}
     with tempfile.TemporaryDirectory() as work:
+        shared = CovarianceStore(
+            Path(work) / "shared", CorpusSpec(n_samples=args.corpus_samples, sample_length=32), tok
+        )
         for name, model in models.items():
             traced[name] = [
                 trace_fact_many(model, tok, f, sigma=sigma, kinds=("mlp",), windows=(5,), n_samples=10)[0]
                 for f in facts
             ]
-            store = CovarianceStore(
-                Path(work), CorpusSpec(n_samples=args.corpus_samples, sample_length=32), tok
-            )
+            store = shared
+            if args.own_stats:
+                store = CovarianceStore(
+                    Path(work) / name, CorpusSpec(n_samples=args.corpus_samples, sample_length=32), tok
+                )
+            elif model is not base:  # read the float32 model's statistics and templates
+                store._fingerprints[model] = store.fingerprint(base)
             edits[name] = {}
             for method in ("rome", "memit"):
                 layer = default_layer(method, total)
