@@ -292,10 +292,11 @@ def main(argv: list[str] | None = None) -> dict:
             del model, store
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    seconds = time.perf_counter() - started
-    tracing["seconds_total"] = editing["seconds_total"] = round(seconds, 1)
-    (args.out / f"tracing-{suffix}.json").write_text(json.dumps(tracing, indent=2) + "\n")
-    (args.out / f"editing-{suffix}.json").write_text(json.dumps(editing, indent=2) + "\n")
+            # Written after every shape, so a run cut short keeps what it measured.
+            seconds = time.perf_counter() - started
+            tracing["seconds_total"] = editing["seconds_total"] = round(seconds, 1)
+            (args.out / f"tracing-{suffix}.json").write_text(json.dumps(tracing, indent=2) + "\n")
+            (args.out / f"editing-{suffix}.json").write_text(json.dumps(editing, indent=2) + "\n")
     summary = summarise(tracing, editing)
     print(summary)
     return {"tracing": tracing, "editing": editing}
