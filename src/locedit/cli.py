@@ -58,7 +58,7 @@ def _models(args: argparse.Namespace) -> int:
         from locedit.models.loading import load_model
 
         overrides = dict(item.partition("=")[::2] for item in args.arch or [])
-        model, _ = load_model(args.check, arch=overrides, check=False)
+        model, _ = load_model(args.check, arch=overrides, check=False, device=args.device)
         spec = arch_spec(model)
         model_type = model.config.model_type
         if overrides:
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FIELD=VALUE",
         help="with --check: a model.arch setting to try, e.g. mlp_down=model.layers.{}.mlp.c_proj",
     )
+    p.add_argument("--device", default="cpu", help="with --check: auto, cpu, cuda or cuda:N")
     p.set_defaults(func=_models)
     return parser
 
