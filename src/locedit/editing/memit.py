@@ -5,8 +5,9 @@ same optimisation as ROME's v*, :mod:`locedit.editing.vstar`). Then, for each la
 window in ascending order, with the layers below already updated:
     r_i = (z* - z_current) / (number of window layers from i on)
     dW_i = r_i k_i^T (lambda C_i + k_i k_i^T)^-1
-where k_i is the template-averaged key at layer i and lambda the covariance weight. The solve
-uses a cached Cholesky factor of C_i and the Sherman-Morrison identity, in float64, and checks
+where k_i is the key at layer i averaged as MEMIT's ``compute_ks`` does (the bare prompt
+weighs 1/2, the context templates share the other half: :func:`memit_key_mean`) and lambda
+the covariance weight. The solve uses a cached Cholesky factor of C_i and the Sherman-Morrison identity, in float64, and checks
 the residual of the full system.
 
 Architectures whose MLP output passes an RMSNorm before joining the residual stream (Gemma
@@ -22,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from locedit.editing.batch import request_batch, template_mean
+from locedit.editing.batch import memit_key_mean, request_batch
 from locedit.editing.covariance import SingularCovarianceError, down_proj_module
 from locedit.editing.forward import captured_io, run_batch_until
 from locedit.editing.hparams import MemitHParams
@@ -94,7 +95,7 @@ def apply_memit(edit: EditCall) -> EditResult:
             recorded({"z": z_module}) as rec,
         ):
             run_batch_until(model, batch, z_module)
-        k = template_mean(found["input"].double(), batch)
+        k = memit_key_mean(found["input"].double(), batch)
         mlp_out = found["output"].double()[batch.bare].mean(0)
         z_now = _lookup_mean(rec["z"], batch).double()
         if z_initial is None:

@@ -18,7 +18,14 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import Direction, FactRecord
 from locedit.metrics import scores
-from locedit.models.noise import NoiseConfig, d_model, fact_noise, fact_seed, noised_subject
+from locedit.models.noise import (
+    SCORING_STREAM,
+    NoiseConfig,
+    d_model,
+    fact_noise,
+    fact_seed,
+    noised_subject,
+)
 from locedit.models.scoring import target_log_probs
 from locedit.models.tokens import TokenizationError, encode_prompt, encode_target
 
@@ -89,7 +96,9 @@ def build_probes(
 def probe_probabilities(
     model: nn.Module, probes: Sequence[Probe], record: FactRecord, noise: NoiseConfig | None
 ) -> dict[str, float]:
-    """Probabilities of all probes; noised probes average over the fact's noise samples."""
+    """Probabilities of all probes; noised probes average over noise samples drawn from the
+    scoring stream (:data:`~locedit.models.noise.SCORING_STREAM`): independent of the noise
+    Fact Forcing's edit was optimised on, the same draws before and after every edit."""
     clean = [p for p in probes if p.subject_span is None]
     out: dict[str, float] = {}
     if clean:
@@ -101,7 +110,7 @@ def probe_probabilities(
         if noise is None:
             raise ValueError("noised probes need the tracing noise configuration")
         start, end = probe.subject_span
-        tensor = fact_noise(record.fact_id, end - start, d_model(model), noise)
+        tensor = fact_noise(record.fact_id, end - start, d_model(model), noise, SCORING_STREAM)
         with noised_subject(model, start, end, tensor):
             log_p = target_log_probs(
                 model, [probe.prompt_ids] * noise.n_samples, [probe.target_ids] * noise.n_samples,

@@ -32,7 +32,7 @@ from locedit.metrics.evaluation import (
     score_edit,
     target_probe_name,
 )
-from locedit.models.noise import fact_seed
+from locedit.models.noise import SCORING_STREAM, fact_seed
 from locedit.models.snapshot import RestorationError
 from locedit.models.tokens import TokenizationError
 from locedit.problems import (
@@ -73,8 +73,10 @@ def _pre_edit(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, record: FactRecord,
     problems: Sequence[str], config: EvaluationConfig, cache_dir: Path | None, context: str,
 ) -> PreEdit:
-    # The problems decide which probes exist (o_noise, noised prompts), so they key the cache.
-    problems_id = hashlib.sha256(",".join(sorted(problems)).encode()).hexdigest()[:8]
+    # The problems decide which probes exist (o_noise, noised prompts), so they key the cache;
+    # so does the noise that scores the noised probes (its own seed stream since issue 16).
+    scoring = f"noise:{config.noise}:{SCORING_STREAM}"
+    problems_id = hashlib.sha256(",".join([*sorted(problems), scoring]).encode()).hexdigest()[:8]
     cache = cache_dir / f"{record.fact_id}-{context}-{problems_id}.json" if cache_dir else None
     if cache is not None and cache.exists():
         data = json.loads(cache.read_text())
