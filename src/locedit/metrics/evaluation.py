@@ -86,7 +86,7 @@ def build_probes(
                 probes.append(Probe(f"{group}/{index}/o_true_noised", tuple(enc.input_ids), target, span))
     for index, text in enumerate(record.neighborhood_prompts):
         ids = tuple(tokenizer(text)["input_ids"])
-        for name in ("o_false", "o_true"):
+        for name in ("o_false", "o_true", "o_noise"):
             if name in objects:
                 target = tuple(encode_target(tokenizer, text, objects[name]))
                 probes.append(Probe(f"neighborhood/{index}/{name}", ids, target))
@@ -130,22 +130,36 @@ def _group(probs: dict[str, float], group: str, name: str) -> list[float]:
     return [value for _, value in sorted(items)]
 
 
+#: Which object the neighbourhood score tracks: ``o_false`` for every problem (the paper's
+#: text, "neighborhood is entirely identical") or ``problem``, the problem's own target (the
+#: original evaluation code, which scores every prompt on the request's target).
+NEIGHBORHOOD_TARGETS = ("o_false", "problem")
+
+
 def score_edit(
     problem: ProblemSpec, target_name: str, pre: dict[str, float], post: dict[str, float],
     essence_before: float | None = None, essence_after: float | None = None,
+    neighborhood_target: str = "o_false",
 ) -> dict[str, float]:
     """All metric columns for one edit (Sec. 3.4 and App. C).
 
     ``target_name`` is the probe object the problem edits (o_false, o_noise or o_true, with
-    ``_noised`` for Fact Forcing). The neighbourhood score always tracks o_false on s*, as the
-    paper does for every problem ("neighborhood is entirely identical").
+    ``_noised`` for Fact Forcing). The neighbourhood score tracks o_false on s* for every
+    problem, as the paper's text does ("neighborhood is entirely identical"), or with
+    ``neighborhood_target="problem"`` the problem's own (clean) target, as the original code.
     """
     direction = problem.direction
     rewrite = scores.rewrite_score(pre[f"rewrite/0/{target_name}"], post[f"rewrite/0/{target_name}"], direction)
     paraphrase = scores.paraphrase_score(
         _group(pre, "paraphrase", target_name), _group(post, "paraphrase", target_name), direction
     )
+    if neighborhood_target not in NEIGHBORHOOD_TARGETS:
+        raise ValueError(
+            f"neighborhood_target {neighborhood_target!r} not among {NEIGHBORHOOD_TARGETS}"
+        )
     neighbour_object = "o_false" if any(k.endswith("/o_false") for k in pre) else "o_true"
+    if neighborhood_target == "problem":
+        neighbour_object = problem.target
     neighborhood = scores.neighborhood_score(
         _group(pre, "neighborhood", neighbour_object), _group(post, "neighborhood", neighbour_object)
     )
@@ -216,12 +230,22 @@ def sample_essence_texts(
     return EssenceTexts(length, tuple(sequences))
 
 
-def essence_perplexity(model: nn.Module, texts: EssenceTexts) -> float:
-    """Mean over samples of exp(mean NLL of the sampled continuation given the prompt)."""
+#: Which tokens the essence perplexity averages over: the sampled ``continuation`` given the
+#: prompt (ours) or the ``whole_text`` including "{s} is a" (the original code's perplexity of
+#: the full sample; the first token has no prediction and is left out).
+ESSENCE_SPANS = ("continuation", "whole_text")
+
+
+def essence_perplexity(model: nn.Module, texts: EssenceTexts, span: str = "continuation") -> float:
+    """Mean over samples of exp(mean NLL of the sampled continuation given the prompt), or with
+    ``span="whole_text"`` of every token after the first (prompt included)."""
+    if span not in ESSENCE_SPANS:
+        raise ValueError(f"essence span {span!r} not among {ESSENCE_SPANS}")
     if not texts.sequences:
         return math.nan
-    prompts = [seq[: texts.prompt_length] for seq in texts.sequences]
-    continuations = [seq[texts.prompt_length :] for seq in texts.sequences]
+    cut = texts.prompt_length if span == "continuation" else 1
+    prompts = [seq[:cut] for seq in texts.sequences]
+    continuations = [seq[cut:] for seq in texts.sequences]
     log_p = target_log_probs(model, prompts, continuations)
     ppl = [math.exp(-lp / len(c)) for lp, c in zip(log_p.tolist(), continuations, strict=True)]
     return sum(ppl) / len(ppl)
