@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import transformers
+import yaml
 
 from locedit.data.loaders import load_counterfact
 from locedit.editing import (
@@ -66,7 +67,7 @@ def compare_with_reference(model, tokenizer, store, facts, layer: int) -> dict:
     (:mod:`locedit.editing.reference`); ours replays the frozen lower layers and the prompt
     prefix and unembeds only the target and KL positions. Both give the same v*.
     """
-    hp = hparams_for("rome")
+    hp = hparams_for("rome")  # the paper's ROME; the comparison is about speed and equality
     templates = store.context_templates(
         model, tokenizer, hp.context_template_lengths, hp.n_context_templates, hp.seed
     )
@@ -161,7 +162,12 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     fingerprint = store.fingerprint(model)
     fingerprint_s = time.perf_counter() - t0
-    hparams = {m: hparams_for(m) for m in args.methods}
+    # The defaults `locedit compose` gives this model (conf/method, with its per_model section).
+    method_config = {
+        "method": yaml.safe_load((REPO / "conf" / "method" / "default.yaml").read_text()),
+        "model": {"name": args.model},
+    }
+    hparams = {m: hparams_for(m, method_config) for m in args.methods}
     needed = sorted(
         {
             x
