@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,3 +38,22 @@ def store(tmp_path_factory, tok):
 @pytest.fixture
 def gpt2_model():
     return tiny_model("gpt2", n_layers=4)
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def require_shared_data(path: Path = SHARED_DATA) -> Path:
+    """``../shared/data``: skipped on a developer machine without it, a failure in CI (``CI=true``),
+    where a missing data folder means the checkout is wrong, not that the test does not apply."""
+    if not path.exists():
+        message = f"shared data folder {path} not present"
+        if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+            pytest.fail(f"{message} (CI=true: it must be checked out next to the repository)")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    return require_shared_data()

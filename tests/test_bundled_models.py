@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from locedit.data.filter import greedy_completions, is_known
 from locedit.data.loaders import load_known
 from locedit.models import load_model, n_layers
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.mark.slow
@@ -23,10 +19,9 @@ def test_gemma_completes_a_well_known_fact():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHARED.exists(), reason="shared data folder not present")
-def test_gemma_knows_some_facts_from_known_1000():
+def test_gemma_knows_some_facts_from_known_1000(shared_data):
     model, tokenizer = load_model("gemma-3-270m")
-    records = load_known(SHARED).records[:16]
+    records = load_known(shared_data).records[:16]
     completions = greedy_completions(model, tokenizer, [r.prompt for r in records], max_new_tokens=12, progress=False)
     known = [r.fact_id for r, c in zip(records, completions, strict=True) if is_known(c, r.target_true)]
     assert len(known) >= 4, known

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -30,9 +32,12 @@ def test_dvc_stages_call_existing_stage_modules():
 
 
 def test_help_lists_subcommands(capsys):
-    help_text = build_parser().format_help()
-    for command in ("compose", "run", "tune", "edit", "models"):
-        assert command in help_text
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == {"compose", "run", "tune", "edit", "models"}
+    help_text = parser.format_help()
+    for command in sub.choices:
+        assert re.search(rf"^\s+{command}\s", help_text, re.MULTILINE), command
 
 
 def test_compose_with_override_writes_params(tmp_path):

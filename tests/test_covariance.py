@@ -83,7 +83,7 @@ def test_store_caches_by_model_corpus_layer_count_and_dtype(tmp_path, tok, model
     first = store.get(model, 1)
     path = store.path(model, 1)
     assert path.exists() and path.with_suffix(".json").exists()
-    assert store.fingerprint(model) in str(path) and spec.content_id() in str(path)
+    assert store.fingerprint(model) in str(path) and store.statistics_key(model) in str(path)
     assert path.name == "layer001.n6.float32.pt"
     # The mean of k k^T over the corpus tokens, recomputed by hand from the cached corpus.
     rows = store._corpus_rows(model)

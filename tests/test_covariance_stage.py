@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from locedit.editing import CorpusSpec, CovarianceStore
 from locedit.models import load_model
 from locedit.pipeline.common import compose_params
@@ -33,7 +31,6 @@ def test_stats_layers_cover_rome_layers_memit_windows_and_tuning():
     assert stats_layers(params, model) == [0, 2, 4, 5, 7]
 
 
-@pytest.mark.slow
 def test_stage_writes_statistics_templates_and_manifest(tmp_path, monkeypatch):
     from locedit.pipeline import stats as stage
 

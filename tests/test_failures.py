@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from locedit.cli import main
 from locedit.models.loading import ModelLoadError, convert_bundled, load_model
 from locedit.sweep import sweep_layers
+from locedit.testing import save_tiny
 
 
 def test_wrong_model_name_says_what_is_accepted(monkeypatch, tmp_path):
@@ -69,3 +72,51 @@ def test_a_full_disk_says_so_and_that_the_run_resumes(tmp_path, monkeypatch, cap
     assert main(["run", "prepare"]) == 2
     assert "disk is full writing outputs/edit/rows/main.jsonl" in caplog.text
     assert "resumes" in caplog.text
+
+
+@pytest.mark.parametrize("how", ["env", "no network"])
+def test_an_unknown_model_name_without_network_fails_fast_with_the_bundled_names(monkeypatch, tmp_path, how):
+    from locedit.models import loading
+
+    if how == "env":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+        monkeypatch.setattr(loading, "_hub_reachable", lambda timeout: False)
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError) as err:
+        load_model("does-not-exist", cache_dir=tmp_path)
+    assert time.perf_counter() - start < 5
+    message = str(err.value)
+    assert "gemma-3-270m" in message and "smollm2-135m" in message and "cannot be reached" in message
+    assert "\n" not in message
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_named_at_load(tmp_path):
+    folder = save_tiny(tmp_path / "small-vocab", "gpt2", n_layers=1, vocab_size=1000)
+    with pytest.raises(ModelLoadError, match="tokenizer has 50257 tokens but the model's vocabulary has 1000"):
+        load_model(str(folder))
+
+
+def test_set_values_are_typed_and_bad_counts_refused(tmp_path, monkeypatch, caplog):
+    from omegaconf import OmegaConf
+
+    from locedit.pipeline.common import apply_overrides
+
+    params = OmegaConf.create({"method": {"rome": {"kl_factor": 0.0625}}, "edit": {"methods": ["ft1"]},
+                               "data": {"n_records": 4, "start": 0}})
+    apply_overrides(params, ["method.rome.kl_factor=0.9", "edit.methods=[rome,memit]", "data.n_records=null"])
+    assert params.method.rome.kl_factor == 0.9 and list(params.edit.methods) == ["rome", "memit"]
+    assert params.data.n_records is None
+    for bad, expected in [("data.n_records=-5", "data.n_records=-5"), ("data.n_records=0", "positive"),
+                          ("data.start=-1", "non-negative"), ("data.n_records=2.5", "integer")]:
+        with pytest.raises(ValueError, match=expected):
+            apply_overrides(OmegaConf.create({"data": {"n_records": 4, "start": 0}}), [bad])
+    # through the CLI: exit status 2, one line naming the key
+    monkeypatch.chdir(tmp_path)
+    assert main(["compose", "--conf", str(_conf()), "--output", "params.yaml"]) == 0
+    assert main(["run", "prepare", "--set", "data.n_records=-5"]) == 2
+    assert "data.n_records=-5 (must be a positive integer or null)" in caplog.text
+    assert main(["run", "prepare", "--set", "edit.methods=[rome"]) == 2
+    assert "cannot parse" in caplog.text

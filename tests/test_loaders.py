@@ -17,8 +17,6 @@ from locedit.data.loaders import (
 )
 from locedit.data.records import FactRecord, read_records, write_records
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 ROME_RECORD = {
     "case_id": 7,
     "pararel_idx": 1,
@@ -86,7 +84,40 @@ def test_broken_records_are_skipped_with_counted_reasons(tmp_path):
     assert result.n_skipped == 4
     assert result.skipped["subject not in prompt"] == 1
     assert result.skipped["empty target_new"] == 1
-    assert sum(v for k, v in result.skipped.items() if k.startswith("malformed")) == 2
+    assert result.skipped["not a JSON object (a str)"] == 1
+    assert sum(v for k, v in result.skipped.items() if k.startswith("malformed")) == 1
+    # every skipped record is named by file and index
+    file = tmp_path / "counterfact_easyedit" / "counterfact-edit.json"
+    assert len(result.problems) == 4 and all(p.startswith(f"{file}[") for p in result.problems)
+    assert any(p.startswith(f"{file}[3]: not a JSON object") for p in result.problems)
+
+
+def test_case_ids_of_any_type_are_accepted_or_refused_per_record(tmp_path):
+    ids = [3, "1", "abc", 2.0, None, True, [4], 1.5]
+    rows = [dict(EASYEDIT_RECORD, case_id=value) for value in ids]
+    rows.append({k: v for k, v in EASYEDIT_RECORD.items() if k != "case_id"})
+    _write(tmp_path / "counterfact_easyedit" / "counterfact-edit.json", rows)
+    result = load_counterfact(tmp_path, max_bad_fraction=1.0)
+    assert [r.fact_id for r in result.records] == ["cf-1", "cf-2", "cf-3", "cf-abc"]
+    assert result.n_skipped == 5 and result.skipped["missing case_id"] == 1
+    reasons = sorted(p.split(": ", 1)[1] for p in result.problems)
+    assert reasons == sorted([
+        "case_id must be an integer or a string, not None",
+        "case_id must be an integer or a string, not True",
+        "case_id must be an integer or a string, not list [4]",
+        "case_id must be an integer or a string, not float 1.5",
+        "missing case_id",
+    ])
+
+
+@pytest.mark.parametrize("text", ['[{"case_id": 1}] x', '[{"case_id": 1},', "\xff"])
+def test_a_file_that_is_not_json_is_named(tmp_path, text):
+    path = tmp_path / "counterfact_easyedit" / "counterfact-edit.json"
+    path.parent.mkdir()
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(DatasetError) as err:
+        load_counterfact(tmp_path)
+    assert str(err.value).startswith(f"{path}: not ") and "\n" not in str(err.value)
 
 
 def test_mostly_bad_data_is_an_error(tmp_path):
@@ -124,10 +155,9 @@ def test_records_round_trip_through_jsonl(tmp_path):
     assert back == record and back.extra == {"p_true": 0.5}
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="shared data folder not present")
-def test_shared_data_sets_load():
-    assert len(load_known(SHARED).records) == 1209
-    counterfact = load_counterfact(SHARED)
+def test_shared_data_sets_load(shared_data):
+    assert len(load_known(shared_data).records) == 1209
+    counterfact = load_counterfact(shared_data)
     assert len(counterfact.records) == 21919 and counterfact.records[0].fact_id == "cf-0"
-    assert len(load_zsre(SHARED).records) > 1000
-    assert load_dataset("known_1000", SHARED).records[0].target_true == "Antarctica"
+    assert len(load_zsre(shared_data).records) > 1000
+    assert load_dataset("known_1000", shared_data).records[0].target_true == "Antarctica"

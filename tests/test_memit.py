@@ -7,7 +7,7 @@ import torch
 
 from locedit.editing import EditRequest, edited, hparams_for
 from locedit.editing.memit import effective_mom2_weight
-from locedit.models.architecture import as_out_in, down_proj_name, down_proj_weight
+from locedit.models.architecture import arch_spec, as_out_in, down_proj_name, down_proj_weight
 from locedit.models.scoring import target_log_probs
 from locedit.models.tokens import encode_prompt, encode_target
 from locedit.testing import editable_tiny_model
@@ -33,7 +33,7 @@ def test_memit_edits_exactly_its_window_and_raises_target(family, tok, store):
         assert changed == sorted(down_proj_name(model, layer) for layer in window)
         assert result.layers == window and sorted(result.changed) == changed
         lam = effective_mom2_weight(hp, int(store.get(model, 1).shape[0]))
-        for layer in window:
+        for position, layer in enumerate(window):
             delta = (
                 as_out_in(model, down_proj_weight(model, layer).detach())
                 - as_out_in(model, originals[down_proj_name(model, layer)])
@@ -46,6 +46,13 @@ def test_memit_edits_exactly_its_window_and_raises_target(family, tok, store):
             adjusted = np.linalg.solve(lam * c + np.outer(k, k), k)
             cosine = abs(right[0].numpy() @ adjusted) / np.linalg.norm(adjusted)
             assert cosine == pytest.approx(1.0, abs=1e-5)
+            # Its size: the output direction is the residual of z spread over the remaining
+            # layers, r_l = (z* - z_l) / (L - l); at the first layer z_l is the unedited z, so
+            # ||r|| = ||delta z|| / 5 and ||dW|| = ||r|| ||(lambda C + k k^T)^-1 k||.
+            assert result.diagnostics[f"realised_share_l{layer}"] == pytest.approx(float(k @ adjusted), rel=1e-4)
+            if position == 0 and arch_spec(model).mlp_post_norm is None:
+                expected = result.diagnostics["z_delta_norm"] / len(window) * np.linalg.norm(adjusted)
+                assert float(singular[0]) == pytest.approx(expected, rel=1e-3)
     assert after > 5 * before
     assert result.diagnostics["z_residual_fraction"] < 0.9
     for name, p in model.named_parameters():

@@ -235,3 +235,21 @@ def test_relative_step_and_early_stop_on_probability(tok):
         model, batch, module, 1, hp.with_overrides(v_steps=4, early_stop_prob=0.0), "maximize", "rome"
     )
     assert at_once.steps == 1 and float(at_once.delta.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_a_step_the_clamp_zeroes_is_flagged_not_silently_ok(method, tok, store):
+    # v_lr=1e30 overflows the step's norm; ROME's clamp then scales delta by max/inf = 0.
+    model = editable_tiny_model("gpt2", n_layers=4)
+    request = EditRequest(PROMPT, "Eiffel Tower", "Rome")
+    prefix = "v" if method == "rome" else "z"
+    fast = {**FAST, "n_layers": 1} if method == "memit" else FAST
+    normal = hparams_for(method, overrides=fast)
+    with edited(model, tok, method, request, 1, normal, store) as result:
+        assert not {f"{prefix}_step_zeroed", f"{prefix}_no_progress"} & set(result.flags)
+        assert result.diagnostics[f"{prefix}_delta_norm"] > 0
+    huge = hparams_for(method, overrides={**fast, "v_lr": 1e30, "clamp_norm_factor": 1e30})
+    with edited(model, tok, method, request, 1, huge, store) as result:
+        assert result.diagnostics[f"{prefix}_delta_norm"] == 0.0
+        assert result.diagnostics[f"{prefix}_zeroed_steps"] == FAST["v_steps"] - 1
+        assert {f"{prefix}_step_zeroed", f"{prefix}_no_progress"} <= set(result.flags)

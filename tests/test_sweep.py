@@ -79,8 +79,10 @@ def test_sweep_rows_resume_and_ray_equality(tmp_path, monkeypatch):
     assert len(rows) == 24 and rows[:7] == first_rows
     table = results_table(rows, [t.key for t in spec.tasks])
     assert len(table) == 24
-    ok = table[table.status == "ok"]
-    assert set(ok.method) == {"rome", "ft1"} and len(ok) >= 20
+    # every edit of this plan applies and succeeds (no failure is left unexplained)
+    assert (table.status == "ok").all(), table[table.status != "ok"][["key", "reason"]].to_string()
+    ok = table
+    assert set(ok.method) == {"rome", "ft1"}
     assert ok["rewrite_score"].notna().all() and ok["neighborhood_score"].between(-1e-9, 1 + 1e-9).all()
     assert run_sweep(spec, progress=False) == 0
 

@@ -16,32 +16,29 @@ from locedit.pipeline import STAGES
 
 def _compose(args: argparse.Namespace) -> int:
     """The same file `dvc exp run` composes (Hydra enabled in .dvc/config), byte for byte."""
-    from locedit.pipeline.common import compose_params
+    from locedit.pipeline.common import check_params, compose_params
 
     cfg = compose_params(args.conf, args.overrides)
+    check_params(cfg)
     Path(args.output).write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
     print(f"wrote {args.output}")
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    from locedit.pipeline.common import load_params
+    from locedit.pipeline.common import apply_overrides, load_params
 
-    params = load_params(args.params)
-    for override in args.set or []:
-        key, _, value = override.partition("=")
-        OmegaConf.update(
-            params, key, OmegaConf.create({"v": value}).v if value else None, merge=True
-        )
+    params = apply_overrides(load_params(args.params), args.set)
     module = importlib.import_module(STAGES[args.stage])
     module.run(params)
     return 0
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from locedit.pipeline.common import load_params
+    from locedit.pipeline.common import check_params, load_params
 
     params = load_params(args.params)
+    check_params(params)
     module = importlib.import_module("locedit.pipeline.tune")
     module.run_single(params, method=args.method, problem=args.problem, mode=args.mode)
     return 0

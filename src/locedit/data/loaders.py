@@ -61,41 +61,100 @@ class DatasetError(RuntimeError):
 class LoadResult:
     records: list[FactRecord]
     skipped: Counter = field(default_factory=Counter)
+    #: One line per skipped record: ``file[index]: reason``.
+    problems: list[str] = field(default_factory=list)
 
     @property
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
 
 
+@dataclass(frozen=True)
+class RawRow:
+    """A record as read, with where it came from (every error names the file and index)."""
+
+    file: str
+    index: int
+    row: object
+
+    def where(self) -> str:
+        return f"{self.file}[{self.index}]"
+
+
 def _convert_all(
-    raw: Iterable[dict], convert: Callable[[dict], FactRecord], name: str, max_bad_fraction: float
+    raw: Iterable[RawRow], convert: Callable[[dict], FactRecord], name: str, max_bad_fraction: float
 ) -> LoadResult:
     result = LoadResult(records=[])
     total = 0
-    for row in raw:
+    for item in raw:
         total += 1
         try:
-            result.records.append(convert(row).validate())
+            if not isinstance(item.row, dict):
+                raise RecordError(f"not a JSON object (a {type(item.row).__name__})")
+            result.records.append(convert(item.row).validate())
+            continue
         except RecordError as err:
-            result.skipped[str(err)] += 1
+            reason = str(err)
         except (KeyError, TypeError, IndexError, AttributeError) as err:
-            result.skipped[f"malformed record ({type(err).__name__}: {err})"] += 1
+            reason = f"malformed record ({type(err).__name__}: {err})"
+        result.skipped[reason] += 1
+        result.problems.append(f"{item.where()}: {reason}")
     if total and result.n_skipped / total > max_bad_fraction:
         raise DatasetError(
             f"{name}: {result.n_skipped} of {total} records are unusable "
-            f"({dict(result.skipped.most_common(3))}); is this the right file and format?"
+            f"({dict(result.skipped.most_common(3))}; first: {result.problems[0]}); "
+            "is this the right file and format?"
         )
     if result.n_skipped:
-        log.warning("%s: skipped %d of %d records: %s", name, result.n_skipped, total, dict(result.skipped))
+        log.warning(
+            "%s: skipped %d of %d records: %s (first: %s)",
+            name, result.n_skipped, total, dict(result.skipped), result.problems[0],
+        )
     return result
 
 
-def _read_json(path: Path) -> list[dict]:
-    with path.open() as handle:
-        data = json.load(handle)
+def _read_json(path: Path) -> list[RawRow]:
+    """The records of a JSON list file; a parse error names the file, line and column."""
+    try:
+        with path.open() as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not isinstance(data, list):
-        raise DatasetError(f"{path}: expected a JSON list of records")
-    return data
+        raise DatasetError(f"{path}: expected a JSON list of records, found a {type(data).__name__}")
+    return [RawRow(str(path), index, row) for index, row in enumerate(data)]
+
+
+def case_id(row: dict) -> int | str:
+    """A CounterFact ``case_id`` as an int (also from "12" or 12.0) or a non-empty string id;
+    anything else (missing, null, bool, list, 1.5) is refused with the reason."""
+    if "case_id" not in row:
+        raise RecordError("missing case_id")
+    value = row["case_id"]
+    if isinstance(value, bool) or value is None:
+        raise RecordError(f"case_id must be an integer or a string, not {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip():
+        text = value.strip()
+        return int(text) if text.lstrip("-").isdigit() else text
+    raise RecordError(f"case_id must be an integer or a string, not {type(value).__name__} {value!r}")
+
+
+def _case_order(item: RawRow) -> tuple:
+    """Sort key: numeric ids in order, then string ids, then records without a usable id (they
+    are refused with their reason on conversion)."""
+    try:
+        value = case_id(item.row) if isinstance(item.row, dict) else None
+    except RecordError:
+        value = None
+    if isinstance(value, int):
+        return (0, value, "")
+    return (1, 0, value) if value is not None else (2, 0, "")
 
 
 def _require(source: str, root: Path) -> Path:
@@ -123,7 +182,7 @@ def _rome_counterfact(row: dict) -> FactRecord:
 
 def _easyedit_counterfact(row: dict) -> FactRecord:
     return FactRecord(
-        fact_id=f"cf-{row['case_id']}",
+        fact_id=f"cf-{case_id(row)}",
         subject=row["subject"],
         prompt=row["prompt"],
         target_true=row["ground_truth"],
@@ -171,7 +230,7 @@ def load_counterfact(root: Path, max_bad_fraction: float = 0.5) -> LoadResult:
         )
     folder = _require("counterfact_easyedit", root)
     rows = [row for file in sorted(folder.glob("*.json")) for row in _read_json(file)]
-    rows.sort(key=lambda r: r.get("case_id", 0) if isinstance(r, dict) else 0)
+    rows.sort(key=_case_order)
     return _convert_all(rows, _easyedit_counterfact, "counterfact_easyedit", max_bad_fraction)
 
 
@@ -184,9 +243,9 @@ def load_zsre(root: Path, max_bad_fraction: float = 0.5) -> LoadResult:
     root = Path(root)
     name = "zsre" if (root / SOURCES["zsre"].relative_path).exists() else "zsre_easyedit"
     rows = _read_json(_require(name, root))
-    for index, row in enumerate(rows):
-        if isinstance(row, dict):
-            row.setdefault("_index", index)
+    for item in rows:
+        if isinstance(item.row, dict):
+            item.row.setdefault("_index", item.index)
     return _convert_all(rows, _zsre, name, max_bad_fraction)
 
 
@@ -204,9 +263,9 @@ def load_json_file(path: Path, fmt: str, max_bad_fraction: float = 0.5) -> LoadR
     if not path.exists():
         raise FileNotFoundError(f"data file {path} is missing")
     rows = _read_json(path)
-    for index, row in enumerate(rows):
-        if isinstance(row, dict):
-            row.setdefault("_index", index)
+    for item in rows:
+        if isinstance(item.row, dict):
+            item.row.setdefault("_index", item.index)
     return _convert_all(rows, converters[fmt], path.name, max_bad_fraction)
 
 

@@ -61,17 +61,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _params(path: str, overrides: list[str]):
-    from omegaconf import OmegaConf
-
-    from locedit.params import compose_params, load_params
+    from locedit.params import apply_overrides, compose_params, load_params
 
     params = load_params(path) if Path(path).exists() else compose_params("conf")
-    for override in overrides:
-        key, _, value = override.partition("=")
-        OmegaConf.update(
-            params, key, OmegaConf.create({"v": value}).v if value else None, merge=True
-        )
-    return params
+    return apply_overrides(params, overrides)
 
 
 def run_edit(args: argparse.Namespace) -> int:
@@ -104,14 +97,14 @@ def run_edit(args: argparse.Namespace) -> int:
     print(f"{args.prompt!r} ({args.direction} p({args.target!r}))")
     print(
         "  unedited: "
-        + ", ".join(f"p({o!r}) = {p:.4f}" for o, p in zip(objects, before, strict=True))
+        + ", ".join(f"p({o!r}) = {p:.4g}" for o, p in zip(objects, before, strict=True))
     )
     for method in methods:
         layer = args.layer if args.layer is not None else default_layer(method, n_layers(model))
         hparams = hparams_for(method, params)
         with edited(model, tokenizer, method, request, layer, hparams, store) as result:
             after = probabilities()
-        shown = ", ".join(f"p({o!r}) = {p:.4f}" for o, p in zip(objects, after, strict=True))
+        shown = ", ".join(f"p({o!r}) = {p:.4g}" for o, p in zip(objects, after, strict=True))
         flags = f" flags {result.flags}" if result.flags else ""
         print(f"  {method:5s} layers {result.layers}: {shown}  ({result.seconds:.1f} s){flags}")
     return 0

@@ -20,11 +20,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from locedit.editing import corpus as corpus_module
 from locedit.editing.corpus import CorpusSpec, corpus_token_ids, generate_context_templates
 from locedit.models import hooks
 from locedit.models.architecture import arch_spec, check_layer, get_module
 from locedit.models.scoring import pad_right
 from locedit.models.snapshot import model_fingerprint
+from locedit.versioning import code_version, content_key
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +200,18 @@ class CovarianceStore:
             self.directory
             / "covariance"
             / self.fingerprint(model)
-            / spec.content_id()
+            / self.statistics_key(model)
             / f"layer{layer:03d}.n{spec.n_samples}.{spec.dtype}.pt"
+        )
+
+    def statistics_key(self, model: nn.Module) -> str:
+        """Content key of the statistics: model, corpus identity, count, dtype and the code
+        version of this module (and the corpus sampler it imports)."""
+        spec = self.corpus
+        return content_key(
+            "covariance", model=self.fingerprint(model), record=spec.content_id(),
+            params={"n_samples": spec.n_samples, "dtype": spec.dtype, "schema": STATS_SCHEMA_VERSION},
+            code=(__name__,), length=16,
         )
 
     # -- statistics ------------------------------------------------------------------------
@@ -221,7 +233,8 @@ class CovarianceStore:
             if not self.compute_missing or self.tokenizer is None:
                 raise FileNotFoundError(
                     f"no key statistics for layers {missing} under {self.directory} (model "
-                    f"{self.fingerprint(model)}, corpus {self.corpus.content_id()}); run "
+                    f"{self.fingerprint(model)}, corpus {self.corpus.content_id()}, key "
+                    f"{self.statistics_key(model)}); run "
                     "`locedit run stats` or give CovarianceStore a tokenizer to compute them"
                 )
             self._compute(model, missing, progress)
@@ -260,7 +273,7 @@ class CovarianceStore:
             self.directory
             / "corpus"
             / self.fingerprint(model)
-            / f"{spec.content_id()}.n{spec.n_samples}.json"
+            / f"{spec.content_id()}.n{spec.n_samples}.{code_version(corpus_module)}.json"
         )
         if path.exists():
             return json.loads(path.read_text())["token_ids"]

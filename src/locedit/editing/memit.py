@@ -109,7 +109,7 @@ def apply_memit(edit: EditCall) -> EditResult:
     z_target = zstar.target.double()
 
     diagnostics: dict[str, float] = {"z_layer": float(z_layer), **zstar.diagnostics("z")}
-    flags: list[str] = []
+    flags: list[str] = zstar.flags("z")
     tensors: dict[str, torch.Tensor] = {"z_star": z_target.float()}
     z_initial = None
     previous: tuple[int, torch.Tensor, torch.Tensor] | None = None

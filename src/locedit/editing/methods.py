@@ -79,6 +79,12 @@ class EditMethod:
             )
         return list(window_layers(layer, self.window_for(hparams), n_layers))
 
+    @property
+    def code_module(self) -> str:
+        """The module that computes this method's edit (cache keys version its code)."""
+        apply = self.apply
+        return apply.partition(":")[0] if isinstance(apply, str) else apply.__module__
+
     def run(self, model, tokenizer, request, layer, layers, hparams, covariance, templates):
         """Apply one edit in place (use :func:`locedit.editing.edited`, which restores it)."""
         apply = self.apply

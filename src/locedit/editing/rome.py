@@ -94,7 +94,7 @@ def apply_rome(edit: EditCall) -> EditResult:
         "n_rows": float(batch.size),
         **vstar.diagnostics("v"),
     }
-    flags = []
+    flags = vstar.flags("v")
     low = hp.flag_division_ratio
     if not (low <= ratio <= 1.0 / low):
         flags.append("extreme_division_factor")

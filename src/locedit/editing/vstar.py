@@ -42,6 +42,9 @@ class VStar:
     loss_last: float
     nll_first: float
     nll_last: float
+    zeroed_steps: int = 0
+    objective_first: float = float("nan")
+    objective_last: float = float("nan")
 
     @property
     def target(self) -> torch.Tensor:
@@ -56,19 +59,38 @@ class VStar:
             f"{prefix}_target_prob_last": math.exp(-self.nll_last),
             f"{prefix}_delta_norm": float(self.delta.norm()),
             f"{prefix}_init_norm": float(self.init.norm()),
+            f"{prefix}_zeroed_steps": float(self.zeroed_steps),
         }
+
+    def flags(self, prefix: str = "v") -> list[str]:
+        """``{prefix}_step_zeroed``: the clamp wiped a step out (its norm overflowed, e.g. a huge
+        learning rate), so the edit uses no or less of the optimised vector than it seems;
+        ``{prefix}_no_progress``: the optimisation ran but did not move the target probability
+        in the problem's direction."""
+        flags = []
+        if self.zeroed_steps or (self.steps > 1 and float(self.delta.norm()) == 0.0):
+            flags.append(f"{prefix}_step_zeroed")
+        if self.steps > 1 and not self.objective_last < self.objective_first:
+            flags.append(f"{prefix}_no_progress")
+        return flags
 
 
 def clamped_step(
     loss: torch.Tensor, optimiser: torch.optim.Optimizer, delta: torch.Tensor, max_norm: torch.Tensor
-) -> None:
-    """One Adam step on ``delta``, then back onto the L2 ball of radius ``max_norm`` (ROME)."""
+) -> bool:
+    """One Adam step on ``delta``, then back onto the L2 ball of radius ``max_norm`` (ROME).
+
+    Returns True when the clamp zeroed ``delta`` (a step so large that its norm overflowed:
+    ``max_norm / inf`` is 0), which the caller flags instead of reporting an ``ok`` edit.
+    """
     loss.backward()
     optimiser.step()
     with torch.no_grad():
         norm = delta.norm()
         if norm > max_norm:
             delta.mul_(max_norm / norm)
+            return bool(max_norm > 0) and float(delta.norm()) == 0.0
+    return False
 
 
 def optimise_vstar(
@@ -94,9 +116,9 @@ def optimise_vstar(
     delta = torch.zeros(d_model, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
     kl_init: torch.Tensor | None = None
-    first: tuple[float, float] | None = None
+    first: tuple[float, float, float] | None = None
     loss_value = nll_value = float("nan")
-    steps = 0
+    steps = zeroed = 0
     width = int(split.suffix_ids.shape[1])
     with frozen_layers(model, forward, n_frozen), added_at(module, lookup, width, delta) as state:
         for step in range(hp.v_steps):
@@ -118,10 +140,11 @@ def optimise_vstar(
                 for group in optimiser.param_groups:
                     group["lr"] = hp.v_lr_relative * float(init.norm()) / math.sqrt(d_model)
             loss_value, nll_value = float(loss.detach()), float(nll.detach())
+            objective_value = float(nll_loss.detach())
             if not (math.isfinite(loss_value) and math.isfinite(nll_value)):
                 raise EditFailed(method, f"non-finite v* loss {loss_value} at step {step}")
             if first is None:
-                first = (loss_value, nll_value)
+                first = (loss_value, nll_value, objective_value)
             log.debug(
                 "v* step %d: loss %.4f, p(target) %.4f", step, loss_value, math.exp(-nll_value)
             )
@@ -136,7 +159,7 @@ def optimise_vstar(
                 break
             if step == hp.v_steps - 1:
                 break
-            clamped_step(loss, optimiser, delta, hp.clamp_norm_factor * init.norm())
+            zeroed += clamped_step(loss, optimiser, delta, hp.clamp_norm_factor * init.norm())
             if not bool(torch.isfinite(delta).all()):
                 raise EditFailed(method, f"non-finite v* delta after step {step}")
     assert first is not None
@@ -148,4 +171,7 @@ def optimise_vstar(
         loss_last=loss_value,
         nll_first=first[1],
         nll_last=nll_value,
+        zeroed_steps=zeroed,
+        objective_first=first[2],
+        objective_last=objective_value,
     )

@@ -11,10 +11,13 @@ import importlib
 import importlib.util
 import logging
 import os
+import socket
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -129,6 +132,43 @@ def resolve_model_path(name_or_path: str, cache_dir: Path | None = None) -> str:
     return name_or_path
 
 
+_TRUE = ("1", "true", "yes", "on")
+
+
+def hub_offline(timeout: float = 2.0) -> bool:
+    """Whether the HF hub cannot be reached: ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set,
+    or no connection to it within ``timeout`` seconds (so that a wrong name fails at once instead
+    of after the hub client's retries)."""
+    if any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    return not _hub_reachable(timeout)
+
+
+def _hub_reachable(timeout: float) -> bool:
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)  # name resolution can hang past timeout
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def _not_found_message(name: str, err: Exception | None = None) -> str:
+    why = f": {str(err).splitlines()[0]}" if err is not None and str(err) else ""
+    return (
+        f"cannot load model {name!r}{why}. Use a bundled name ({', '.join(BUNDLED)}), a local "
+        "HF folder, or a hub id (needs network access)."
+    )
+
+
 def load_model(
     name_or_path: str,
     cache_dir: Path | None = None,
@@ -142,17 +182,39 @@ def load_model(
     (unless ``check`` is off) is checked numerically on the model before any heavy work.
     """
     source = resolve_model_path(name_or_path, cache_dir)
+    is_local = name_or_path in BUNDLED or Path(source).is_dir()
+    offline = not is_local and hub_offline()
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        # Offline, a hub id can still be in the local HF cache; nothing else is tried.
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=offline)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(
-            f"cannot load model {name_or_path!r}: {err}. Use a bundled name "
-            f"({', '.join(BUNDLED)}), a local HF folder, or a hub id (needs network access)."
-        ) from err
+        if offline:
+            raise ModelLoadError(
+                f"model {name_or_path!r} is neither a bundled model ({', '.join(BUNDLED)}) nor a "
+                "local HF folder, and as a hub id it is not in the local HF cache and the hub "
+                "cannot be reached (no network, or HF_HUB_OFFLINE is set)"
+            ) from None
+        raise ModelLoadError(_not_found_message(name_or_path, err)) from err
+    check_vocabulary(model, tokenizer, name_or_path)
     model.eval()
     model.requires_grad_(False)
     prepare_architecture(model, arch, check=check)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def check_vocabulary(model: nn.Module, tokenizer: PreTrainedTokenizerBase, name: str = "") -> None:
+    """Refuse a tokenizer with more tokens than the model's embedding rows: its high ids would
+    fail deep inside a forward pass with "index out of range in self"."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    out = model.get_output_embeddings()
+    out_rows = out.weight.shape[0] if out is not None else rows
+    n_tokens = len(tokenizer)
+    if n_tokens > min(rows, out_rows):
+        raise ModelLoadError(
+            f"model {name!r}: the tokenizer has {n_tokens} tokens but the model's vocabulary has "
+            f"{min(rows, out_rows)} (embedding rows); token ids >= {min(rows, out_rows)} cannot be "
+            "embedded. Use the tokenizer saved with this model (or resize its embeddings)"
+        )

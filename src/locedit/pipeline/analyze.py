@@ -26,6 +26,7 @@ from locedit.analysis import (
 )
 from locedit.analysis.metrics_file import flat_metrics, write_dvc_files
 from locedit.pipeline.common import to_container
+from locedit.storage import remove_outputs
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ def _inputs(params: DictConfig) -> tuple[Path, Path, Path]:
 
 def run(params: DictConfig) -> None:
     effects_path, results_path, run_file = _inputs(params)
+    reports = Path(params.paths.get("reports", "reports"))
+    # An interrupted analysis must not leave the previous run's summary looking current.
+    remove_outputs([reports / "summary.md", reports / "tables.md"])
     for path, stage in ((effects_path, "trace"), (results_path, "edit")):
         if not path.exists():
             raise FileNotFoundError(
@@ -63,7 +67,6 @@ def run(params: DictConfig) -> None:
     cfg = AnalysisConfig.from_params(
         to_container(params.get("analysis", {})), seed=int(params.get("seed", 0))
     )
-    reports = Path(params.paths.get("reports", "reports"))
     model_name = str(params.model.name) if "model" in params else "model"
 
     start = time.perf_counter()

@@ -8,18 +8,24 @@ from omegaconf import DictConfig
 
 from locedit.params import (
     DTYPES,
+    apply_overrides,
+    check_params,
     compose_params,
     load_params,
     model_from_params,
+    parse_override,
     to_container,
 )
 
 __all__ = [
     "DTYPES",
+    "apply_overrides",
+    "check_params",
     "compose_params",
     "load_params",
     "model_from_params",
     "output_dir",
+    "parse_override",
     "to_container",
 ]
 

@@ -16,6 +16,13 @@ from locedit.models.architecture import n_layers
 from locedit.models.snapshot import model_fingerprint
 from locedit.pipeline.common import model_from_params, output_dir, to_container
 from locedit.problems import NoiseConfig
+from locedit.storage import (
+    atomic_write_text,
+    atomic_write_with,
+    clean_temporary,
+    output_lock,
+    remove_outputs,
+)
 from locedit.sweep import (
     EvaluationConfig,
     ResultStore,
@@ -51,7 +58,10 @@ def noise_config(params: DictConfig) -> NoiseConfig:
 def tuned_hparams(params: DictConfig) -> dict:
     """Hyperparameters chosen by the tune stage, when it wrote any."""
     path = params.edit.get("tuned_params")
-    if not path or not Path(path).exists():
+    if not path:
+        return {}
+    if not Path(path).exists():
+        log.warning("edit.tuned_params %s not found (run the tune stage): using conf/method values", path)
         return {}
     return json.loads(Path(path).read_text()).get("hparams", {}) or {}
 
@@ -81,7 +91,7 @@ def build_spec(params: DictConfig) -> SweepSpec:
     hparams = resolved_hparams(plain, list(cfg.methods), list(cfg.problems), tuned_hparams(params))
     config = evaluation_config(params)
     context = content_id([model_fingerprint(model), asdict(config)])
-    tasks = plan_tasks([r.fact_id for r in records], layers, hparams, context)
+    tasks = plan_tasks(records, layers, hparams, context)
     return SweepSpec(
         params=plain, records={r.fact_id: r for r in records}, tasks=tasks, hparams=hparams,
         config=config, out_dir=output_dir(params, "edit"), context=context,
@@ -108,25 +118,45 @@ def log_sweep(table: pd.DataFrame, spec: SweepSpec, parent_id: str, mlflow_cfg) 
             })
 
 
+#: What the stage writes at the end; removed at its start so an interrupted run leaves none.
+FINAL_OUTPUTS = ("results.parquet", "results.csv", "summary.json")
+
+
 def run(params: DictConfig) -> None:
+    out = output_dir(params, "edit")
+    with output_lock(out, "edit"):
+        clean_temporary(out)
+        remove_outputs(out / name for name in FINAL_OUTPUTS)
+        _run_locked(params)
+
+
+def _run_locked(params: DictConfig) -> None:
     spec = build_spec(params)
     cfg = params.edit
     out = spec.out_dir
     logged = {k: to_container(params[k]) for k in ("model", "edit", "method", "problem", "trace")}
     with stage_run("edit", logged, params.mlflow, run_name="edit sweep") as parent:
-        (out / "mlflow_run.json").write_text(json.dumps({"run_id": parent.info.run_id}) + "\n")
+        atomic_write_text(out / "mlflow_run.json", json.dumps({"run_id": parent.info.run_id}) + "\n")
         start = time.perf_counter()
         ran = run_sweep(spec, cfg.get("executor", "local"), int(cfg.get("workers", 1)), cfg.get("ray_address"))
         elapsed = time.perf_counter() - start
         table = results_table(ResultStore(out).rows(), [t.key for t in spec.tasks])
-        table.to_parquet(out / "results.parquet", index=False)
-        table.to_csv(out / "results.csv", index=False)
+        missing = len(spec.tasks) - len(table)
+        if missing:
+            raise RuntimeError(
+                f"edit: {missing} of {len(spec.tasks)} edits have no result row in {out / 'rows'}; "
+                "rerun the stage to compute them"
+            )
+        atomic_write_with(out / "results.parquet", lambda tmp: table.to_parquet(tmp, index=False))
+        atomic_write_with(out / "results.csv", lambda tmp: table.to_csv(tmp, index=False))
         counts = table["status"].value_counts().to_dict() if len(table) else {}
         summary = {"edits": len(table), "ran_now": ran, "seconds": elapsed, **{f"status_{k}": v for k, v in counts.items()}}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log_metrics({k: float(v) for k, v in summary.items()})
-        log_artifacts([out / "results.csv", out / "summary.json"], "edit")
+        log_artifacts([out / "results.csv"], "edit")
         log_sweep(table, spec, parent.info.run_id, params.mlflow)
+        # Last: the summary says the stage finished.
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        log_artifacts([out / "summary.json"], "edit")
     failed = table[table["status"] == "failed"] if len(table) else table
     print(f"edit: {len(table)} edits ({counts}); ran {ran} now in {elapsed:.0f} s")
     for reason, count in (failed["reason"].value_counts().items() if len(failed) else []):

@@ -11,12 +11,15 @@ from locedit.data.filter import FilterConfig, filter_known_facts
 from locedit.data.records import read_records, write_records
 from locedit.models.snapshot import model_fingerprint
 from locedit.pipeline.common import model_from_params, output_dir, to_container
+from locedit.storage import atomic_write_text, remove_outputs
 from locedit.tracking import log_metrics, stage_run
 
 log = logging.getLogger(__name__)
 
 
 def run(params: DictConfig) -> None:
+    out = output_dir(params, "filter")
+    remove_outputs([out / "report.json"])  # an interrupted run leaves no previous report
     records = read_records(output_dir(params, "prepare") / "facts.jsonl")
     model, tokenizer = model_from_params(params)
     cfg = params.data
@@ -29,7 +32,6 @@ def run(params: DictConfig) -> None:
         min_p_true=None if cfg.filter.get("min_p_true") is None else float(cfg.filter.min_p_true),
     )
     result = filter_known_facts(model, tokenizer, records, config)
-    out = output_dir(params, "filter")
     write_records(out / "facts.jsonl", result.kept)
     n_erasure = sum(bool(r.extra.get("erasure_ok")) for r in result.kept)
     summary = {
@@ -43,7 +45,7 @@ def run(params: DictConfig) -> None:
         "completion_accuracy": result.completion_accuracy,
         "dropped": dict(result.dropped),
     }
-    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=2) + "\n")
     with stage_run("filter", {"model": to_container(params.model), "data": to_container(params.data)}, params.mlflow):
         log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
         log_metrics({f"dropped.{k}": v for k, v in result.dropped.items()})

@@ -11,26 +11,29 @@ from omegaconf import DictConfig
 from locedit.data.loaders import load_dataset
 from locedit.data.records import write_records
 from locedit.pipeline.common import output_dir
+from locedit.storage import atomic_write_text, remove_outputs
 
 log = logging.getLogger(__name__)
 
 
 def run(params: DictConfig) -> None:
     cfg = params.data
+    out = output_dir(params, "prepare")
+    remove_outputs([out / "report.json"])  # an interrupted run leaves no previous report
     result = load_dataset(cfg.dataset, Path(cfg.root), float(cfg.max_bad_fraction))
     start = int(cfg.start)
     stop = None if cfg.n_records is None else start + int(cfg.n_records)
     records = result.records[start:stop]
-    out = output_dir(params, "prepare")
     write_records(out / "facts.jsonl", records)
     report = {
         "dataset": cfg.dataset,
         "valid_records": len(result.records),
         "skipped": dict(result.skipped),
+        "skipped_records": result.problems[:100],
         "slice": [start, stop],
         "written": len(records),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     log.info(
         "prepare: %d records from %s (slice %d:%s; %d invalid records skipped: %s)",
         len(records), cfg.dataset, start, stop, result.n_skipped, dict(result.skipped),

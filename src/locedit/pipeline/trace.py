@@ -20,6 +20,12 @@ from locedit.data.records import read_records
 from locedit.models.architecture import n_layers
 from locedit.models.snapshot import model_fingerprint
 from locedit.pipeline.common import model_from_params, output_dir, to_container
+from locedit.storage import (
+    atomic_write_text,
+    atomic_write_with,
+    clean_temporary,
+    remove_outputs,
+)
 from locedit.tracing import plots
 from locedit.tracing.cache import ResultCache
 from locedit.tracing.noise import calibrate_noise
@@ -40,6 +46,9 @@ def run(params: DictConfig) -> None:
     model, tokenizer = model_from_params(params)
     settings = TraceSettings.from_config(params.trace)
     out = output_dir(params, "trace")
+    clean_temporary(out)
+    clean_temporary(cache_dir(params), min_age_s=3600)  # shared by runs: spare live writers
+    remove_outputs(out / name for name in ("effects.parquet", "skipped.json", "summary.json"))
     for sub in ("grids", "figures"):
         _clear(out / sub)
 
@@ -72,8 +81,8 @@ def run(params: DictConfig) -> None:
             cache=ResultCache(cache_dir(params)),
         )
         table = result.table()
-        table.to_parquet(out / "effects.parquet", index=False)
-        (out / "skipped.json").write_text(json.dumps(result.skipped, indent=2) + "\n")
+        atomic_write_with(out / "effects.parquet", lambda tmp: table.to_parquet(tmp, index=False))
+        atomic_write_text(out / "skipped.json", json.dumps(result.skipped, indent=2) + "\n")
         write_grids(result, out / "grids")
         figures = write_figures(
             result,
@@ -84,7 +93,7 @@ def run(params: DictConfig) -> None:
             int(params.trace.get("n_heatmaps", 4)),
         )
         summary = summarize(result, table, noise.sigma, len(records))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
         _log_curves(table)
         log_artifacts([out / "noise.json", out / "summary.json", out / "skipped.json"])

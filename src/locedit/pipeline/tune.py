@@ -14,22 +14,22 @@ are cached next to them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import asdict, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from locedit import versioning
 from locedit.data.records import read_records
 from locedit.editing import CovarianceStore, default_layer, get_method, hparams_for
 from locedit.models.architecture import n_layers
 from locedit.models.snapshot import model_fingerprint
 from locedit.pipeline.common import model_from_params, output_dir, to_container
 from locedit.pipeline.edit import evaluation_config
+from locedit.storage import atomic_write_text, clean_temporary, output_lock, remove_outputs
 from locedit.sweep import resolved_hparams
 from locedit.sweep.plan import content_id
 from locedit.tracking import stage_run
@@ -64,18 +64,9 @@ def pinned_hparams(params: DictConfig) -> dict[str, dict[str, dict[str, Any]]]:
     return pins
 
 
-@lru_cache(maxsize=1)
 def code_version() -> str:
-    """Hash of the source files of :data:`SCORING_PACKAGES`."""
-    import locedit
-
-    root = Path(locedit.__file__).parent
-    digest = hashlib.sha256()
-    for package in SCORING_PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
+    """Code version (:func:`locedit.versioning.code_version`) of :data:`SCORING_PACKAGES`."""
+    return versioning.code_version(*(f"locedit.{package}" for package in SCORING_PACKAGES))
 
 
 def _fingerprint(model) -> str:
@@ -185,9 +176,7 @@ def _payload(
 
 
 def _write(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def _prepare_dirs(params: DictConfig) -> Path:
@@ -218,6 +207,15 @@ def _report(results: dict[str, StudyResult]) -> None:
 
 
 def run(params: DictConfig) -> None:
+    out = output_dir(params, "tune")
+    with output_lock(out, "tune"):
+        clean_temporary(out)
+        # An interrupted run must not leave the previous choice looking current.
+        remove_outputs([out / TUNED_FILE, out / "studies" / "index.json"])
+        _run_locked(params)
+
+
+def _run_locked(params: DictConfig) -> None:
     out = _prepare_dirs(params)
     config = tune_config(params)
     pins = pinned_hparams(params)
@@ -278,7 +276,11 @@ def run_single(
     """`locedit tune`: one study whatever ``tune.enabled`` says; its choice is merged into
     ``best_hparams.json`` (other pairs are kept) so ``locedit run edit`` uses it. A later
     ``dvc repro`` regenerates that file from the tune config."""
-    method, problem = method.lower(), problem.lower()
+    with output_lock(output_dir(params, "tune"), "tune"):
+        return _run_single_locked(params, method.lower(), problem.lower(), mode)
+
+
+def _run_single_locked(params: DictConfig, method: str, problem: str, mode: str | None) -> StudyResult:
     out = _prepare_dirs(params)
     config = tune_config(params, mode=mode, enabled=True)
     result = tune_pair(params, method, problem, config)

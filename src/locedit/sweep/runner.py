@@ -89,6 +89,7 @@ def run_sweep(
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose from {EXECUTORS}")
     store = ResultStore(spec.out_dir)
+    store.repair()
     pending = pending_jobs(spec.tasks, store.done_keys())
     n_pending = sum(len(t) for t in pending.values())
     skipped = len(spec.tasks) - n_pending

@@ -1,7 +1,8 @@
 """Append-only result rows that survive interruption, and the tidy table built from them.
 
-Each finished edit is one JSON line, flushed at once, so a killed sweep loses at most the edit
-in flight; a rerun reads the keys already present and skips those tasks.
+Each finished edit is one whole JSON line, flushed and fsynced at once, so a killed sweep loses
+at most the edit in flight; a rerun first cuts away a torn last line (:meth:`ResultStore.repair`:
+a full disk or a kill mid-write), then reads the keys already present and skips those tasks.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
+
+from locedit.storage import append_lines, repair_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +42,13 @@ class ResultStore:
     def done_keys(self) -> set[str]:
         return {row["key"] for row in self.rows()}
 
+    def repair(self) -> int:
+        """Drop torn or invalid lines from every rows file before anything is appended; returns
+        how many were dropped (their edits are not done, so the sweep reruns them)."""
+        return sum(repair_jsonl(file) for file in sorted(self.rows_dir.glob("*.jsonl")))
+
     def append(self, rows: Iterable[dict]) -> None:
-        with self.path.open("a") as handle:
-            for row in rows:
-                handle.write(json.dumps(_json_safe(row)) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_lines(self.path, (json.dumps(_json_safe(row)) for row in rows))
 
 
 def _json_safe(row: dict) -> dict:

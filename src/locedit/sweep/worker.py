@@ -6,7 +6,6 @@ restoration stops the sweep, because the model could no longer be trusted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -32,7 +31,7 @@ from locedit.metrics.evaluation import (
     score_edit,
     target_probe_name,
 )
-from locedit.models.noise import SCORING_STREAM, fact_seed
+from locedit.models.noise import fact_seed
 from locedit.models.snapshot import RestorationError
 from locedit.models.tokens import TokenizationError
 from locedit.problems import (
@@ -42,7 +41,8 @@ from locedit.problems import (
     edit_target,
     get_problem,
 )
-from locedit.sweep.plan import EditTask
+from locedit.sweep.plan import EVALUATION_MODULES, EditTask, fact_content
+from locedit.versioning import code_version, content_key
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +73,24 @@ class PreEdit:
     ppl_before: float | None
 
 
+def pre_edit_key(record: FactRecord, problems: Sequence[str], context: str) -> str:
+    """The pre-edit cache key: the fact's content, the problems (they decide which probes
+    exist: o_noise, noised prompts), the evaluation context and the metrics' code version."""
+    return content_key(
+        "pre_edit", model=None, record=fact_content(record), params=[sorted(problems), context],
+        code=code_version(*EVALUATION_MODULES), length=24,
+    )
+
+
 def _pre_edit(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, record: FactRecord,
     problems: Sequence[str], config: EvaluationConfig, cache_dir: Path | None, context: str,
 ) -> PreEdit:
-    # The problems decide which probes exist (o_noise, noised prompts), so they key the cache;
-    # so does the noise that scores the noised probes (its own seed stream since issue 16).
-    scoring = f"noise:{config.noise}:{SCORING_STREAM}:essence:{config.essence_span}"
-    problems_id = hashlib.sha256(",".join([*sorted(problems), scoring]).encode()).hexdigest()[:8]
-    cache = cache_dir / f"{record.fact_id}-{context}-{problems_id}.json" if cache_dir else None
+    # The essence span changes ppl_before; the scoring noise stream is part of the metrics' code
+    # version (noise.py, evaluation.py), which the key already carries.
+    if config.essence_span != "continuation":
+        context = f"{context}:essence-{config.essence_span}"
+    cache = cache_dir / f"{record.fact_id}-{pre_edit_key(record, problems, context)}.json" if cache_dir else None
     if cache is not None and cache.exists():
         data = json.loads(cache.read_text())
         essence = data["essence"]
@@ -161,7 +170,7 @@ def _run_task(model, tokenizer, covariance, record, task, hparams, config, pre, 
         row["target"] = target
         noise = noise_for_request(model, tokenizer, record, config.noise) if problem.noised_input else None
         request = EditRequest(record.prompt, record.subject, target, problem.direction, noise)
-        torch.manual_seed(fact_seed(config.seed, task.key))
+        torch.manual_seed(fact_seed(config.seed, task.seed_key))
         with edited(model, tokenizer, task.method, request, task.layer, hparams, covariance) as result:
             post = probe_probabilities(model, probes, record, config.noise)
             ppl_after = (

@@ -1,19 +1,23 @@
 """Per-fact results on disk, keyed by content: an interrupted run resumes, a param change
 recomputes only what it touches.
 
-The key covers everything the numbers depend on (model fingerprint, the fact's text, the
-method, kind, window, noise level, sample count and seed) and an algorithm version, never the
-path taken (fast and reference give the same numbers) nor the flag threshold.
+The key (:func:`locedit.versioning.content_key`) covers everything the numbers depend on
+(model fingerprint, the fact's text, the method, kind, window, noise level, sample count and
+seed) and the code version of the module that computes them, never the path taken (fast and
+reference give the same numbers) nor the flag threshold.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from locedit.data.records import FactRecord
 from locedit.tracing.results import Result, load_result, save_result
+from locedit.versioning import content_key
+
+#: The modules whose code computes each cached value (their imports are versioned with them).
+TRACING_MODULES = ("locedit.tracing.causal_trace",)
+ZEROING_MODULES = ("locedit.tracing.zeroing",)
 
 #: Bump when the numbers a cached result holds would change for the same inputs.
 ALGORITHM_VERSION = 1
@@ -38,35 +42,30 @@ def tracing_key(
     sigma: float,
     seed: int,
 ) -> str:
-    return _digest(
-        {
-            "method": "tracing",
-            "model": fingerprint,
-            "fact": fact_content(fact),
+    return content_key(
+        "tracing",
+        model=fingerprint,
+        record=fact_content(fact),
+        params={
+            "algorithm": ALGORITHM_VERSION,
             "kind": kind,
             "window": int(window),
             "n_samples": int(n_samples),
             "sigma": float(sigma),
             "seed": int(seed),
-        }
+        },
+        code=TRACING_MODULES,
     )
 
 
 def zeroing_key(fingerprint: str, fact: FactRecord, kind: str, window: int) -> str:
-    return _digest(
-        {
-            "method": "zeroing",
-            "model": fingerprint,
-            "fact": fact_content(fact),
-            "kind": kind,
-            "window": int(window),
-        }
+    return content_key(
+        "zeroing",
+        model=fingerprint,
+        record=fact_content(fact),
+        params={"algorithm": ALGORITHM_VERSION, "kind": kind, "window": int(window)},
+        code=ZEROING_MODULES,
     )
-
-
-def _digest(parts: dict) -> str:
-    parts = {"algorithm": ALGORITHM_VERSION, **parts}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 class ResultCache:

@@ -9,7 +9,6 @@ run carries the code it ran (git commit, code version) and the DVC experiment th
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from locedit.versioning import package_version
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +74,6 @@ def _git(*args: str) -> str | None:
 
 
 @functools.cache
-def code_version() -> str:
-    """A short hash of locedit's own source files: which code ran, with or without git.
-
-    One small function so that a shared code-version helper can replace it.
-    """
-    digest = hashlib.sha256()
-    for path in sorted(PACKAGE_DIR.rglob("*.py")):
-        digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
 @functools.cache
 def _git_tags() -> dict[str, str]:
     commit = _git("rev-parse", "HEAD")
@@ -101,7 +90,7 @@ def run_tags() -> dict[str, str]:
     from a git checkout, ``locedit.code_version`` always, and the DVC experiment's name,
     baseline commit and stage when ``dvc exp run`` / ``dvc repro`` started the command.
     """
-    tags = {"locedit.code_version": code_version(), **_git_tags()}
+    tags = {"locedit.code_version": package_version(), **_git_tags()}
     for env, tag in DVC_ENV_TAGS.items():
         if os.environ.get(env):
             tags[tag] = os.environ[env]
