@@ -45,8 +45,9 @@ def test_build_probes_lists_every_probe_with_its_tokens(tok):
         "paraphrase/0/o_true", "paraphrase/0/o_false", "paraphrase/0/o_noise", "paraphrase/0/o_true_noised",
         # the second paraphrase lost the subject: scored clean, never noised
         "paraphrase/1/o_true", "paraphrase/1/o_false", "paraphrase/1/o_noise",
-        "neighborhood/0/o_false", "neighborhood/0/o_true",
-        "neighborhood/1/o_false", "neighborhood/1/o_true",
+        # o_noise on the neighbours too: neighborhood_target=problem scores Tracing Reversal on it
+        "neighborhood/0/o_false", "neighborhood/0/o_true", "neighborhood/0/o_noise",
+        "neighborhood/1/o_false", "neighborhood/1/o_true", "neighborhood/1/o_noise",
     ]
     by_key = {p.key: p for p in probes}
     prompt_ids = tuple(tok.encode(RECORD.prompt))
