@@ -1,7 +1,8 @@
 """Seconds per edit of ROME, MEMIT, FT-1 and FT-5 on the bundled model at a middle layer.
 
 Edits the first CounterFact facts towards o_false (Error Injection) through
-``locedit.editing.edited`` and writes benchmarks/results/editing.json: seconds per edit per
+``locedit.editing.edited`` with the hyperparameters ``locedit compose`` gives the model
+(``conf/method/default.yaml`` with its ``per_model`` section, no problem overrides) and writes benchmarks/results/editing.json: seconds per edit per
 method (mean, median, each fact), p(o_false) before and after, the one-time costs (model
 fingerprint, context templates, key statistics), peak memory, threads and machine load, and
 ROME's v* against the original compute_v on the same batches in the same run (speed-up and
