@@ -7,8 +7,8 @@ window in ascending order, with the layers below already updated:
     dW_i = r_i k_i^T (lambda C_i + k_i k_i^T)^-1
 where k_i is the key at layer i averaged as MEMIT's ``compute_ks`` does (the bare prompt
 weighs 1/2, the context templates share the other half: :func:`memit_key_mean`) and lambda
-the covariance weight. The solve uses a cached Cholesky factor of C_i and the Sherman-Morrison identity, in float64, and checks
-the residual of the full system.
+the covariance weight. The solve uses a cached Cholesky factor of C_i and the Sherman-Morrison
+identity, in float64, and checks the residual of the full system.
 
 Architectures whose MLP output passes an RMSNorm before joining the residual stream (Gemma
 2/3, ``ArchSpec.mlp_post_norm``) break MEMIT's additive assumption; there the residual share
@@ -51,7 +51,7 @@ def mlp_change_for(
     mlp_out: torch.Tensor,
     wanted: torch.Tensor,
     damping: float = 1e-3,
-    iterations: int = 20,
+    iterations: int = 1,
     tolerance: float = 1e-3,
 ) -> tuple[torch.Tensor, float]:
     """The MLP-output change that moves ``norm(mlp_out)`` by ``wanted`` (post-MLP norms).
@@ -87,7 +87,8 @@ def mlp_change_for(
         normal = jacobian.T @ jacobian
         mu = damping * float(torch.trace(normal)) / d
         step = torch.linalg.solve(
-            normal + mu * torch.eye(d, dtype=torch.float64), jacobian.T @ missing
+            normal + mu * torch.eye(d, dtype=torch.float64, device=point.device),
+            jacobian.T @ missing,
         )
         current = current + step
     change = current - point
