@@ -1,7 +1,8 @@
 """Seconds per edit of ROME, MEMIT, FT-1 and FT-5 on the bundled model at a middle layer.
 
 Edits the first CounterFact facts towards o_false (Error Injection) through
-``locedit.editing.edited`` and writes benchmarks/results/editing.json: seconds per edit per
+``locedit.editing.edited`` with the hyperparameters ``locedit compose`` gives the model
+(``conf/method/default.yaml`` with its ``per_model`` section, no problem overrides) and writes benchmarks/results/editing.json: seconds per edit per
 method (mean, median, each fact), p(o_false) before and after, the one-time costs (model
 fingerprint, context templates, key statistics), peak memory, threads and machine load, and
 ROME's v* against the original compute_v on the same batches in the same run (speed-up and
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 import transformers
+import yaml
 
 from locedit.data.loaders import load_counterfact
 from locedit.editing import (
@@ -66,7 +68,7 @@ def compare_with_reference(model, tokenizer, store, facts, layer: int) -> dict:
     (:mod:`locedit.editing.reference`); ours replays the frozen lower layers and the prompt
     prefix and unembeds only the target and KL positions. Both give the same v*.
     """
-    hp = hparams_for("rome")
+    hp = hparams_for("rome")  # the paper's ROME; the comparison is about speed and equality
     templates = store.context_templates(
         model, tokenizer, hp.context_template_lengths, hp.n_context_templates, hp.seed
     )
@@ -163,7 +165,12 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     fingerprint = store.fingerprint(model)
     fingerprint_s = time.perf_counter() - t0
-    hparams = {m: hparams_for(m) for m in args.methods}
+    # The defaults `locedit compose` gives this model (conf/method, with its per_model section).
+    method_config = {
+        "method": yaml.safe_load((REPO / "conf" / "method" / "default.yaml").read_text()),
+        "model": {"name": args.model},
+    }
+    hparams = {m: hparams_for(m, method_config) for m in args.methods}
     needed = sorted(
         {
             x

@@ -14,7 +14,7 @@ from locedit.editing import (
     edited,
     hparams_for,
 )
-from locedit.editing.batch import build_batch, template_mean
+from locedit.editing.batch import build_batch, memit_key_mean, template_mean
 from locedit.editing.forward import batch_noise, hidden_states
 from locedit.editing.prefix import PrefixCachedForward, split_batch
 from locedit.models.architecture import down_proj_name, embedding_module
@@ -207,6 +207,15 @@ def test_noise_lands_on_each_rows_subject_tokens(tok, store):
     # Keys average per template first: the bare prompt's three rows count once.
     values = torch.arange(cheap.size, dtype=torch.float64)[:, None]
     assert float(template_mean(values, cheap)) == pytest.approx((1.0 + 3.0 + 4.0) / 3)
+    # MEMIT's compute_ks: mean of (bare prompt, mean of the templates): the bare prompt 1/2.
+    assert float(memit_key_mean(values, cheap)) == pytest.approx((1.0 + (3.0 + 4.0) / 2) / 2)
+    assert float(memit_key_mean(values[:3], _only_bare(cheap))) == pytest.approx(1.0)
+
+
+def _only_bare(batch):
+    from dataclasses import replace
+
+    return replace(batch, template=(0, 0, 0))
 
 
 def test_fact_forcing_finetune_raises_the_noised_probability(tok):

@@ -100,3 +100,22 @@ def test_linf_bounds_are_exact_in_float64():
         beyond_lo = exact - torch.nextafter(lo, torch.full_like(lo, float("-inf"))).double()
         moved = (hi != weights) & (lo != weights)
         assert bool((beyond_hi[moved] > eps).all()) and bool((beyond_lo[moved] > eps).all())
+
+
+def test_linf_radius_scales_with_the_key_width(model, tok, tmp_path, monkeypatch):
+    """linf_reference_d_mlp w: the ball's radius is linf_eps x w / d_mlp (GPT-J's radii carried
+    to a narrower model); unset, linf_eps is used as given."""
+    from locedit.editing.finetune import d_mlp, effective_linf_eps
+
+    monkeypatch.chdir(tmp_path)
+    width = int(dict(model.named_parameters())["transformer.h.2.mlp.c_proj.weight"].shape[0])
+    assert d_mlp(model) == width  # GPT-2's Conv1D stores [d_mlp, d_model]
+    hp = hparams_for("ft1", overrides={"linf_eps": 1e-3, "linf_reference_d_mlp": 4 * width})
+    assert effective_linf_eps(hp, width) == pytest.approx(4e-3)
+    assert effective_linf_eps(hparams_for("ft1"), width) == 1e-4
+    originals = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with edited(model, tok, "ft1", EditRequest(PROMPT, "Eiffel Tower", "Rome"), 2, hp) as result:
+        name = "transformer.h.2.mlp.c_proj.weight"
+        worst = float((dict(model.named_parameters())[name].double() - originals[name].double()).abs().max())
+    assert 0.9 * 4e-3 < worst <= 4e-3
+    assert result.diagnostics["linf_eps"] == pytest.approx(4e-3)

@@ -104,3 +104,19 @@ def test_a_new_method_is_one_registry_entry(monkeypatch, tok):
         assert torch.equal(down_proj_weight(model, 1), before[1] + 0.25)
     for j in range(4):
         assert torch.equal(down_proj_weight(model, j), before[j])
+
+
+def test_per_model_defaults_sit_between_the_method_group_and_the_problem():
+    config = {
+        "model": {"name": "m"},
+        "method": {
+            "ft": {"linf_eps": 1e-4, "steps": 25},
+            "per_model": {"m": {"ft": {"linf_reference_d_mlp": 16384, "steps": 30}}, "other": {"ft": {"steps": 99}}},
+        },
+        "problem": {"overrides": {"fact_forcing": {"ft1": {"steps": 50}}}},
+    }
+    hp = hparams_for("ft1", config)
+    assert (hp.linf_reference_d_mlp, hp.steps, hp.linf_eps) == (16384, 30, 1e-4)
+    assert hparams_for("ft1", config, problem="fact_forcing").steps == 50
+    other = {**config, "model": {"name": "gpt-j"}}
+    assert hparams_for("ft1", other).linf_reference_d_mlp is None

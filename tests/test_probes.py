@@ -15,6 +15,7 @@ from locedit.metrics.evaluation import (
     essence_perplexity,
     probe_probabilities,
 )
+from locedit.models.noise import SCORING_STREAM
 from locedit.problems import NoiseConfig, fact_noise
 from locedit.testing import gpt2_tokenizer, tiny_model
 
@@ -44,8 +45,9 @@ def test_build_probes_lists_every_probe_with_its_tokens(tok):
         "paraphrase/0/o_true", "paraphrase/0/o_false", "paraphrase/0/o_noise", "paraphrase/0/o_true_noised",
         # the second paraphrase lost the subject: scored clean, never noised
         "paraphrase/1/o_true", "paraphrase/1/o_false", "paraphrase/1/o_noise",
-        "neighborhood/0/o_false", "neighborhood/0/o_true",
-        "neighborhood/1/o_false", "neighborhood/1/o_true",
+        # o_noise on the neighbours too: neighborhood_target=problem scores Tracing Reversal on it
+        "neighborhood/0/o_false", "neighborhood/0/o_true", "neighborhood/0/o_noise",
+        "neighborhood/1/o_false", "neighborhood/1/o_true", "neighborhood/1/o_noise",
     ]
     by_key = {p.key: p for p in probes}
     prompt_ids = tuple(tok.encode(RECORD.prompt))
@@ -90,7 +92,8 @@ def test_probe_probabilities_match_a_forward_by_hand(tok, model):
             expected = _p_by_hand(model, probe.prompt_ids, probe.target_ids)
         else:
             start, end = probe.subject_span
-            noise = fact_noise(RECORD.fact_id, end - start, 64, NOISE)
+            # the scoring stream: independent of the noise the edit trains on (issue 16)
+            noise = fact_noise(RECORD.fact_id, end - start, 64, NOISE, SCORING_STREAM)
             expected = _p_by_hand(model, probe.prompt_ids, probe.target_ids, noise, probe.subject_span)
         assert got[probe.key] == pytest.approx(expected, rel=1e-4), probe.key
     # the noise changes the probability (it is applied, not ignored)

@@ -1,5 +1,7 @@
 """ROME: W' k* + b = v* per architecture, rank one, the key policies, and that it edits."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -189,6 +191,50 @@ def test_rome_on_the_bundled_model_makes_the_false_object_likely(tmp_path):
     assert p_false_after > 0.5 and p_true_after < p_true
     assert result.diagnostics["v_target_prob_last"] > 0.5
     assert result.seconds < 300
+
+
+def test_mom2_adjustment_false_uses_the_bare_key_direction(tok, store):
+    """The original's ``mom2_adjustment: false``: u = k_avg / |k_avg|, no second moments."""
+    model = tiny_model("llama", n_layers=4)
+    hp = hparams_for("rome", overrides={**FAST, "mom2_adjustment": False, "v_steps": 3})
+    with edited(model, tok, "rome", EditRequest(PROMPT, "Eiffel Tower", "Rome"), 2, hp, store) as r:
+        pass
+    k_avg = r.tensors["k_avg"].double().numpy()
+    np.testing.assert_allclose(r.tensors["u"].numpy(), k_avg / np.linalg.norm(k_avg), rtol=1e-5, atol=1e-7)
+    adjusted = hparams_for("rome", overrides={**FAST, "v_steps": 3})
+    with edited(model, tok, "rome", EditRequest(PROMPT, "Eiffel Tower", "Rome"), 2, adjusted, store) as a:
+        pass
+    assert not np.allclose(a.tensors["u"].numpy(), r.tensors["u"].numpy(), atol=1e-3)
+
+
+def test_relative_step_and_early_stop_on_probability(tok):
+    """v_lr_relative r: Adam's first step moves every coordinate of delta by r x RMS(v_init)
+    (Adam's first update is lr x sign(g) up to its epsilon); early_stop_prob stops the
+    optimisation once mean p(target) reaches it."""
+    from locedit.editing.batch import build_batch
+    from locedit.editing.vstar import optimise_vstar
+    from locedit.models.architecture import component_module
+    from locedit.models.scoring import pad_token_id
+
+    model = editable_tiny_model("gpt2", n_layers=4)
+    request = EditRequest(PROMPT, "Eiffel Tower", "Rome")
+    batch = build_batch(tok, request, encode_target(tok, PROMPT, "Rome"), pad_id=pad_token_id(model))
+    module = component_module(model, "mlp", 1)
+    hp = hparams_for(
+        "rome",
+        overrides={"v_steps": 2, "v_lr_relative": 0.05, "kl_factor": 0.0, "clamp_norm_factor": 1e3},
+    )
+    result = optimise_vstar(model, batch, module, 1, hp, "maximize", "rome")
+    lr = 0.05 * float(result.init.norm()) / math.sqrt(result.init.numel())
+    np.testing.assert_allclose(result.delta.abs().numpy(), lr, rtol=1e-3)
+    never = optimise_vstar(
+        model, batch, module, 1, hp.with_overrides(v_steps=4, early_stop_prob=1.0), "maximize", "rome"
+    )
+    assert never.steps == 4
+    at_once = optimise_vstar(
+        model, batch, module, 1, hp.with_overrides(v_steps=4, early_stop_prob=0.0), "maximize", "rome"
+    )
+    assert at_once.steps == 1 and float(at_once.delta.abs().max()) == 0.0
 
 
 @pytest.mark.parametrize("method", ["rome", "memit"])

@@ -59,6 +59,8 @@ class AnalysisConfig:
     variants: tuple[str, ...] = ("last_subject", "zeroing", "windows", "concentrated")
     main_dataset: str | None = "counterfact"
     drop_low_denominator: bool = True
+    trace_regressor: str = "fraction"  # fraction | reference_code (analysis.data.TRACE_REGRESSORS)
+    score_floor: str = "none"  # none | reference_code (analysis.data.SCORE_FLOORS)
     bootstrap_samples: int = 200
     ci_level: float = 0.95
     concentrated_max_other_layers: int = 3
@@ -76,6 +78,12 @@ class AnalysisConfig:
             raise ValueError(f"analysis.ci_level must be in (0, 1), got {self.ci_level}")
         if self.bootstrap_samples < 0:
             raise ValueError("analysis.bootstrap_samples must be >= 0")
+        if self.trace_regressor not in ("fraction", "reference_code"):
+            raise ValueError(
+                f"analysis.trace_regressor {self.trace_regressor!r}: fraction | reference_code"
+            )
+        if self.score_floor not in ("none", "reference_code"):
+            raise ValueError(f"analysis.score_floor {self.score_floor!r}: none | reference_code")
         allowed = {"last_subject", "zeroing", "windows", "concentrated"}
         unknown = set(self.variants) - allowed
         if unknown:

@@ -100,6 +100,7 @@ def trace_table(effects: pd.DataFrame, spec: TraceSpec) -> pd.DataFrame:
             "layer": sel["layer"].to_numpy(),
             "trace": trace.astype(float).to_numpy(),
             "low_denominator": sel["low_denominator"].to_numpy(),
+            "denominator": (sel["p_clean"] - sel["p_noised"]).astype(float).to_numpy(),
         }
     )
     dup = out.duplicated(["fact_id", "layer"])
@@ -110,6 +111,52 @@ def trace_table(effects: pd.DataFrame, spec: TraceSpec) -> pd.DataFrame:
             f"first: {first}"
         )
     return out.sort_values(["fact_id", "layer"], ignore_index=True)
+
+
+#: How the regressor ``trace`` is formed: ``fraction`` (ours: the fractional effect, facts
+#: whose denominator p_clean - p_noised is below tracing's threshold dropped when
+#: ``drop_low_denominator``) or ``reference_code`` (the original analysis: every fact kept,
+#: max(0, restore / |corruption|)).
+TRACE_REGRESSORS = ("fraction", "reference_code")
+
+#: Lower bounds of the score columns: ``none`` (ours) or ``reference_code`` (the original
+#: evaluation: Fact Erasure's scores at >= 0, every other problem's at >= 2e-8).
+SCORE_FLOORS = ("none", "reference_code")
+REFERENCE_FLOOR = {"fact_erasure": 0.0}
+REFERENCE_FLOOR_DEFAULT = 2e-8
+#: The columns the original clips: its erased/recovered proportions (rewrite, paraphrase).
+FLOORED_SCORES = ("rewrite_score", "paraphrase_score")
+
+
+def reference_regressor(trace: pd.DataFrame) -> pd.DataFrame:
+    """The original analysis's regressor: max(0, restore / |corruption|), every fact kept.
+
+    With a positive denominator this is max(0, effect). With a negative one (the noise raised
+    p(o_true)) the stored per-layer effect is min_t restore / denominator, so this gives
+    max(0, min_t restore / |corruption|): the token max of the restore itself is not stored.
+    """
+    out = trace.copy()
+    sign = np.sign(out["denominator"].to_numpy(dtype=float))
+    out["trace"] = np.maximum(0.0, out["trace"].to_numpy(dtype=float) * sign)
+    out["low_denominator"] = False
+    return out
+
+
+def floor_scores(
+    results: pd.DataFrame, floor: str, columns: tuple[str, ...]
+) -> pd.DataFrame:
+    """Score columns clipped from below as the original evaluation does (``reference_code``);
+    ``none`` returns the rows unchanged."""
+    if floor not in SCORE_FLOORS:
+        raise ValueError(f"analysis.score_floor {floor!r} not among {SCORE_FLOORS}")
+    if floor == "none":
+        return results
+    out = results.copy()
+    lower = out["problem"].map(REFERENCE_FLOOR).fillna(REFERENCE_FLOOR_DEFAULT).astype(float)
+    for column in columns:
+        if column in out.columns:
+            out[column] = np.maximum(out[column].astype(float), lower)
+    return out
 
 
 def available_windows(effects: pd.DataFrame, method: str, kind: str) -> list[int]:

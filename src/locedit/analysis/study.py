@@ -18,12 +18,15 @@ from tqdm.auto import tqdm
 from locedit.analysis.bootstrap import bootstrap_r2
 from locedit.analysis.config import AnalysisConfig, TraceSpec
 from locedit.analysis.data import (
+    FLOORED_SCORES,
     JoinReport,
     available_windows,
     concentrated_facts,
+    floor_scores,
     join_trace,
     normalise_effects,
     normalise_results,
+    reference_regressor,
     trace_table,
 )
 from locedit.analysis.labels import method_rank, problem_rank
@@ -179,7 +182,11 @@ def analyze(effects: pd.DataFrame, results: pd.DataFrame, cfg: AnalysisConfig) -
             )
             del variants[name]
             continue
-        data, report = join_trace(results, trace, cfg.drop_low_denominator)
+        if cfg.trace_regressor == "reference_code":
+            trace = reference_regressor(trace)
+        data, report = join_trace(
+            floor_scores(results, cfg.score_floor, FLOORED_SCORES), trace, cfg.drop_low_denominator
+        )
         if variant.subset == "concentrated":
             keep = (
                 set(concentration.loc[concentration["concentrated"], "fact_id"])

@@ -69,6 +69,28 @@ def template_mean(values: torch.Tensor, batch: EditBatch) -> torch.Tensor:
     return torch.stack([values[rows].mean(0) for _, rows in sorted(groups.items())]).mean(0)
 
 
+def memit_key_mean(values: torch.Tensor, batch: EditBatch) -> torch.Tensor:
+    """MEMIT's key average (``compute_ks`` of kmeng01/memit): the mean of two group means.
+
+    The original groups its context templates as ``[["{}"], [t_1, ..., t_n]]``, averages the
+    keys within each group and then over the groups, so the bare prompt weighs 1/2 and each of
+    the n templated prompts 1/(2n). (ROME's ``compute_u`` instead averages every template
+    equally, :func:`template_mean`.) Without templated rows the bare-prompt key is returned.
+    """
+    per_template = {}
+    groups: dict[int, list[int]] = {}
+    for row, template in enumerate(batch.template):
+        if template is not None:
+            groups.setdefault(template, []).append(row)
+    for template, rows in groups.items():
+        per_template[template] = values[rows].mean(0)
+    bare = per_template.pop(0)
+    if not per_template:
+        return bare
+    templated = torch.stack([per_template[t] for t in sorted(per_template)]).mean(0)
+    return (bare + templated) / 2
+
+
 def encode_span(
     tokenizer: PreTrainedTokenizerBase, text: str, char_start: int, char_end: int
 ) -> tuple[list[int], int, int]:

@@ -36,6 +36,13 @@ from locedit.models.tokens import encode_target
 log = logging.getLogger(__name__)
 
 
+def d_mlp(model: nn.Module) -> int:
+    """The key width: the input width of the down-projections (layer 0's)."""
+    from locedit.models.architecture import as_out_in, down_proj_weight
+
+    return int(as_out_in(model, down_proj_weight(model, 0)).shape[1])
+
+
 def finetuned_param_names(
     model: nn.Module, layers: list[int], which: str = "down_proj"
 ) -> list[str]:
@@ -50,6 +57,14 @@ def finetuned_param_names(
         prefix = arch_spec(model).mlp_down.format(check_layer(model, layer))
         out.extend(n for n in (f"{prefix}.weight", f"{prefix}.bias") if n in names)
     return out
+
+
+def effective_linf_eps(hp: FTHParams, d_mlp: int) -> float:
+    """The L-infinity radius used: ``linf_eps``, scaled from the reference key width (GPT-J's
+    d_mlp) to this model's when ``linf_reference_d_mlp`` is set."""
+    if hp.linf_reference_d_mlp is None:
+        return hp.linf_eps
+    return hp.linf_eps * hp.linf_reference_d_mlp / d_mlp
 
 
 def linf_bounds(original: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +100,8 @@ class ConstrainedFinetune(pl.LightningModule):
         named = dict(model.named_parameters())
         self.param_names = list(param_names)
         self.trained = [named[name] for name in self.param_names]
-        self.bounds = [linf_bounds(p.detach(), hp.linf_eps) for p in self.trained]
+        self.eps = effective_linf_eps(hp, d_mlp(model))
+        self.bounds = [linf_bounds(p.detach(), self.eps) for p in self.trained]
         # bfloat16/float16 weights train through float32 master copies (Adam's second moment
         # underflows in float16, and bfloat16 rounds most small steps away); the weights are
         # the masters rounded to their dtype, projected into the ball in both precisions.
@@ -94,7 +110,7 @@ class ConstrainedFinetune(pl.LightningModule):
             for p in self.trained
         ]
         self.master_bounds = [
-            None if m is None else linf_bounds(m.detach(), hp.linf_eps) for m in self.masters
+            None if m is None else linf_bounds(m.detach(), self.eps) for m in self.masters
         ]
         self.losses: list[float] = []
         self.nlls: list[float] = []
@@ -235,7 +251,7 @@ def apply_finetune(edit: EditCall) -> EditResult:
         "ft_loss_last": module.losses[-1] if module.losses else math.nan,
         "ft_target_prob_first": math.exp(-module.nlls[0]) if module.nlls else math.nan,
         "ft_target_prob_after": math.exp(-float(nll_after)),
-        "linf_eps": hp.linf_eps,
+        "linf_eps": module.eps,
     }
     max_change, change_sq, original_sq = 0.0, 0.0, 0.0
     for name in names:

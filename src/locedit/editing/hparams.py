@@ -28,6 +28,13 @@ class VStarHParams:
     clamp_norm_factor: float = 4.0
     #: Stop once the loss falls below this; ``None`` runs every step as the paper's code does.
     early_stop_loss: float | None = None
+    #: Adam's step size relative to the vector it changes: ``None`` takes ``v_lr`` as an
+    #: absolute step (the paper's GPT-J setting, whose residual coordinates are of order 1);
+    #: a number r makes the step r x RMS(v_init) = r x ||v_init|| / sqrt(d), so a step moves
+    #: the same share of the vector on a model whose residual norms are in the thousands.
+    v_lr_relative: float | None = None
+    #: Stop once the mean p(target) of the rewriting rows reaches this (``None``: never).
+    early_stop_prob: float | None = None
     #: Context templates: ``n_context_templates`` samples per total token length (ROME's
     #: ``context_template_length_params`` [[5, 10], [10, 10]]), plus the bare prompt.
     context_template_lengths: tuple[int, ...] = (5, 10)
@@ -57,6 +64,9 @@ class RomeHParams(VStarHParams):
     #: Relative ridge (x mean eigenvalue) added to the key covariance before solving; the solver
     #: raises it further on its own only when the covariance is singular or ill-conditioned.
     covariance_ridge: float = 0.0
+    #: ``True``: u = C^-1 k / |C^-1 k| (ROME's update); ``False``: u = k / |k|, no second
+    #: moments (the original code's ``mom2_adjustment: false``, for runs made without them).
+    mom2_adjustment: bool = True
     #: Flag an edit whose prompt-key/average-key division ratio falls outside [r, 1/r].
     flag_division_ratio: float = 0.1
     #: Flag an edit whose ||dW||_F / ||W||_F exceeds this.
@@ -80,6 +90,10 @@ class MemitHParams(VStarHParams):
     mom2_weight_reference_d_mlp: int | None = 16384
     covariance_ridge: float = 0.0
     flag_update_ratio: float = 0.5
+    #: Post-MLP norms (Gemma 2/3): Gauss-Newton steps that turn a layer's residual share into
+    #: an MLP-output change (1: the first-order solution; more reach the share more closely in
+    #: the residual stream but, measured on Gemma-3-270M, edit less: README, issue 16).
+    post_norm_iterations: int = 1
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,11 @@ class FTHParams:
     lr: float = 5e-4
     #: Radius of the L-infinity ball around the original weights.
     linf_eps: float = 1e-4
+    #: The paper's radii are absolute numbers for GPT-J (d_mlp 16384). A change of at most eps
+    #: per weight moves a down-projection's output by at most eps x ||k||_1, which grows with
+    #: the key width d_mlp, so a narrower model needs a wider ball for the same reach. With a
+    #: reference width the radius used is linf_eps x reference / d_mlp (``None``: as given).
+    linf_reference_d_mlp: int | None = None
     weight_decay: float = 0.0
     #: ``down_proj``: the MLP down-projection weight and bias, as the paper's code
     #: (``rewrite_module_tmp = transformer.h.{}.mlp.fc_out``); ``mlp``: every MLP parameter.

@@ -5,9 +5,10 @@ same optimisation as ROME's v*, :mod:`locedit.editing.vstar`). Then, for each la
 window in ascending order, with the layers below already updated:
     r_i = (z* - z_current) / (number of window layers from i on)
     dW_i = r_i k_i^T (lambda C_i + k_i k_i^T)^-1
-where k_i is the template-averaged key at layer i and lambda the covariance weight. The solve
-uses a cached Cholesky factor of C_i and the Sherman-Morrison identity, in float64, and checks
-the residual of the full system.
+where k_i is the key at layer i averaged as MEMIT's ``compute_ks`` does (the bare prompt
+weighs 1/2, the context templates share the other half: :func:`memit_key_mean`) and lambda
+the covariance weight. The solve uses a cached Cholesky factor of C_i and the Sherman-Morrison
+identity, in float64, and checks the residual of the full system.
 
 Architectures whose MLP output passes an RMSNorm before joining the residual stream (Gemma
 2/3, ``ArchSpec.mlp_post_norm``) break MEMIT's additive assumption; there the residual share
@@ -22,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from locedit.editing.batch import request_batch, template_mean
+from locedit.editing.batch import memit_key_mean, request_batch
 from locedit.editing.covariance import SingularCovarianceError, down_proj_module
 from locedit.editing.forward import captured_io, run_batch_until
 from locedit.editing.hparams import MemitHParams
@@ -46,28 +47,53 @@ def effective_mom2_weight(hp: MemitHParams, d_mlp: int) -> float:
 
 
 def mlp_change_for(
-    norm: nn.Module, mlp_out: torch.Tensor, wanted: torch.Tensor, damping: float = 1e-3
+    norm: nn.Module,
+    mlp_out: torch.Tensor,
+    wanted: torch.Tensor,
+    damping: float = 1e-3,
+    iterations: int = 1,
+    tolerance: float = 1e-3,
 ) -> tuple[torch.Tensor, float]:
     """The MLP-output change that moves ``norm(mlp_out)`` by ``wanted`` (post-MLP norms).
 
     MEMIT assumes the MLP output joins the residual stream as it is. Gemma 2/3 first pass it
     through an RMSNorm, whose output has a fixed size and whose gain nearly vanishes in some
-    directions. The change is the damped least-squares solution of J dm = wanted, with J the
-    norm's Jacobian at the current output (dm = (J^T J + mu I)^-1 J^T wanted, mu = ``damping``
-    x the mean eigenvalue of J^T J), so unreachable directions are not chased; MEMIT's later
-    layers correct what is left. Returns the change and ||J dm|| / ||wanted||.
+    directions. Each Gauss-Newton step is the damped least-squares solution of J dm = what is
+    still missing, with J the norm's Jacobian at the current point
+    (dm = (J^T J + mu I)^-1 J^T missing, mu = ``damping`` x the mean eigenvalue of J^T J), so
+    unreachable directions are not chased; MEMIT's later layers correct what is left. One step
+    is the first-order answer, which falls short when the wanted change is a sizeable part of
+    the norm's output (Gemma's residual updates are); up to ``iterations`` steps run until the
+    missing part is below ``tolerance`` x ||wanted||. Returns the change and the realised share
+    (norm(mlp_out + change) - norm(mlp_out)) . wanted / ||wanted||^2, measured, not linearised.
     """
     point, wanted = mlp_out.detach().double(), wanted.detach().double()
-    jacobian = torch.autograd.functional.jacobian(
-        lambda x: norm(x[None].float())[0].double(), point, vectorize=True
-    ).detach()
-    normal = jacobian.T @ jacobian
-    mu = damping * float(torch.trace(normal)) / int(point.shape[0])
-    change = torch.linalg.solve(
-        normal + mu * torch.eye(int(point.shape[0]), dtype=torch.float64, device=point.device),
-        jacobian.T @ wanted,
-    )
-    realised = float((jacobian @ change).norm() / wanted.norm().clamp_min(1e-300))
+    d = int(point.shape[0])
+
+    def normed(x: torch.Tensor) -> torch.Tensor:
+        return norm(x[None].float())[0].double()
+
+    with torch.no_grad():
+        start = normed(point)
+    goal = start + wanted
+    current = point.clone()
+    scale = float(wanted.norm().clamp_min(1e-300))
+    for _ in range(max(1, iterations)):
+        with torch.no_grad():
+            missing = goal - normed(current)
+        if float(missing.norm()) <= tolerance * scale:
+            break
+        jacobian = torch.autograd.functional.jacobian(normed, current, vectorize=True).detach()
+        normal = jacobian.T @ jacobian
+        mu = damping * float(torch.trace(normal)) / d
+        step = torch.linalg.solve(
+            normal + mu * torch.eye(d, dtype=torch.float64, device=point.device),
+            jacobian.T @ missing,
+        )
+        current = current + step
+    change = current - point
+    with torch.no_grad():
+        realised = float((normed(current) - start) @ wanted) / scale**2
     return change, realised
 
 
@@ -87,6 +113,7 @@ def apply_memit(edit: EditCall) -> EditResult:
     flags: list[str] = zstar.flags("z")
     tensors: dict[str, torch.Tensor] = {"z_star": z_target.float()}
     z_initial = None
+    previous: tuple[int, torch.Tensor, torch.Tensor] | None = None
     post_norm = arch_spec(model).mlp_post_norm
     for position, edit_layer in enumerate(layers):
         keys_module = down_proj_module(model, edit_layer)
@@ -95,15 +122,23 @@ def apply_memit(edit: EditCall) -> EditResult:
             recorded({"z": z_module}) as rec,
         ):
             run_batch_until(model, batch, z_module)
-        k = template_mean(found["input"].double(), batch)
+        k = memit_key_mean(found["input"].double(), batch)
         mlp_out = found["output"].double()[batch.bare].mean(0)
         z_now = _lookup_mean(rec["z"], batch).double()
         if z_initial is None:
             z_initial = z_now
+        if previous is not None:  # how much of the last layer's share z really moved by
+            last_layer, last_z, last_request = previous
+            diagnostics[f"z_realised_l{last_layer}"] = float(
+                (z_now - last_z) @ last_request / last_request.norm().clamp_min(1e-300) ** 2
+            )
         residual = (z_target - z_now) / (len(layers) - position)
+        previous = (edit_layer, z_now, residual)
         if post_norm is not None:
             norm = get_module(model, post_norm.format(edit_layer))
-            residual, realised = mlp_change_for(norm, mlp_out, residual)
+            residual, realised = mlp_change_for(
+                norm, mlp_out, residual, iterations=hp.post_norm_iterations
+            )
             diagnostics[f"post_norm_realised_l{edit_layer}"] = realised
 
         d_mlp = int(k.shape[0])
@@ -140,6 +175,11 @@ def apply_memit(edit: EditCall) -> EditResult:
     with recorded({"z": z_module}) as rec:
         run_batch_until(model, batch, z_module)
     z_final = _lookup_mean(rec["z"], batch).double()
+    if previous is not None:
+        last_layer, last_z, last_request = previous
+        diagnostics[f"z_realised_l{last_layer}"] = float(
+            (z_final - last_z) @ last_request / last_request.norm().clamp_min(1e-300) ** 2
+        )
     wanted = float((z_target - z_initial).norm())
     diagnostics["z_residual_fraction"] = (
         float((z_target - z_final).norm()) / wanted if wanted > 0 else math.nan

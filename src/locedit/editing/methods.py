@@ -108,10 +108,13 @@ class EditMethod:
     ) -> HParams:
         """Hyperparameters from the composed config, a problem and explicit overrides.
 
-        ``config`` is either the whole composed params (keys ``method``, optionally ``problem``
-        and ``seed``) or just the method group (keys ``rome``, ``memit``, ``ft``, optional
-        ``ft1`` and ``ft5`` sections that refine ``ft``). Precedence, lowest first: dataclass
-        defaults, the method group, ``problem.overrides.<problem>.<method>``, ``overrides``.
+        ``config`` is either the whole composed params (keys ``method``, optionally ``model``,
+        ``problem`` and ``seed``) or just the method group (keys ``rome``, ``memit``, ``ft``,
+        optional ``ft1`` and ``ft5`` sections that refine ``ft``, optional ``per_model``).
+        Precedence, lowest first: dataclass defaults, the method group, the model's defaults
+        ``method.per_model.<model.name>.<section>`` (settings that make a method edit a model
+        the paper's GPT-J values were not tuned for), ``problem.overrides.<problem>.<method>``,
+        ``overrides``.
         """
         config = plain(config) if config is not None else {}
         method_cfg = config.get("method", config)
@@ -120,6 +123,10 @@ class EditMethod:
             merged["seed"] = config["seed"]
         for section in self.config_sections:
             merged.update(method_cfg.get(section) or {})
+        model_name = (config.get("model") or {}).get("name")
+        per_model = (method_cfg.get("per_model") or {}).get(model_name) or {}
+        for section in self.config_sections:
+            merged.update(per_model.get(section) or {})
         if problem is not None:
             problem_overrides = (config.get("problem") or {}).get("overrides") or {}
             merged.update((problem_overrides.get(problem) or {}).get(self.name) or {})

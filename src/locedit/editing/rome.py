@@ -10,6 +10,8 @@ makes the target likely (:mod:`locedit.editing.vstar`). Which key the division u
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -44,11 +46,15 @@ def apply_rome(edit: EditCall) -> EditResult:
     k_avg, k_prompt = template_mean(keys, batch), keys[batch.bare].mean(0)
     out_avg, out_prompt = template_mean(values, batch), values[batch.bare].mean(0)
 
-    try:
-        solver = covariance.solver(model, layer, hp.covariance_ridge)
-        u = solver.solve(k_avg)
-    except SingularCovarianceError as err:
-        raise EditFailed(method, str(err)) from err
+    solver = None
+    if hp.mom2_adjustment:
+        try:
+            solver = covariance.solver(model, layer, hp.covariance_ridge)
+            u = solver.solve(k_avg)
+        except SingularCovarianceError as err:
+            raise EditFailed(method, str(err)) from err
+    else:  # the original's mom2_adjustment: false
+        u = k_avg.clone()
     u = u / u.norm()
 
     vstar = optimise_vstar(
@@ -83,8 +89,8 @@ def apply_rome(edit: EditCall) -> EditResult:
         "division_factor_avg_key": reference,
         "division_ratio": ratio,
         "update_norm_ratio": update_ratio,
-        "covariance_ridge": solver.ridge,
-        "covariance_condition": solver.condition,
+        "covariance_ridge": solver.ridge if solver is not None else math.nan,
+        "covariance_condition": solver.condition if solver is not None else math.nan,
         "n_rows": float(batch.size),
         **vstar.diagnostics("v"),
     }

@@ -4,7 +4,9 @@ ROME's ``compute_v``: Adam on ``delta`` added to a module's output at every row'
 token, minimising the target NLL (or, for Fact Erasure, its probability) + kl_factor x
 KL(edited || unedited) on "{subject} is a" + weight_decay x ||delta|| / ||v_init||^2, with
 ``delta`` clamped to clamp_norm_factor x ||v_init|| after every step. As in the original, the
-last of ``v_steps`` forward passes only reports the final loss.
+last of ``v_steps`` forward passes only reports the final loss. ``v_lr_relative`` scales the
+step to the size of v_init (models whose residual norms dwarf GPT-J's), ``early_stop_prob``
+stops once the target is likely enough.
 """
 
 from __future__ import annotations
@@ -136,6 +138,9 @@ def optimise_vstar(
                     kl_init, current, log_target=True, reduction="batchmean"
                 )
             loss = loss + hp.weight_decay * (delta.norm() / init.norm() ** 2)
+            if step == 0 and hp.v_lr_relative is not None:
+                for group in optimiser.param_groups:
+                    group["lr"] = hp.v_lr_relative * float(init.norm()) / math.sqrt(d_model)
             loss_value, nll_value = float(loss.detach()), float(nll.detach())
             objective_value = float(nll_loss.detach())
             if not (math.isfinite(loss_value) and math.isfinite(nll_value)):
@@ -147,6 +152,12 @@ def optimise_vstar(
             )
             steps = step + 1
             if hp.early_stop_loss is not None and loss_value < hp.early_stop_loss:
+                break
+            if (
+                hp.early_stop_prob is not None
+                and direction == "maximize"
+                and math.exp(-nll_value) >= hp.early_stop_prob
+            ):
                 break
             if step == hp.v_steps - 1:
                 break

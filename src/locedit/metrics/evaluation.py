@@ -19,7 +19,14 @@ from transformers import PreTrainedTokenizerBase
 from locedit.data.records import Direction, FactRecord
 from locedit.metrics import scores
 from locedit.models.device import model_device
-from locedit.models.noise import NoiseConfig, d_model, fact_noise, fact_seed, noised_subject
+from locedit.models.noise import (
+    SCORING_STREAM,
+    NoiseConfig,
+    d_model,
+    fact_noise,
+    fact_seed,
+    noised_subject,
+)
 from locedit.models.scoring import target_log_probs
 from locedit.models.tokens import TokenizationError, encode_prompt, encode_target
 
@@ -80,7 +87,7 @@ def build_probes(
                 probes.append(Probe(f"{group}/{index}/o_true_noised", tuple(enc.input_ids), target, span))
     for index, text in enumerate(record.neighborhood_prompts):
         ids = tuple(tokenizer(text)["input_ids"])
-        for name in ("o_false", "o_true"):
+        for name in ("o_false", "o_true", "o_noise"):
             if name in objects:
                 target = tuple(encode_target(tokenizer, text, objects[name]))
                 probes.append(Probe(f"neighborhood/{index}/{name}", ids, target))
@@ -90,7 +97,9 @@ def build_probes(
 def probe_probabilities(
     model: nn.Module, probes: Sequence[Probe], record: FactRecord, noise: NoiseConfig | None
 ) -> dict[str, float]:
-    """Probabilities of all probes; noised probes average over the fact's noise samples."""
+    """Probabilities of all probes; noised probes average over noise samples drawn from the
+    scoring stream (:data:`~locedit.models.noise.SCORING_STREAM`): independent of the noise
+    Fact Forcing's edit was optimised on, the same draws before and after every edit."""
     clean = [p for p in probes if p.subject_span is None]
     out: dict[str, float] = {}
     if clean:
@@ -102,7 +111,9 @@ def probe_probabilities(
         if noise is None:
             raise ValueError("noised probes need the tracing noise configuration")
         start, end = probe.subject_span
-        tensor = fact_noise(record.fact_id, end - start, d_model(model), noise).to(model_device(model))
+        tensor = fact_noise(
+            record.fact_id, end - start, d_model(model), noise, SCORING_STREAM
+        ).to(model_device(model))
         with noised_subject(model, start, end, tensor):
             log_p = target_log_probs(
                 model, [probe.prompt_ids] * noise.n_samples, [probe.target_ids] * noise.n_samples,
@@ -122,22 +133,36 @@ def _group(probs: dict[str, float], group: str, name: str) -> list[float]:
     return [value for _, value in sorted(items)]
 
 
+#: Which object the neighbourhood score tracks: ``o_false`` for every problem (the paper's
+#: text, "neighborhood is entirely identical") or ``problem``, the problem's own target (the
+#: original evaluation code, which scores every prompt on the request's target).
+NEIGHBORHOOD_TARGETS = ("o_false", "problem")
+
+
 def score_edit(
     problem: ProblemSpec, target_name: str, pre: dict[str, float], post: dict[str, float],
     essence_before: float | None = None, essence_after: float | None = None,
+    neighborhood_target: str = "o_false",
 ) -> dict[str, float]:
     """All metric columns for one edit (Sec. 3.4 and App. C).
 
     ``target_name`` is the probe object the problem edits (o_false, o_noise or o_true, with
-    ``_noised`` for Fact Forcing). The neighbourhood score always tracks o_false on s*, as the
-    paper does for every problem ("neighborhood is entirely identical").
+    ``_noised`` for Fact Forcing). The neighbourhood score tracks o_false on s* for every
+    problem, as the paper's text does ("neighborhood is entirely identical"), or with
+    ``neighborhood_target="problem"`` the problem's own (clean) target, as the original code.
     """
     direction = problem.direction
     rewrite = scores.rewrite_score(pre[f"rewrite/0/{target_name}"], post[f"rewrite/0/{target_name}"], direction)
     paraphrase = scores.paraphrase_score(
         _group(pre, "paraphrase", target_name), _group(post, "paraphrase", target_name), direction
     )
+    if neighborhood_target not in NEIGHBORHOOD_TARGETS:
+        raise ValueError(
+            f"neighborhood_target {neighborhood_target!r} not among {NEIGHBORHOOD_TARGETS}"
+        )
     neighbour_object = "o_false" if any(k.endswith("/o_false") for k in pre) else "o_true"
+    if neighborhood_target == "problem":
+        neighbour_object = problem.target
     neighborhood = scores.neighborhood_score(
         _group(pre, "neighborhood", neighbour_object), _group(post, "neighborhood", neighbour_object)
     )
@@ -208,12 +233,22 @@ def sample_essence_texts(
     return EssenceTexts(length, tuple(sequences))
 
 
-def essence_perplexity(model: nn.Module, texts: EssenceTexts) -> float:
-    """Mean over samples of exp(mean NLL of the sampled continuation given the prompt)."""
+#: Which tokens the essence perplexity averages over: the sampled ``continuation`` given the
+#: prompt (ours) or the ``whole_text`` including "{s} is a" (the original code's perplexity of
+#: the full sample; the first token has no prediction and is left out).
+ESSENCE_SPANS = ("continuation", "whole_text")
+
+
+def essence_perplexity(model: nn.Module, texts: EssenceTexts, span: str = "continuation") -> float:
+    """Mean over samples of exp(mean NLL of the sampled continuation given the prompt), or with
+    ``span="whole_text"`` of every token after the first (prompt included)."""
+    if span not in ESSENCE_SPANS:
+        raise ValueError(f"essence span {span!r} not among {ESSENCE_SPANS}")
     if not texts.sequences:
         return math.nan
-    prompts = [seq[: texts.prompt_length] for seq in texts.sequences]
-    continuations = [seq[texts.prompt_length :] for seq in texts.sequences]
+    cut = texts.prompt_length if span == "continuation" else 1
+    prompts = [seq[:cut] for seq in texts.sequences]
+    continuations = [seq[cut:] for seq in texts.sequences]
     log_p = target_log_probs(model, prompts, continuations)
     ppl = [math.exp(-lp / len(c)) for lp, c in zip(log_p.tolist(), continuations, strict=True)]
     return sum(ppl) / len(ppl)

@@ -1,8 +1,10 @@
 """The subject noise of Causal Tracing (paper §3.2), seeded per fact, and hooks that add it.
 
 One fact's s_noise is the same tensor for every restoration of that fact, for Tracing
-Reversal's o_noise, for Fact Forcing's noised input and for the noised probes of the metrics
-(§5.1), so all of them see the identical noised subject. It lives beside the intervention
+Reversal's o_noise and for Fact Forcing's noised input (§5.1), so all of them see the
+identical noised subject. The noised probes that *judge* an edit (Fact Forcing's scores) draw
+from a separate seed stream (:data:`SCORING_STREAM`): the edit is scored on noise it was not
+optimised on, as the original evaluation draws fresh noise. It lives beside the intervention
 toolkit (:mod:`locedit.models.hooks`) because tracing, problems, metrics and editing all add it.
 
 A user who wants another implementation's noise passes it instead of sigma and seed: a tensor
@@ -65,11 +67,26 @@ class NoiseConfig:
     seed: int = 0
 
 
-def fact_noise(fact_id: str, n_subject_tokens: int, width: int, noise: NoiseConfig) -> torch.Tensor:
-    """The fact's s_noise [n_samples, n_subject_tokens, width]: the one tensor every user of
-    the fact's noised subject sees (seeded by :func:`fact_seed` of the run seed and fact id)."""
+#: The seed stream of the noise that scores edits (independent of tracing's and training's).
+SCORING_STREAM = "score"
+
+
+def noise_seed(seed: int, fact_id: str, stream: str | None = None) -> int:
+    """The generator seed of a fact's noise: ``stream`` None is the tracing/training noise
+    (:func:`fact_seed` of the run seed and fact id, unchanged), any other stream an independent
+    draw (the fact id prefixed by ``"<stream>:"``)."""
+    return fact_seed(seed, fact_id if stream is None else f"{stream}:{fact_id}")
+
+
+def fact_noise(
+    fact_id: str, n_subject_tokens: int, width: int, noise: NoiseConfig, stream: str | None = None
+) -> torch.Tensor:
+    """The fact's s_noise [n_samples, n_subject_tokens, width]: the one tensor tracing, Tracing
+    Reversal and Fact Forcing's edit input see (seeded by :func:`fact_seed` of the run seed and
+    fact id); ``stream`` (e.g. :data:`SCORING_STREAM`) gives independent draws instead."""
     return subject_noise(
-        noise.n_samples, n_subject_tokens, width, noise.sigma, fact_seed(noise.seed, fact_id)
+        noise.n_samples, n_subject_tokens, width, noise.sigma,
+        noise_seed(noise.seed, fact_id, stream),
     )
 
 

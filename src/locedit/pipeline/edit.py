@@ -75,6 +75,8 @@ def evaluation_config(params: DictConfig) -> EvaluationConfig:
         essence_top_k=int(essence.get("top_k", 5)),
         essence_max_new_tokens=int(essence.get("max_new_tokens", 30)),
         seed=int(params.seed),
+        neighborhood_target=str(params.edit.get("neighborhood_target", "o_false")),
+        essence_span=str(essence.get("span", "continuation")),
     )
 
 

@@ -57,6 +57,10 @@ class EvaluationConfig:
     essence_top_k: int = 5
     essence_max_new_tokens: int = 30
     seed: int = 0
+    #: ``o_false`` (paper text) | ``problem`` (original code): the neighbourhood score's object
+    neighborhood_target: str = "o_false"
+    #: ``continuation`` (ours) | ``whole_text`` (original code): the essence perplexity's span
+    essence_span: str = "continuation"
 
 
 @dataclass
@@ -82,6 +86,10 @@ def _pre_edit(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, record: FactRecord,
     problems: Sequence[str], config: EvaluationConfig, cache_dir: Path | None, context: str,
 ) -> PreEdit:
+    # The essence span changes ppl_before; the scoring noise stream is part of the metrics' code
+    # version (noise.py, evaluation.py), which the key already carries.
+    if config.essence_span != "continuation":
+        context = f"{context}:essence-{config.essence_span}"
     cache = cache_dir / f"{record.fact_id}-{pre_edit_key(record, problems, context)}.json" if cache_dir else None
     if cache is not None and cache.exists():
         data = json.loads(cache.read_text())
@@ -100,7 +108,7 @@ def _pre_edit(
             model, tokenizer, record, config.essence_samples, config.essence_top_k,
             config.essence_max_new_tokens, config.seed,
         )
-        ppl = essence_perplexity(model, essence)
+        ppl = essence_perplexity(model, essence, config.essence_span)
     pre = PreEdit(probs, o_noise, essence, ppl)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -165,8 +173,14 @@ def _run_task(model, tokenizer, covariance, record, task, hparams, config, pre, 
         torch.manual_seed(fact_seed(config.seed, task.seed_key))
         with edited(model, tokenizer, task.method, request, task.layer, hparams, covariance) as result:
             post = probe_probabilities(model, probes, record, config.noise)
-            ppl_after = essence_perplexity(model, pre.essence) if pre.essence is not None else None
-        scores = score_edit(problem, target_probe_name(problem), pre.probs, post, pre.ppl_before, ppl_after)
+            ppl_after = (
+                essence_perplexity(model, pre.essence, config.essence_span)
+                if pre.essence is not None else None
+            )
+        scores = score_edit(
+            problem, target_probe_name(problem), pre.probs, post, pre.ppl_before, ppl_after,
+            config.neighborhood_target,
+        )
         if math.isnan(scores["p_target_post"]):
             raise EditFailed(task.method, "NaN target probability after the edit")
         row.update(scores)
