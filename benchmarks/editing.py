@@ -57,6 +57,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def editable_facts(tokenizer, data_root: Path, n_facts: int) -> list[tuple]:
+    """The first ``n_facts`` CounterFact records whose prompt and o_false tokenise, each as
+    (record, prompt ids, target ids): the facts every editing benchmark edits."""
+    facts = []
+    for record in load_counterfact(data_root).records:
+        try:
+            ids = encode_prompt(tokenizer, record.prompt, record.subject).input_ids
+            target = encode_target(tokenizer, record.prompt, record.target_new)
+        except TokenizationError:
+            continue
+        facts.append((record, ids, target))
+        if len(facts) == n_facts:
+            break
+    return facts
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -147,16 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     depth = n_layers(model)
     layer = args.layer if args.layer is not None else depth // 2
 
-    facts = []
-    for record in load_counterfact(args.data_root).records:
-        try:
-            ids = encode_prompt(tokenizer, record.prompt, record.subject).input_ids
-            target = encode_target(tokenizer, record.prompt, record.target_new)
-        except TokenizationError:
-            continue
-        facts.append((record, ids, target))
-        if len(facts) == args.n_facts:
-            break
+    facts = editable_facts(tokenizer, args.data_root, args.n_facts)
 
     # One-time costs, reported apart from the per-edit seconds.
     store = CovarianceStore(

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 import yaml
+from editing import editable_facts  # benchmarks/editing.py, beside this script
 
-from locedit.data.loaders import load_counterfact
 from locedit.editing import CorpusSpec, CovarianceStore, EditRequest, edited, hparams_for
-from locedit.models import load_model
+from locedit.editing.methods import get_method
+from locedit.models import load_model, n_layers
 from locedit.models.architecture import down_proj_weight
 from locedit.models.loading import default_cache_dir
 from locedit.models.scoring import target_log_probs
-from locedit.models.tokens import TokenizationError, encode_prompt, encode_target
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,17 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
         "method": yaml.safe_load((REPO / "conf" / "method" / "default.yaml").read_text()),
         "model": {"name": "gemma-3-270m"},
     }
-    facts = []
-    for record in load_counterfact(args.data_root).records:
-        try:
-            ids = encode_prompt(tok, record.prompt, record.subject).input_ids
-            target = encode_target(tok, record.prompt, record.target_new)
-        except TokenizationError:
-            continue
-        facts.append((record, ids, target))
-        if len(facts) == args.n_facts:
-            break
-    window = list(range(args.layer - 2, args.layer + 3))
+    facts = editable_facts(tok, args.data_root, args.n_facts)
+    window = get_method("memit").layers(args.layer, n_layers(model), hparams_for("memit"))
     rows, deltas, stats_s = [], {}, {}
     for n in sorted(set(args.n_texts) | {args.reference}):
         t0 = time.perf_counter()
