@@ -19,10 +19,12 @@ import copy
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from editing import load_average  # benchmarks/editing.py, beside this script
 
 from locedit.data.records import FactRecord
 from locedit.editing import CorpusSpec, CovarianceStore, EditRequest, edited, hparams_for
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    started, load_start = time.perf_counter(), load_average()
     if args.model == "tiny":
         base, tok = editable_tiny_model("gemma3_text", n_layers=6), gpt2_tokenizer()
     else:
@@ -121,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
             entry[f"{method}_p_target_after"] = b.tolist()
             entry[f"{method}_max_abs_diff_p_target_after"] = float(np.nanmax(np.abs(a - b)))
         out["dtypes"][name] = entry
+    out.update(seconds=round(time.perf_counter() - started, 1), threads=torch.get_num_threads(),
+               load_average_start=load_start, load_average_end=load_average())
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"precision-{Path(args.model).name}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")

@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from locedit.analysis.study import MAIN, Analysis
+from locedit.tracking import dotted
 
 METRICS_FILE = "metrics.json"
 PLOTS_DIR = "plots"
@@ -143,11 +144,8 @@ def write_dvc_files(
 
 def flat_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """``a.b.c`` -> number, dropping nulls: metrics.json as MLflow metrics."""
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flat_metrics(value, f"{name}."))
-        elif isinstance(value, int | float) and math.isfinite(float(value)):
-            flat[name] = float(value)
-    return flat
+    return {
+        name: float(value)
+        for name, value in dotted(metrics, prefix)
+        if isinstance(value, int | float) and math.isfinite(float(value))
+    }

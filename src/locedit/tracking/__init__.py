@@ -97,17 +97,22 @@ def run_tags() -> dict[str, str]:
     return tags
 
 
-def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> ``a.b.c`` keys with string values, as MLflow params want."""
-    flat: dict[str, str] = {}
-    for key, value in params.items():
+def dotted(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """The leaves of a nested mapping, named ``a.b.c``."""
+    for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
+            yield from dotted(value, f"{name}.")
         else:
-            text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
-            flat[name] = text[:6000]
-    return flat
+            yield name, value
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``a.b.c`` keys with string values, as MLflow params want."""
+    return {
+        name: (json.dumps(value) if isinstance(value, list | tuple) else str(value))[:6000]
+        for name, value in dotted(params, prefix)
+    }
 
 
 @contextmanager
