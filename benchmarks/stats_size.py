@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from editing import editable_facts  # benchmarks/editing.py, beside this script
+from editing import editable_facts, load_average  # benchmarks/editing.py, beside this script
 
 from locedit.editing import CorpusSpec, CovarianceStore, EditRequest, edited, hparams_for
 from locedit.editing.methods import get_method
@@ -45,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_start = load_average()
     model, tok = load_model("gemma-3-270m")
     config = {
         "method": yaml.safe_load((REPO / "conf" / "method" / "default.yaml").read_text()),
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "stats_size", "model": "gemma-3-270m", "layer": args.layer,
         "reference_n_texts": args.reference, "sample_length": 64,
         "stats_seconds": {str(k): v for k, v in stats_s.items()},
-        "rows": rows, "threads": args.threads, "load_average_end": list(os.getloadavg()),
+        "rows": rows, "threads": args.threads, "load_average_start": load_start,
+        "load_average_end": load_average(),
         "note": "stats_seconds is 0-2 s where the statistics were cached by an earlier run",
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
