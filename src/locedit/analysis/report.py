@@ -7,6 +7,7 @@ import math
 import shutil
 from pathlib import Path
 
+from locedit.analysis import random_baseline
 from locedit.analysis.figures import all_figures
 from locedit.analysis.study import MAIN, Analysis
 from locedit.analysis.summary import summary_markdown
@@ -67,7 +68,7 @@ def write_report(an: Analysis, directory: Path, model_name: str) -> list[Path]:
 
 def mlflow_metrics(an: Analysis) -> dict[str, float]:
     """``<variant>.<dataset>.<problem>.<method>.<metric>.<stat>`` -> value, finite values only."""
-    out: dict[str, float] = {}
+    out: dict[str, float] = random_baseline.mlflow_metrics(an.random_baseline)
     if an.regressions.empty:
         return out
     for _, row in an.regressions.iterrows():
