@@ -217,3 +217,51 @@ def test_stage_writes_outputs_and_logs_to_mlflow(tmp_path, monkeypatch):
     assert run.data.metrics["n_traced"] == 3
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "figures")]
     assert "figures/tracing_curve_mlp_w3.png" in artifacts
+
+
+def test_stage_with_both_corruptions_writes_str_rows_and_replacements(tmp_path, monkeypatch):
+    """trace.corruption=[gaussian,str] end to end: tracing_str rows beside the Gaussian ones,
+    the draw in str_replacements.json, STR figures, and noise.json still the Gaussian sigma."""
+    from locedit.pipeline import trace as stage
+    from locedit.pipeline.common import compose_params
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    model_dir = save_tiny(tmp_path / "tiny", "gpt2", n_layers=3)
+    params = compose_params(
+        "conf",
+        [
+            f"model.name={model_dir}",
+            f"paths.outputs={tmp_path / 'outputs'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+            "trace.windows=[3]",
+            "trace.noise_samples=2",
+            "trace.n_heatmaps=1",
+            "trace.corruption=[gaussian,str]",
+        ],
+    )
+    facts = [
+        FactRecord(f"c{i}", city, f"The city of {city} is in the country of", "France")
+        for i, city in enumerate(("Paris", "Rome", "London"))
+    ] + [FACTS[0]]  # Danielle Darrieux: no same-length subject in this pool
+    write_records(tmp_path / "outputs" / "filter" / "facts.jsonl", facts)
+    stage.run(params)
+    out = tmp_path / "outputs" / "trace"
+    table = pd.read_parquet(out / "effects.parquet")
+    assert set(table.method) == {"tracing", "tracing_str", "zeroing"}
+    assert table[table.method == "tracing_str"].fact_id.nunique() == 3
+    assert json.loads((out / "noise.json").read_text())["sigma"] > 0
+    replacements = json.loads((out / "str_replacements.json").read_text())
+    assert replacements["pool"]["n_subjects"] == 4 and replacements["seed"] == int(params.seed)
+    assert sorted(replacements["facts"]) == ["c0", "c1", "c2"]
+    for fact_id, draw in replacements["facts"].items():
+        own = next(f.subject for f in facts if f.fact_id == fact_id)
+        assert len(draw["subjects"]) == 2 and own not in draw["subjects"]
+    assert [s["fact_id"] for s in replacements["skipped"]] == ["f0"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_str_traced"] == 3 and summary["n_str_skipped"] == 1
+    assert summary["n_skipped"] == 0 and summary["corruption"] == ["gaussian", "str"]
+    grid = np.load(out / "grids" / "c0.npz")
+    assert "tracing_str_mlp_w3_p_restored" in grid and "tracing_mlp_w3_p_restored" in grid
+    figures = {p.name for p in (out / "figures").glob("*.png")}
+    assert {"tracing_str_curve_mlp_w3.png", "corruption_mlp_w3.png"} <= figures
+    assert "heatmap_str_c0_mlp_w3.png" in figures

@@ -55,8 +55,7 @@ def run(params: DictConfig) -> None:
     clean_temporary(out)
     clean_temporary(cache_dir(params), min_age_s=3600)  # shared by runs: spare live writers
     remove_outputs(
-        out / name
-        for name in ("effects.parquet", "skipped.json", "summary.json", STR_REPLACEMENTS)
+        out / name for name in ("effects.parquet", "skipped.json", "summary.json", STR_REPLACEMENTS)
     )
     for sub in ("grids", "figures"):
         _clear(out / sub)

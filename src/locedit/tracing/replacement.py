@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from locedit.data.records import FactRecord, RecordError
+from locedit.data.records import FactRecord
 from locedit.models.architecture import embedding_module
 from locedit.models.tokens import TokenizationError, encode_prompt
 from locedit.tracing.patching import SkipFact, TracingInput
@@ -90,7 +90,9 @@ class SubjectPool:
             groups: dict[int, list[PoolSubject]] = {}
             for candidate in self.subjects:
                 try:
-                    enc = encode_prompt(self.tokenizer, before + candidate.subject, candidate.subject)
+                    enc = encode_prompt(
+                        self.tokenizer, before + candidate.subject, candidate.subject
+                    )
                 except TokenizationError:
                     continue
                 groups.setdefault(enc.subject_end - enc.subject_start, []).append(candidate)
