@@ -165,22 +165,30 @@ def test_grids_and_figures(model, tok, tmp_path):
     assert summary["tracing.mlp.w3.peak_layer"] == int(curve.idxmax())
 
 
-def test_stage_writes_outputs_and_logs_to_mlflow(tmp_path, monkeypatch):
-    from locedit.pipeline import trace as stage
+def _stage_params(tmp_path, monkeypatch, overrides: list[str]):
+    """Params of a stage run on a saved tiny GPT-2 with outputs and MLflow under tmp_path."""
     from locedit.pipeline.common import compose_params
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     model_dir = save_tiny(tmp_path / "tiny", "gpt2", n_layers=3)
-    params = compose_params(
+    return compose_params(
         "conf",
         [
             f"model.name={model_dir}",
             f"paths.outputs={tmp_path / 'outputs'}",
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
-            "trace.windows=[3,1]",
-            "trace.noise_samples=2",
-            "trace.n_heatmaps=2",
+            *overrides,
         ],
+    )
+
+
+def test_stage_writes_outputs_and_logs_to_mlflow(tmp_path, monkeypatch):
+    from locedit.pipeline import trace as stage
+
+    params = _stage_params(
+        tmp_path,
+        monkeypatch,
+        ["trace.windows=[3,1]", "trace.noise_samples=2", "trace.n_heatmaps=2"],
     )
     write_records(
         tmp_path / "outputs" / "filter" / "facts.jsonl",
@@ -223,16 +231,11 @@ def test_stage_with_both_corruptions_writes_str_rows_and_replacements(tmp_path, 
     """trace.corruption=[gaussian,str] end to end: tracing_str rows beside the Gaussian ones,
     the draw in str_replacements.json, STR figures, and noise.json still the Gaussian sigma."""
     from locedit.pipeline import trace as stage
-    from locedit.pipeline.common import compose_params
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    model_dir = save_tiny(tmp_path / "tiny", "gpt2", n_layers=3)
-    params = compose_params(
-        "conf",
+    params = _stage_params(
+        tmp_path,
+        monkeypatch,
         [
-            f"model.name={model_dir}",
-            f"paths.outputs={tmp_path / 'outputs'}",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
             "trace.windows=[3]",
             "trace.noise_samples=2",
             "trace.n_heatmaps=1",

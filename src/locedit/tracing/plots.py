@@ -70,6 +70,12 @@ def _mean_ci(values: pd.Series) -> tuple[float, float]:
     return float(values.mean()), float(half)
 
 
+def _mean_band(part: pd.DataFrame, column: str, layers: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per layer, the mean of ``column`` and the half-width of its 95% interval."""
+    stats = [_mean_ci(part[part.layer == layer][column]) for layer in layers]
+    return np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
+
+
 def _usable(table: pd.DataFrame, method: str, kind: str) -> pd.DataFrame:
     part = table[(table.method == method) & (table.kind == kind)]
     return part[~part.low_denominator]
@@ -95,8 +101,7 @@ def plot_layer_curve(
     part = _usable(table, method, kind)
     part = part[part.window == window]
     layers = np.arange(n_layers)
-    stats = [_mean_ci(part[part.layer == layer].effect_max) for layer in layers]
-    mean, half = np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
+    mean, half = _mean_band(part, "effect_max", layers)
     peaks = peak_layers(part)
     share = np.bincount(peaks.to_numpy(dtype=int), minlength=n_layers)[:n_layers] / max(
         1, len(peaks)
@@ -142,9 +147,7 @@ def plot_corruption_comparison(
         (gauss, "Gaussian noise (paper §3.2)", "#4b3b8f"),
         (swap, "symmetric token replacement", "#d95f02"),
     ):
-        part = part[part.fact_id.isin(common)]
-        stats = [_mean_ci(part[part.layer == layer].effect_max) for layer in layers]
-        mean, half = np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
+        mean, half = _mean_band(part[part.fact_id.isin(common)], "effect_max", layers)
         ax.plot(layers, mean, marker="o", ms=3, color=colour, label=label)
         ax.fill_between(layers, mean - half, mean + half, color=colour, alpha=0.2)
     ax.set_xlabel("layer (centre of window)")
@@ -190,8 +193,7 @@ def plot_zeroing_curve(table: pd.DataFrame, kind: str, n_layers: int, path: Path
     for window in sorted(part.window.unique()):
         sub = part[part.window == window]
         for column, style in (("effect_max", "-"), ("effect_last_subject", "--")):
-            stats = [_mean_ci(sub[sub.layer == layer][column]) for layer in layers]
-            mean, half = np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
+            mean, half = _mean_band(sub, column, layers)
             label = "all subject tokens" if column == "effect_max" else "last subject token"
             ax.plot(layers, mean, style, marker="o", ms=3, label=f"window {window}, {label}")
             ax.fill_between(layers, mean - half, mean + half, alpha=0.15)
