@@ -248,3 +248,12 @@ def test_str_effects_are_reproducible_per_seed(models, tok):
     assert {k: v.subjects for k, v in other.replacements.items()} != {
         k: v.subjects for k, v in first.replacements.items()
     }
+
+
+def test_runner_reference_path_gives_the_fast_paths_str_effects(models, tok):
+    model = models["gpt2"]
+    common = {"windows": (3,), "noise_samples": 2, "corruption": ("str",), "zeroing": False}
+    fast = _run(model, tok, FACTS[:2], TraceSettings(fast=True, **common)).table()
+    ref = _run(model, tok, FACTS[:2], TraceSettings(fast=False, **common)).table()
+    assert set(ref.method) == {STR_METHOD}
+    np.testing.assert_allclose(ref.effect_max, fast.effect_max, rtol=1e-7, atol=1e-9)
