@@ -247,6 +247,9 @@ def test_stage_with_both_corruptions_writes_str_rows_and_replacements(tmp_path, 
         for i, city in enumerate(("Paris", "Rome", "London"))
     ] + [FACTS[0]]  # Danielle Darrieux: no same-length subject in this pool
     write_records(tmp_path / "outputs" / "filter" / "facts.jsonl", facts)
+    # The pool is the prepared data set (trace.str_pool: prepare), a superset of the facts.
+    extra = [FactRecord("x0", "Tokyo", "The city of Tokyo is in the country of", "Japan")]
+    write_records(tmp_path / "outputs" / "prepare" / "facts.jsonl", facts + extra)
     stage.run(params)
     out = tmp_path / "outputs" / "trace"
     table = pd.read_parquet(out / "effects.parquet")
@@ -254,7 +257,8 @@ def test_stage_with_both_corruptions_writes_str_rows_and_replacements(tmp_path, 
     assert table[table.method == "tracing_str"].fact_id.nunique() == 3
     assert json.loads((out / "noise.json").read_text())["sigma"] > 0
     replacements = json.loads((out / "str_replacements.json").read_text())
-    assert replacements["pool"]["n_subjects"] == 4 and replacements["seed"] == int(params.seed)
+    assert replacements["pool"]["n_subjects"] == 5 and replacements["seed"] == int(params.seed)
+    assert replacements["pool"]["source"] == "outputs/prepare/facts.jsonl"
     assert sorted(replacements["facts"]) == ["c0", "c1", "c2"]
     for fact_id, draw in replacements["facts"].items():
         own = next(f.subject for f in facts if f.fact_id == fact_id)

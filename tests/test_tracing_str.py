@@ -178,6 +178,9 @@ def test_parse_corruption():
         parse_corruption(["resample"])
     with pytest.raises(ValueError, match="corruption"):
         TraceSettings(corruption=())
+    assert TraceSettings.from_config({}).str_pool == "prepare"
+    with pytest.raises(ValueError, match="str_pool"):
+        TraceSettings(str_pool="everything")
 
 
 def _run(model, tok, facts, settings, cache=None, seed=0):

@@ -1,6 +1,6 @@
 """Stage `trace`: Causal Tracing and representation zeroing of the filtered facts.
 
-Reads outputs/filter/facts.jsonl; writes outputs/trace/noise.json, effects.parquet (one row
+Reads outputs/filter/facts.jsonl (and, for STR's pool, outputs/prepare/facts.jsonl); writes outputs/trace/noise.json, effects.parquet (one row
 per fact x method x kind x window x layer), grids/ (per-fact arrays), figures/ (PNG),
 skipped.json and summary.json; logs params, summary metrics and figures to MLflow. With
 ``trace.corruption`` including ``str`` (symmetric token replacement, Zhang & Nanda 2024) its
@@ -77,7 +77,7 @@ def run(params: DictConfig) -> None:
         "trace": to_container(params.trace),
         "seed": int(params.seed),
     }
-    pool = SubjectPool.from_records(tokenizer, records) if settings.uses_str else None
+    pool = str_pool(params, settings, tokenizer, records) if settings.uses_str else None
     with stage_run("trace", logged, params.mlflow):
         result = trace_records(
             model,
@@ -118,6 +118,15 @@ def run(params: DictConfig) -> None:
         f"{summary['n_low_denominator']} flagged for a "
         f"small p_clean - p_noised; sigma {noise.sigma:.4g}; {len(figures)} figures in {out / 'figures'}"
     )
+
+
+def str_pool(params: DictConfig, settings: TraceSettings, tokenizer, records) -> SubjectPool:
+    """The STR candidates: the prepared data set's subjects (``trace.str_pool: prepare``, the
+    default: outputs/prepare/facts.jsonl, a superset of the traced facts) or the traced facts'."""
+    if settings.str_pool == "filter":
+        return SubjectPool.from_records(tokenizer, records, "outputs/filter/facts.jsonl")
+    path = Path(params.paths.outputs) / "prepare" / "facts.jsonl"
+    return SubjectPool.from_records(tokenizer, read_records(path), "outputs/prepare/facts.jsonl")
 
 
 #: The STR draw of every fact (outputs/trace/), written when trace.corruption includes str.

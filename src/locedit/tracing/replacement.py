@@ -13,7 +13,8 @@ replacement's own embedding output (to float rounding), whatever the module does
 lookup (Gemma's scaled embedding) and whatever the model adds after it (GPT-2's position
 embeddings, which are equal for equal positions).
 
-The draw for a fact depends only on the run seed, the fact (id and text), the pool and the
+The pool is the prepared data set's subjects by default (``trace.str_pool``). The draw for a
+fact depends only on the run seed, the fact (id and text), the pool and the
 tokenizer: candidates are ranked by a hash of (seed, fact id, candidate subject), so facts
 can be processed in any order and adding a subject to the pool never reshuffles the others.
 """
@@ -56,29 +57,39 @@ class PoolSubject:
 
 
 class SubjectPool:
-    """The candidate replacement subjects: the distinct subjects of the run's facts
-    (outputs/filter/facts.jsonl), sorted by string.
+    """The candidate replacement subjects: the distinct subjects of a set of facts (the stage
+    uses the prepared data set, outputs/prepare, or the traced facts, outputs/filter), sorted
+    by string.
 
     Token counts depend on what precedes a subject (GPT-2 marks a leading space, a prompt's
     first word has none), so candidates are grouped by their token count after the character
     that precedes the fact's subject; every grouping is computed once per such character.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, subjects: Sequence[PoolSubject]):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        subjects: Sequence[PoolSubject],
+        source: str = "the traced facts",
+    ):
         self.tokenizer = tokenizer
+        self.source = source
         self.subjects = tuple(sorted(subjects, key=lambda s: s.subject))
         self._by_length: dict[str, dict[int, list[PoolSubject]]] = {}
 
     @classmethod
     def from_records(
-        cls, tokenizer: PreTrainedTokenizerBase, records: Iterable[FactRecord]
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        records: Iterable[FactRecord],
+        source: str = "the traced facts",
     ) -> SubjectPool:
         """Distinct non-empty subject strings; the first fact id in sorted order names each."""
         chosen: dict[str, PoolSubject] = {}
         for record in sorted(records, key=lambda r: r.fact_id):
             if record.subject and record.subject.strip() and record.subject not in chosen:
                 chosen[record.subject] = PoolSubject(record.subject, record.fact_id)
-        return cls(tokenizer, list(chosen.values()))
+        return cls(tokenizer, list(chosen.values()), source)
 
     def __len__(self) -> int:
         return len(self.subjects)
@@ -106,7 +117,7 @@ class SubjectPool:
 
     def to_json(self) -> dict:
         return {
-            "source": "distinct subjects of the run's facts (outputs/filter/facts.jsonl)",
+            "source": self.source,
             "n_subjects": len(self),
             "digest": self.digest(),
         }

@@ -30,6 +30,10 @@ from locedit.tracing.zeroing import zero_fact
 
 log = logging.getLogger(__name__)
 
+#: Sources of the STR pool: the prepared data set's subjects (outputs/prepare, a superset of the
+#: traced facts) or only the traced facts' (outputs/filter).
+STR_POOLS = ("prepare", "filter")
+
 #: Columns of outputs/trace/effects.parquet, in order.
 TABLE_COLUMNS = list(EFFECT_TABLE_COLUMNS)
 
@@ -45,8 +49,13 @@ class TraceSettings:
     zeroing: bool = True
     fast: bool = True
     corruption: tuple[str, ...] = ("gaussian",)
+    str_pool: str = "prepare"  # where STR replacement subjects come from: prepare | filter
 
     def __post_init__(self) -> None:
+        if self.str_pool not in STR_POOLS:
+            raise ValueError(
+                f"trace.str_pool must be one of {list(STR_POOLS)}, got {self.str_pool!r}"
+            )
         bad = [c for c in self.corruption if c not in CORRUPTIONS]
         if bad or not self.corruption:
             raise ValueError(
@@ -71,6 +80,7 @@ class TraceSettings:
             zeroing=bool(cfg.get("zeroing", True)),
             fast=bool(cfg.get("fast", True)),
             corruption=parse_corruption(cfg.get("corruption", "gaussian")),
+            str_pool=str(cfg.get("str_pool", "prepare")),
         )
 
     @property
