@@ -218,6 +218,10 @@ def test_runner_traces_both_corruptions_with_separate_cached_keys(models, tok, t
     assert str_tracing_key("tiny", FACTS[0], "mlp", 1, draw.subjects, 0) != tracing_key(
         "tiny", FACTS[0], "mlp", 1, 2, 0.5, 0
     )
+    other = tuple(reversed(draw.subjects))
+    assert str_tracing_key("tiny", FACTS[0], "mlp", 1, other, 0) != str_tracing_key(
+        "tiny", FACTS[0], "mlp", 1, draw.subjects, 0
+    )  # another draw (seed or pool), another key
     # A rerun comes from the cache, STR results included, with identical numbers.
     again = _run(model, tok, facts, settings, cache)
     assert again.n_computed == 0 and again.n_cached == 5
