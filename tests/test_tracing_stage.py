@@ -165,22 +165,30 @@ def test_grids_and_figures(model, tok, tmp_path):
     assert summary["tracing.mlp.w3.peak_layer"] == int(curve.idxmax())
 
 
-def test_stage_writes_outputs_and_logs_to_mlflow(tmp_path, monkeypatch):
-    from locedit.pipeline import trace as stage
+def _stage_params(tmp_path, monkeypatch, overrides: list[str]):
+    """Params of a stage run on a saved tiny GPT-2 with outputs and MLflow under tmp_path."""
     from locedit.pipeline.common import compose_params
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     model_dir = save_tiny(tmp_path / "tiny", "gpt2", n_layers=3)
-    params = compose_params(
+    return compose_params(
         "conf",
         [
             f"model.name={model_dir}",
             f"paths.outputs={tmp_path / 'outputs'}",
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
-            "trace.windows=[3,1]",
-            "trace.noise_samples=2",
-            "trace.n_heatmaps=2",
+            *overrides,
         ],
+    )
+
+
+def test_stage_writes_outputs_and_logs_to_mlflow(tmp_path, monkeypatch):
+    from locedit.pipeline import trace as stage
+
+    params = _stage_params(
+        tmp_path,
+        monkeypatch,
+        ["trace.windows=[3,1]", "trace.noise_samples=2", "trace.n_heatmaps=2"],
     )
     write_records(
         tmp_path / "outputs" / "filter" / "facts.jsonl",
@@ -217,3 +225,50 @@ def test_stage_writes_outputs_and_logs_to_mlflow(tmp_path, monkeypatch):
     assert run.data.metrics["n_traced"] == 3
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "figures")]
     assert "figures/tracing_curve_mlp_w3.png" in artifacts
+
+
+def test_stage_with_both_corruptions_writes_str_rows_and_replacements(tmp_path, monkeypatch):
+    """trace.corruption=[gaussian,str] end to end: tracing_str rows beside the Gaussian ones,
+    the draw in str_replacements.json, STR figures, and noise.json still the Gaussian sigma."""
+    from locedit.pipeline import trace as stage
+
+    params = _stage_params(
+        tmp_path,
+        monkeypatch,
+        [
+            "trace.windows=[3]",
+            "trace.noise_samples=2",
+            "trace.n_heatmaps=1",
+            "trace.corruption=[gaussian,str]",
+        ],
+    )
+    facts = [
+        FactRecord(f"c{i}", city, f"The city of {city} is in the country of", "France")
+        for i, city in enumerate(("Paris", "Rome", "London"))
+    ] + [FACTS[0]]  # Danielle Darrieux: no same-length subject in this pool
+    write_records(tmp_path / "outputs" / "filter" / "facts.jsonl", facts)
+    # The pool is the prepared data set (trace.str_pool: prepare), a superset of the facts.
+    extra = [FactRecord("x0", "Tokyo", "The city of Tokyo is in the country of", "Japan")]
+    write_records(tmp_path / "outputs" / "prepare" / "facts.jsonl", facts + extra)
+    stage.run(params)
+    out = tmp_path / "outputs" / "trace"
+    table = pd.read_parquet(out / "effects.parquet")
+    assert set(table.method) == {"tracing", "tracing_str", "zeroing"}
+    assert table[table.method == "tracing_str"].fact_id.nunique() == 3
+    assert json.loads((out / "noise.json").read_text())["sigma"] > 0
+    replacements = json.loads((out / "str_replacements.json").read_text())
+    assert replacements["pool"]["n_subjects"] == 5 and replacements["seed"] == int(params.seed)
+    assert replacements["pool"]["source"] == "outputs/prepare/facts.jsonl"
+    assert sorted(replacements["facts"]) == ["c0", "c1", "c2"]
+    for fact_id, draw in replacements["facts"].items():
+        own = next(f.subject for f in facts if f.fact_id == fact_id)
+        assert len(draw["subjects"]) == 2 and own not in draw["subjects"]
+    assert [s["fact_id"] for s in replacements["skipped"]] == ["f0"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_str_traced"] == 3 and summary["n_str_skipped"] == 1
+    assert summary["n_skipped"] == 0 and summary["corruption"] == ["gaussian", "str"]
+    grid = np.load(out / "grids" / "c0.npz")
+    assert "tracing_str_mlp_w3_p_restored" in grid and "tracing_mlp_w3_p_restored" in grid
+    figures = {p.name for p in (out / "figures").glob("*.png")}
+    assert {"tracing_str_curve_mlp_w3.png", "corruption_mlp_w3.png"} <= figures
+    assert "heatmap_str_c0_mlp_w3.png" in figures

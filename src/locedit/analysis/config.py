@@ -17,17 +17,29 @@ SCORE_COLUMNS = (
 )
 
 
+#: How a trace ``method`` of outputs/trace/effects.parquet reads in labels.
+METHOD_WHAT = {
+    "tracing": "causal tracing",
+    "tracing_str": "causal tracing with symmetric token replacement",
+    "zeroing": "representation zeroing",
+}
+
+#: The robustness variants ``analysis.variants`` may name (``str``: the same tracing with
+#: symmetric token replacement instead of Gaussian noise, Zhang & Nanda 2024).
+VARIANTS = ("last_subject", "zeroing", "windows", "concentrated", "str")
+
+
 @dataclass(frozen=True)
 class TraceSpec:
     """Which localization effect is the regressor ``trace`` (paper §4.1: max over tokens, window 5)."""
 
-    method: str = "tracing"  # tracing | zeroing
+    method: str = "tracing"  # tracing | tracing_str (symmetric token replacement) | zeroing
     kind: str = "mlp"  # mlp | attn | resid
     window: int = 5
     statistic: str = "effect_max"  # effect_max | effect_last_subject
 
     def label(self) -> str:
-        what = "representation zeroing" if self.method == "zeroing" else "causal tracing"
+        what = METHOD_WHAT.get(self.method, self.method)
         token = (
             "last subject token" if self.statistic == "effect_last_subject" else "max over tokens"
         )
@@ -85,7 +97,7 @@ class AnalysisConfig:
         "overall_score",
     )
     trace: TraceSpec = field(default_factory=TraceSpec)
-    variants: tuple[str, ...] = ("last_subject", "zeroing", "windows", "concentrated")
+    variants: tuple[str, ...] = VARIANTS
     main_dataset: str | None = "counterfact"
     drop_low_denominator: bool = True
     trace_regressor: str = "fraction"  # fraction | reference_code (analysis.data.TRACE_REGRESSORS)
@@ -114,10 +126,9 @@ class AnalysisConfig:
             )
         if self.score_floor not in ("none", "reference_code"):
             raise ValueError(f"analysis.score_floor {self.score_floor!r}: none | reference_code")
-        allowed = {"last_subject", "zeroing", "windows", "concentrated"}
-        unknown = set(self.variants) - allowed
+        unknown = set(self.variants) - set(VARIANTS)
         if unknown:
-            raise ValueError(f"analysis.variants {sorted(unknown)} not among {sorted(allowed)}")
+            raise ValueError(f"analysis.variants {sorted(unknown)} not among {sorted(VARIANTS)}")
 
     @classmethod
     def from_params(cls, analysis: Mapping[str, Any] | None, seed: int = 0) -> AnalysisConfig:

@@ -102,6 +102,16 @@ def _figs06_12_r2(an: Analysis, directory: Path) -> Drawn:
         )
     else:
         notes.append("Fig. 6 skipped: no rewrite-score regressions.")
+    str_rewrite = _regression_slice(an, "str", "rewrite_score") if "str" in an.variants else None
+    if str_rewrite is not None and not str_rewrite.empty:
+        paths.append(
+            r2_bars(
+                str_rewrite,
+                directory / "fig_str_r2_layer_vs_trace.png",
+                "R² of rewrite score, edit layer vs. layer + tracing effect "
+                "(symmetric token replacement)",
+            )
+        )
     for name in an.variants:
         if name.startswith("window_"):
             part = _regression_slice(an, name, "rewrite_score")

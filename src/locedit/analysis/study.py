@@ -139,7 +139,28 @@ def build_variants(
                 )
         elif name == "concentrated":
             variants[name] = Variant(name, cfg.trace, subset="concentrated", paper="Table 2")
+        elif name == "str":
+            variant, note = _str_variant(effects, cfg.trace)
+            if variant is not None:
+                variants[name] = variant
+            if note:
+                notes.append(note)
     return variants, notes
+
+
+def _str_variant(effects: pd.DataFrame, spec: TraceSpec) -> tuple[Variant | None, str | None]:
+    """The main regressor with symmetric token replacement (Zhang & Nanda 2024) instead of
+    Gaussian noise, when the trace stage ran with ``trace.corruption`` including ``str``."""
+    if spec.method != "tracing":
+        return None, None  # already STR, or zeroing: no noise to swap
+    str_spec = replace(spec, method="tracing_str")
+    if trace_table(effects, str_spec).empty:
+        return None, (
+            "STR variant skipped: effects.parquet has no symmetric-token-replacement rows "
+            f"(tracing_str, {spec.kind}, window {spec.window}); trace with "
+            "trace.corruption=[gaussian,str] to compare the corruptions."
+        )
+    return Variant("str", str_spec, paper="beyond the paper: Zhang & Nanda 2024"), None
 
 
 def _seed(base: int, *key: object) -> int:

@@ -1,5 +1,6 @@
 """The paper's tracing figures: per-fact heatmap (Fig. 2), layer curve (Fig. 1 style),
-window-size comparison (Figs. 10-11) and the zeroing curve (App. B)."""
+window-size comparison (Figs. 10-11), the zeroing curve (App. B), and Gaussian noise vs.
+symmetric token replacement (Zhang & Nanda 2024) when both corruptions were traced."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from locedit.tracing.replacement import STR_METHOD  # noqa: E402
 from locedit.tracing.results import TraceResult  # noqa: E402
 
 KIND_LABEL = {"mlp": "MLP", "attn": "attention", "resid": "residual stream"}
@@ -45,8 +47,9 @@ def plot_fact_heatmap(result: TraceResult, path: Path) -> Path:
     ax.tick_params(axis="x", labelsize=7)
     ax.set_xlabel(f"centre of restored {KIND_LABEL[result.kind]} layers (window {result.window})")
     flag = "  [low p_clean - p_noised]" if result.low_denominator else ""
+    swap = " (symmetric token replacement)" if result.method == STR_METHOD else ""
     ax.set_title(
-        f"Causal Tracing, fact {result.fact_id}{flag}\n"
+        f"Causal Tracing{swap}, fact {result.fact_id}{flag}\n"
         f"p(o|s,r) = {result.p_clean:.3g}, p(o|s_noise,r) = {result.p_noised:.3g}",
         fontsize=9,
     )
@@ -67,6 +70,12 @@ def _mean_ci(values: pd.Series) -> tuple[float, float]:
     return float(values.mean()), float(half)
 
 
+def _mean_band(part: pd.DataFrame, column: str, layers: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per layer, the mean of ``column`` and the half-width of its 95% interval."""
+    stats = [_mean_ci(part[part.layer == layer][column]) for layer in layers]
+    return np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
+
+
 def _usable(table: pd.DataFrame, method: str, kind: str) -> pd.DataFrame:
     part = table[(table.method == method) & (table.kind == kind)]
     return part[~part.low_denominator]
@@ -80,14 +89,19 @@ def peak_layers(part: pd.DataFrame) -> pd.Series:
 
 
 def plot_layer_curve(
-    table: pd.DataFrame, kind: str, window: int, n_layers: int, path: Path
+    table: pd.DataFrame,
+    kind: str,
+    window: int,
+    n_layers: int,
+    path: Path,
+    method: str = "tracing",
 ) -> Path:
-    """Fig. 1 style: share of facts peaking at each layer, and the mean effect with a 95% band."""
-    part = _usable(table, "tracing", kind)
+    """Fig. 1 style: share of facts peaking at each layer, and the mean effect with a 95% band
+    (``method`` ``tracing_str``: the same for symmetric token replacement)."""
+    part = _usable(table, method, kind)
     part = part[part.window == window]
     layers = np.arange(n_layers)
-    stats = [_mean_ci(part[part.layer == layer].effect_max) for layer in layers]
-    mean, half = np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
+    mean, half = _mean_band(part, "effect_max", layers)
     peaks = peak_layers(part)
     share = np.bincount(peaks.to_numpy(dtype=int), minlength=n_layers)[:n_layers] / max(
         1, len(peaks)
@@ -109,11 +123,40 @@ def plot_layer_curve(
         min(0.0, np.nanmin(mean - half) if len(part) else 0.0),
         max(1.0, np.nanmax(mean + half) if len(part) else 1.0),
     )
+    what = "symmetric token replacement" if method == STR_METHOD else "Gaussian noise"
     ax.set_title(
-        f"Causal Tracing of {KIND_LABEL[kind]} outputs, window {window} ({len(peaks)} facts)",
+        f"Causal Tracing of {KIND_LABEL[kind]} outputs, window {window}, {what} "
+        f"({len(peaks)} facts)",
         fontsize=10,
     )
     ax.legend(fontsize=7, loc="upper right")
+    return _save(fig, path)
+
+
+def plot_corruption_comparison(
+    table: pd.DataFrame, kind: str, window: int, n_layers: int, path: Path
+) -> Path:
+    """Mean tracing effect by layer under Gaussian noise and under symmetric token replacement,
+    each with its 95% band, on the facts both traced (and neither flagged)."""
+    gauss, swap = _usable(table, "tracing", kind), _usable(table, STR_METHOD, kind)
+    gauss, swap = gauss[gauss.window == window], swap[swap.window == window]
+    common = set(gauss.fact_id) & set(swap.fact_id)
+    layers = np.arange(n_layers)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for part, label, colour in (
+        (gauss, "Gaussian noise (paper §3.2)", "#4b3b8f"),
+        (swap, "symmetric token replacement", "#d95f02"),
+    ):
+        mean, half = _mean_band(part[part.fact_id.isin(common)], "effect_max", layers)
+        ax.plot(layers, mean, marker="o", ms=3, color=colour, label=label)
+        ax.fill_between(layers, mean - half, mean + half, color=colour, alpha=0.2)
+    ax.set_xlabel("layer (centre of window)")
+    ax.set_ylabel("mean tracing effect (max over tokens)")
+    ax.set_title(
+        f"Corruption: {KIND_LABEL[kind]} tracing, window {window} ({len(common)} facts)",
+        fontsize=10,
+    )
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -150,8 +193,7 @@ def plot_zeroing_curve(table: pd.DataFrame, kind: str, n_layers: int, path: Path
     for window in sorted(part.window.unique()):
         sub = part[part.window == window]
         for column, style in (("effect_max", "-"), ("effect_last_subject", "--")):
-            stats = [_mean_ci(sub[sub.layer == layer][column]) for layer in layers]
-            mean, half = np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
+            mean, half = _mean_band(sub, column, layers)
             label = "all subject tokens" if column == "effect_max" else "last subject token"
             ax.plot(layers, mean, style, marker="o", ms=3, label=f"window {window}, {label}")
             ax.fill_between(layers, mean - half, mean + half, alpha=0.15)
