@@ -207,3 +207,55 @@ def test_option_off_leaves_rows_and_keys_unchanged(tmp_path):
     assert not list((off.out_dir / "pre").glob("*-nkl-*"))
     table = edit_stage.with_optional_columns(results_table(ResultStore(off.out_dir).rows()))
     assert table["neighborhood_kl"].isna().all()
+
+
+def _synthetic_analysis(with_kl: bool):
+    import numpy as np
+
+    from locedit.analysis import AnalysisConfig, analyze
+    from locedit.analysis.synthetic import synthetic_effects, synthetic_results
+
+    effects = synthetic_effects(n_facts=8, n_model_layers=6, windows=(5,), seed=1)
+    results = synthetic_results(effects, (1, 4), methods=("rome", "ft1"), seed=2)
+    if with_kl:
+        rng = np.random.default_rng(0)
+        results["neighborhood_kl"] = rng.uniform(0.0, 0.5, len(results))
+    else:
+        results["neighborhood_kl"] = float("nan")
+    config = AnalysisConfig(bootstrap_samples=0, variants=(), mixed_effects=False)
+    return analyze(effects, results, config), results
+
+
+def test_analysis_reports_the_kl_beside_the_neighbourhood_score():
+    from locedit.analysis import mlflow_metrics
+    from locedit.analysis.tables import all_tables
+
+    an, results = _synthetic_analysis(with_kl=True)
+    tables, _ = all_tables(an)
+    table = next(t for t in tables if t.name == "neighborhood_kl")
+    ok = results[(results.status == "ok") & (results.method == "rome") & (results.layer == 4)]
+    row = table.frame[(table.frame["Method"] == "ROME (1 layer)") & (table.frame["Layer"] == 4)]
+    assert float(row["Neighborhood KL (lower better)"].iloc[0]) == pytest.approx(
+        ok.neighborhood_kl.mean()
+    )
+    assert float(row["Neighborhood Score (higher better)"].iloc[0]) == pytest.approx(
+        ok.neighborhood_score.mean()
+    )
+    assert "Neighborhood KL" in table.to_markdown()
+    metrics = mlflow_metrics(an)
+    ok_rome = results[(results.status == "ok") & (results.method == "rome")]
+    key = f"specificity.{an.main_dataset}.error_injection.rome.neighborhood_kl"
+    assert metrics[key] == pytest.approx(ok_rome.neighborhood_kl.mean())
+    # the KL is never regressed (analysis.metrics holds scores only)
+    assert "neighborhood_kl" not in set(an.regressions["metric"])
+
+
+def test_analysis_without_kl_skips_its_table_with_a_note():
+    from locedit.analysis import mlflow_metrics
+    from locedit.analysis.tables import all_tables
+
+    an, _ = _synthetic_analysis(with_kl=False)
+    tables, notes = all_tables(an)
+    assert all(t.name != "neighborhood_kl" for t in tables)
+    assert any(n.startswith("Neighbourhood KL table skipped") for n in notes)
+    assert not any(k.startswith("specificity.") for k in mlflow_metrics(an))
