@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
                     Path(work) / name, CorpusSpec(n_samples=args.corpus_samples, sample_length=32), tok
                 )
             elif model is not base:  # read the float32 model's statistics and templates
-                store._fingerprints[model] = store.fingerprint(base)
+                store.share_statistics(model, base)
             edits[name] = {}
             for method in ("rome", "memit"):
                 layer = default_layer(method, total)

@@ -168,6 +168,26 @@ def test_stage_writes_reports_and_logs_them_into_the_sweep_run(tmp_path, tables,
     point = trace[(trace["series"] == "tracing mlp w3") & (trace["layer"] == 2)].iloc[0]
     assert point["effect"] == pytest.approx(np.mean(sel["effect_max"]), rel=1e-5)
 
+    # the random-location baseline (issue 21.4): table, figure, metrics.json, MLflow, summary
+    baseline = pd.read_csv(reports / "tables" / "random_baseline.csv")
+    assert set(baseline["Metric"]) == {"Rewrite Score", "Overall Score"}
+    assert len(baseline) == 2 * 2 * 2  # methods x problems x metrics, main dataset only
+    assert (reports / "figures" / "random_baseline.png").exists()
+    assert "## Random-location baseline" in summary
+    rb = metrics["random_baseline"]["error_injection"]["rome"]["rewrite_score"]
+    rome_ei = baseline[
+        (baseline["Method"] == "ROME (1 layer)")
+        & (baseline["Editing Problem"] == "Error Injection")
+        & (baseline["Metric"] == "Rewrite Score")
+    ].iloc[0]
+    assert rb["diff"] == pytest.approx(rome_ei["Tracing − random"], abs=1e-6)
+    assert rb["n_facts"] == rome_ei["Facts"] <= 9  # the low-denominator fact is out
+    key = "random_baseline.counterfact.error_injection.rome.rewrite_score"
+    assert run.data.metrics[f"{key}.tracing"] == pytest.approx(rome_ei["Tracing-chosen"])
+    assert run.data.metrics["random_baseline.error_injection.rome.rewrite_score.p_random"] == (
+        pytest.approx(rb["p_random"], abs=1e-6)
+    )
+
 
 def test_without_a_sweep_run_file_the_analysis_gets_a_fresh_run(tmp_path, tables, tracking_uri):
     import mlflow
@@ -193,7 +213,16 @@ def test_tables_follow_the_paper_layout_and_skip_with_notes(tables):
     an = analyze(effects, results[results["dataset"] == "counterfact"], cfg)
     made, notes = all_tables(an)
     names = [t.name for t in made]
-    assert names == ["table1", "table2", "table3", "table4", "table5", "table6", "table7"]
+    assert names == [
+        "table1",
+        "table2",
+        "table3",
+        "table4",
+        "table5",
+        "table6",
+        "table7",
+        "random_baseline",
+    ]
     assert any(n.startswith("Table 8 skipped") for n in notes)
     table3 = next(t for t in made if t.name == "table3")
     assert list(table3.frame.columns[:7]) == [

@@ -105,6 +105,23 @@ def test_store_caches_by_model_corpus_layer_count_and_dtype(tmp_path, tok, model
     assert store.path(tiny_model("gpt2", n_layers=3, seed=1), 1) != path
 
 
+def test_a_dtype_copy_can_share_the_statistics_of_its_source(tmp_path, tok, model, monkeypatch):
+    import copy
+
+    import locedit.editing.covariance as covariance
+
+    spec = CorpusSpec(n_samples=4, sample_length=8, batch_size=2)
+    store = CovarianceStore(tmp_path, spec, tok)
+    first = store.get(model, 1)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert store.path(half, 1) != store.path(model, 1)  # other weights, other key
+    fresh = CovarianceStore(tmp_path, spec, tok)
+    fresh.share_statistics(half, model)
+    monkeypatch.setattr(covariance, "second_moments", lambda *a, **k: pytest.fail("recomputed"))
+    assert fresh.path(half, 1) == store.path(model, 1)
+    assert torch.equal(fresh.get(half, 1), first)
+
+
 def test_missing_statistics_without_tokenizer_say_what_to_run(tmp_path, model):
     with pytest.raises(FileNotFoundError, match="locedit run stats"):
         CovarianceStore(tmp_path).get(model, 0)

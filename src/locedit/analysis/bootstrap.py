@@ -26,6 +26,13 @@ def draw_facts(n_facts: int, rng: np.random.Generator) -> np.ndarray:
     return rng.integers(0, n_facts, size=n_facts)
 
 
+def fact_counts(n_facts: int, n_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """How often each fact is drawn in each of ``n_samples`` bootstrap samples (samples x facts)."""
+    return np.stack(
+        [np.bincount(draw_facts(n_facts, rng), minlength=n_facts) for _ in range(n_samples)]
+    ).astype(float)
+
+
 def resample_facts(fact_ids: np.ndarray | pd.Series, rng: np.random.Generator) -> np.ndarray:
     """Row indices of one bootstrap sample: facts drawn with replacement, each with all its rows.
 
@@ -93,9 +100,7 @@ def bootstrap_draws(
     )  # R² is unchanged by a shift of y (every model has an intercept); less cancellation
     rng = np.random.default_rng(seed)
     n_facts = len(uniques)
-    counts = np.stack(
-        [np.bincount(draw_facts(n_facts, rng), minlength=n_facts) for _ in range(n_samples)]
-    ).astype(float)
+    counts = fact_counts(n_facts, n_samples, rng)
     r2 = {
         name: _r2_from_moments(_fact_moments(x, y, codes, n_facts), counts)
         for name, x in mats.items()

@@ -46,6 +46,35 @@ class TraceSpec:
 
 
 @dataclass(frozen=True)
+class RandomBaselineSpec:
+    """The random-location baseline (beyond the paper; Wang & Veitch 2025, arXiv 2502.11447):
+    edit success at the tracing-chosen, the default and a random edited layer per fact."""
+
+    enabled: bool = True
+    draws: int = 1000  # random layer assignments (Monte-Carlo check and p-value)
+    metrics: tuple[str, ...] | None = ("rewrite_score", "overall_score")  # None: analysis.metrics
+
+    def __post_init__(self) -> None:
+        if self.draws < 1:
+            raise ValueError("analysis.random_baseline.draws must be >= 1")
+        bad = [m for m in self.metrics or () if m not in SCORE_COLUMNS]
+        if bad:
+            raise ValueError(
+                f"analysis.random_baseline.metrics {bad} not among {list(SCORE_COLUMNS)}"
+            )
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> RandomBaselineSpec:
+        cfg = dict(cfg or {})
+        unknown = set(cfg) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown analysis.random_baseline keys: {sorted(unknown)}")
+        if cfg.get("metrics") is not None:
+            cfg["metrics"] = tuple(cfg["metrics"])
+        return cls(**cfg)
+
+
+@dataclass(frozen=True)
 class AnalysisConfig:
     """Everything the analyze stage reads; see conf/analysis/default.yaml for the meaning of each."""
 
@@ -69,6 +98,7 @@ class AnalysisConfig:
     figure_layer: int | None = None
     seed: int = 0
     log_mlflow: bool = True
+    random_baseline: RandomBaselineSpec = field(default_factory=RandomBaselineSpec)
 
     def __post_init__(self) -> None:
         bad = [m for m in self.metrics if m not in SCORE_COLUMNS]
@@ -100,6 +130,8 @@ class AnalysisConfig:
         cfg.setdefault("seed", seed)
         if "trace" in cfg:
             cfg["trace"] = TraceSpec.from_mapping(cfg["trace"])
+        if "random_baseline" in cfg:
+            cfg["random_baseline"] = RandomBaselineSpec.from_mapping(cfg["random_baseline"])
         for key in ("metrics", "variants"):
             if key in cfg:
                 cfg[key] = tuple(cfg[key])

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from locedit.analysis.baseline_figure import random_baseline_figure
 from locedit.analysis.data import join_trace, trace_table
 from locedit.analysis.labels import method_label, metric_label, problem_label
 from locedit.analysis.plots import (
@@ -286,6 +287,7 @@ FIGURES: tuple[Callable[[Analysis, Path], Drawn], ...] = (
     _figs07_09_scores_by_layer,
     _fig14_rome_unscaled,
     _figs15_22_per_layer,
+    random_baseline_figure,  # beyond the paper
 )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from locedit.analysis.random_baseline import metrics_tree
 from locedit.analysis.study import MAIN, Analysis
 from locedit.tracking import dotted
 
@@ -135,7 +136,7 @@ def write_dvc_files(
     """
     plots = directory / PLOTS_DIR
     plots.mkdir(parents=True, exist_ok=True)
-    metrics = headline_metrics(an, seconds)
+    metrics = {**headline_metrics(an, seconds), **metrics_tree(an.random_baseline)}
     (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     rewrite_curve(an).to_csv(plots / REWRITE_CURVE, index=False, float_format="%.6g")
     trace_curve(an).to_csv(plots / TRACE_CURVE, index=False, float_format="%.6g")

@@ -30,6 +30,7 @@ from locedit.analysis.data import (
     trace_table,
 )
 from locedit.analysis.labels import method_rank, problem_rank
+from locedit.analysis.random_baseline import RandomBaseline, model_depth, random_baseline
 from locedit.analysis.regression import (
     Design,
     fit_regressions,
@@ -73,6 +74,7 @@ class Analysis:
     results: pd.DataFrame
     effects: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    random_baseline: RandomBaseline | None = None  # None: analysis.random_baseline.enabled false
 
     def regression(
         self, variant: str, dataset: str | None, method: str, problem: str, metric: str
@@ -203,6 +205,16 @@ def analyze(effects: pd.DataFrame, results: pd.DataFrame, cfg: AnalysisConfig) -
         reports[name] = report
 
     regressions, correlations = _fit_all(joined, variants, cfg)
+    baseline = None
+    if cfg.random_baseline.enabled and MAIN in joined:
+        baseline = random_baseline(
+            joined[MAIN],
+            curves,
+            cfg,
+            model_depth(effects, results),
+            lambda *key: _seed(cfg.seed, *key),
+            main_dataset,
+        )
     return Analysis(
         config=cfg,
         regressions=regressions,
@@ -216,6 +228,7 @@ def analyze(effects: pd.DataFrame, results: pd.DataFrame, cfg: AnalysisConfig) -
         results=results,
         effects=effects,
         notes=notes,
+        random_baseline=baseline,
     )
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from locedit.analysis.labels import method_label, problem_label, sort_methods, sort_problems
+from locedit.analysis.random_baseline import summary_lines
 from locedit.analysis.study import MAIN, Analysis
 
 #: Added R² below this counts as "tracing adds little" (the paper's largest was 0.032).
@@ -178,6 +179,9 @@ def summary_markdown(
     variants = _variants(an)
     if variants:
         out += ["## Robustness: rewrite score under each tracing variant", "", *variants, ""]
+    baseline = summary_lines(an.random_baseline)
+    if baseline:
+        out += ["## Random-location baseline (beyond the paper)", "", *baseline, ""]
     out += ["## Data accounting", ""]
     report = an.reports.get(MAIN)
     if report is not None:

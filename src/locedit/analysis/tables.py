@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from locedit.analysis import random_baseline as baseline
 from locedit.analysis.labels import (
     method_label,
     method_rank,
@@ -317,6 +318,24 @@ def specificity_table(an: Analysis) -> Table | str:
     )
 
 
+def random_baseline_table(an: Analysis) -> Table | str:
+    """Tracing-chosen vs. default vs. random edit layer (beyond the paper; Wang & Veitch 2025)."""
+    rb = an.random_baseline
+    if rb is None:
+        return "Random-location baseline skipped: analysis.random_baseline.enabled is false."
+    if rb.frame.empty:
+        return f"Random-location baseline skipped: {'; '.join(rb.notes) or 'no conditions'}."
+    return Table(
+        "random_baseline",
+        f"Random-location baseline: edit success at the tracing-chosen, default and a random layer ({an.main_dataset})",
+        baseline.display_frame(rb.frame),
+        p_columns=("p (draws)",),
+        ci_pairs=baseline.interval_columns(an.config.ci_level),
+        int_columns=("Facts", "Default layer"),
+        notes=baseline.table_notes(rb, an.config),
+    )
+
+
 def all_tables(an: Analysis) -> tuple[list[Table], list[str]]:
     """Every table the inputs support, and a note for each one skipped."""
     tables: list[Table] = []
@@ -345,6 +364,7 @@ def all_tables(an: Analysis) -> tuple[list[Table], list[str]]:
         notes.append(
             "Table 8 skipped: the results have no zsRE rows (run the edit stage with data=zsre)."
         )
+    add(random_baseline_table(an))
     return tables, notes
 
 

@@ -219,6 +219,15 @@ class CovarianceStore:
             self._fingerprints[model] = model_fingerprint(model)
         return self._fingerprints[model]
 
+    def share_statistics(self, model: nn.Module, source: nn.Module) -> None:
+        """Serve ``model`` the statistics and context templates of ``source``.
+
+        For a copy of the same weights in another dtype or on another device (the precision
+        benchmark reads the float32 model's statistics for its bfloat16 copy): ``model`` is
+        looked up under ``source``'s fingerprint instead of hashing its own weights.
+        """
+        self._fingerprints[model] = self.fingerprint(source)
+
     def path(self, model: nn.Module, layer: int) -> Path:
         spec = self.corpus
         return (

@@ -6,10 +6,10 @@ Layers are 0-based indices into the architecture table. The paper numbers layers
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from locedit.default_layers import round_half_up, scaled_default_layer
 from locedit.editing.hparams import HParams
 from locedit.editing.methods import METHODS, get_method, key_stats_methods
 
@@ -18,10 +18,6 @@ PAPER_GRIDS: dict[int, tuple[int, ...]] = {
     28: tuple(x - 1 for x in (1, 5, 6, 9, 13, 17, 21, 25, 28)),
     48: tuple(x - 1 for x in (1, 5, 9, 13, 17, 18, 21, 25, 29, 33, 37, 41, 45, 48)),
 }
-
-#: The originals' default edit layers (0-based): ROME on GPT-J is layer 5 of 28 (the paper's
-#: "layer 6", also where it tunes every method), on GPT2-XL layer 17 of 48 (the paper's 18).
-ORIGINAL_DEFAULT_LAYERS: dict[int, int] = {28: 5, 48: 17}
 
 
 def edit_layers(
@@ -41,16 +37,7 @@ def default_layer(method: str, n_layers: int) -> int:
     and FT-5 centre their window on it.
     """
     get_method(method)
-    if n_layers in ORIGINAL_DEFAULT_LAYERS:
-        return ORIGINAL_DEFAULT_LAYERS[n_layers]
-    if n_layers < 1:
-        raise ValueError("a model needs at least one layer")
-    fractions = [layer / (depth - 1) for depth, layer in ORIGINAL_DEFAULT_LAYERS.items()]
-    return _round_half_up(sum(fractions) / len(fractions) * (n_layers - 1))
-
-
-def _round_half_up(value: float) -> int:
-    return int(math.floor(value + 0.5))
+    return scaled_default_layer(n_layers)
 
 
 def evenly_spaced(n_layers: int, n_grid: int) -> list[int]:
@@ -60,7 +47,7 @@ def evenly_spaced(n_layers: int, n_grid: int) -> list[int]:
     if n_grid == 1:
         return [n_layers // 2]
     n_grid = min(n_grid, n_layers)
-    return sorted({_round_half_up(i * (n_layers - 1) / (n_grid - 1)) for i in range(n_grid)})
+    return sorted({round_half_up(i * (n_layers - 1) / (n_grid - 1)) for i in range(n_grid)})
 
 
 def layer_grid(
