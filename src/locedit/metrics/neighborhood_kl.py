@@ -18,7 +18,7 @@ What the authors' released code does (apartresearch/specificityplus), and our se
   KL(P* || P) = sum_w P*(w) (log P*(w) - log P(w)); ``direction: post_pre``. ``pre_post`` is
   the other order, KL(P || P*).
 - reduction: that call uses ``reduction="batchmean"`` on a 1-D vocabulary vector, which divides
-  the sum by the vocabulary size |V| (hence their plotted values of 1e-7 to 1e-5);
+  the sum by the vocabulary size |V| (consistent with their plots' NKL axis, 1e-7 to 5e-5);
   ``reduction: vocab_mean`` reproduces those numbers, ``sum`` (default) is the KL in nats.
 
 The distributions are read in float32 (the logits are cast before the softmax) and the KL is
