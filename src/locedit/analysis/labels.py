@@ -31,6 +31,7 @@ METRIC_LABELS = {
     "overall_score": "Overall Score",
     "overall_score_with_essence": "Overall Score (with Essence)",
     "rome_rewrite_prob_diff": "Rewrite magnitude p*(o_false) - p*(o_true)",
+    "neighborhood_kl": "Neighborhood KL",
 }
 
 

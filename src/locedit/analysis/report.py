@@ -9,6 +9,7 @@ from pathlib import Path
 
 from locedit.analysis import random_baseline
 from locedit.analysis.figures import all_figures
+from locedit.analysis.specificity import specificity_means
 from locedit.analysis.study import MAIN, Analysis
 from locedit.analysis.summary import summary_markdown
 from locedit.analysis.tables import write_tables
@@ -67,8 +68,15 @@ def write_report(an: Analysis, directory: Path, model_name: str) -> list[Path]:
 
 
 def mlflow_metrics(an: Analysis) -> dict[str, float]:
-    """``<variant>.<dataset>.<problem>.<method>.<metric>.<stat>`` -> value, finite values only."""
+    """``<variant>.<dataset>.<problem>.<method>.<metric>.<stat>`` -> value, finite values only;
+    with the neighbourhood KL on, also ``specificity.<dataset>.<problem>.<method>.<column>``:
+    mean neighbourhood score and KL over the successful edits (not regressed)."""
     out: dict[str, float] = random_baseline.mlflow_metrics(an.random_baseline)
+    for _, row in specificity_means(an.results, an.main_dataset, by_layer=False).iterrows():
+        prefix = f"specificity.{an.main_dataset}.{row['problem']}.{row['method']}"
+        for column in ("neighborhood_score", "neighborhood_kl"):
+            if math.isfinite(float(row[column])):
+                out[f"{prefix}.{column}"] = float(row[column])
     if an.regressions.empty:
         return out
     for _, row in an.regressions.iterrows():

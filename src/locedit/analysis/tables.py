@@ -15,7 +15,15 @@ from pathlib import Path
 import pandas as pd
 
 from locedit.analysis import random_baseline as baseline
-from locedit.analysis.labels import method_label, metric_label, problem_label, sort_methods
+from locedit.analysis.labels import (
+    method_label,
+    method_rank,
+    metric_label,
+    problem_label,
+    problem_rank,
+    sort_methods,
+)
+from locedit.analysis.specificity import specificity_means
 from locedit.analysis.study import MAIN, ZSRE, Analysis
 
 #: Tables 3-6: the metric each explains (paper App. C).
@@ -38,6 +46,7 @@ class Table:
     ci_pairs: tuple[tuple[str, str, str], ...] = ()  # (label, low column, high column)
     int_columns: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
+    sci_columns: tuple[str, ...] = ()  # printed with 3 significant digits (small KL values)
 
     def to_markdown(self) -> str:
         hidden = {c for _, lo, hi in self.ci_pairs for c in (lo, hi)}
@@ -65,6 +74,8 @@ class Table:
             return _pvalue(value)
         if column in self.int_columns and _finite(value):
             return str(int(value))
+        if column in self.sci_columns and _finite(value):
+            return f"{value:.3g}"
         if isinstance(value, numbers.Real) and not isinstance(value, bool | int):
             return _num(value)
         return str(value)
@@ -266,6 +277,47 @@ def error_table(an: Analysis, name: str, dataset: str | None, title: str) -> Tab
     return Table(name, title, pd.DataFrame(out), notes=_reason_notes(rows))
 
 
+def specificity_table(an: Analysis) -> Table | str:
+    """Neighbourhood score (Sec. 3.4, higher is better) beside CounterFact+'s neighbourhood KL
+    (Hoelscher-Obermaier et al. 2023, lower is better): means over successful edits per
+    problem, method and layer (README, "Neighbourhood KL")."""
+    means = specificity_means(an.results, an.main_dataset)
+    if means.empty:
+        return (
+            "Neighbourhood KL table skipped: no edit has a neighbourhood KL "
+            "(edit.neighborhood_kl.enabled is off)."
+        )
+    means = means.assign(
+        _p=means["problem"].map(problem_rank), _m=means["method"].map(method_rank)
+    ).sort_values(["_p", "_m", "layer"])
+    frame = pd.DataFrame(
+        {
+            "Editing Problem": means["problem"].map(problem_label).to_numpy(),
+            "Method": means["method"].map(method_label).to_numpy(),
+            "Layer": means["layer"].astype(int).to_numpy(),
+            "Edits": means["n"].astype(int).to_numpy(),
+            "Neighborhood Score (higher better)": means["neighborhood_score"].to_numpy(),
+            "Neighborhood KL (lower better)": means["neighborhood_kl"].to_numpy(),
+        }
+    )
+    title = (
+        "Neighbourhood score and neighbourhood KL (CounterFact+) by edit layer, "
+        f"mean over successful edits ({an.main_dataset})"
+    )
+    return Table(
+        "neighborhood_kl",
+        title,
+        frame,
+        int_columns=("Layer", "Edits"),
+        sci_columns=("Neighborhood KL (lower better)",),
+        notes=[
+            "Neighbourhood KL: KL divergence of the next-token distribution on the neighbour "
+            "prompts (prefixed with the edit, CounterFact+) between the unedited and edited "
+            "model, settings in edit.neighborhood_kl; not regressed on layer or trace."
+        ],
+    )
+
+
 def random_baseline_table(an: Analysis) -> Table | str:
     """Tracing-chosen vs. default vs. random edit layer (beyond the paper; Wang & Veitch 2025)."""
     rb = an.random_baseline
@@ -296,6 +348,7 @@ def all_tables(an: Analysis) -> tuple[list[Table], list[str]]:
     add(table2(an))
     for name, metric in METRIC_TABLES.items():
         add(metric_table(an, name, metric))
+    add(specificity_table(an))
     add(
         error_table(
             an,

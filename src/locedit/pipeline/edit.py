@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 from omegaconf import DictConfig
 
 from locedit.data.records import read_records
+from locedit.metrics.neighborhood_kl import NeighborhoodKLConfig
 from locedit.models.architecture import n_layers
 from locedit.models.snapshot import model_fingerprint
 from locedit.pipeline.common import model_from_params, output_dir, to_container
@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = [
     "rewrite_score", "paraphrase_score", "neighborhood_score", "essence_score",
-    "overall_score", "overall_score_with_essence",
+    "overall_score", "overall_score_with_essence", "neighborhood_kl",
 ]
+#: Optional metric columns every results table carries, NaN where the option was off.
+OPTIONAL_COLUMNS = ("neighborhood_kl",)
 
 
 def noise_config(params: DictConfig) -> NoiseConfig:
@@ -77,7 +79,16 @@ def evaluation_config(params: DictConfig) -> EvaluationConfig:
         seed=int(params.seed),
         neighborhood_target=str(params.edit.get("neighborhood_target", "o_false")),
         essence_span=str(essence.get("span", "continuation")),
+        neighborhood_kl=NeighborhoodKLConfig.from_mapping(params.edit.get("neighborhood_kl")),
     )
+
+
+def with_optional_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with every optional metric column, NaN where its option was off."""
+    for column in OPTIONAL_COLUMNS:
+        if column not in table.columns:
+            table[column] = float("nan")
+    return table
 
 
 def build_spec(params: DictConfig) -> SweepSpec:
@@ -90,7 +101,7 @@ def build_spec(params: DictConfig) -> SweepSpec:
     plain = to_container(params)
     hparams = resolved_hparams(plain, list(cfg.methods), list(cfg.problems), tuned_hparams(params))
     config = evaluation_config(params)
-    context = content_id([model_fingerprint(model), asdict(config)])
+    context = content_id([model_fingerprint(model), config.key_content()])
     tasks = plan_tasks(records, layers, hparams, context)
     return SweepSpec(
         params=plain, records={r.fact_id: r for r in records}, tasks=tasks, hparams=hparams,
@@ -143,7 +154,7 @@ def _run_locked(params: DictConfig) -> None:
             gpus_per_worker=float(cfg.get("gpus_per_worker", 1.0)),
         )
         elapsed = time.perf_counter() - start
-        table = results_table(ResultStore(out).rows(), [t.key for t in spec.tasks])
+        table = with_optional_columns(results_table(ResultStore(out).rows(), [t.key for t in spec.tasks]))
         missing = len(spec.tasks) - len(table)
         if missing:
             raise RuntimeError(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from locedit import versioning
 from locedit.data.records import read_records
 from locedit.editing import CovarianceStore, default_layer, get_method, hparams_for
+from locedit.metrics.neighborhood_kl import NeighborhoodKLConfig
 from locedit.models.architecture import n_layers
 from locedit.models.snapshot import model_fingerprint
 from locedit.pipeline.common import model_from_params, output_dir, to_container
@@ -93,13 +94,17 @@ def build_target(
     plain = to_container(params)
     base = resolved_hparams(plain, [method], [problem])[(method, problem)]
     evaluation = evaluation_config(params)
-    evaluation = replace(evaluation, essence=config.objective == "overall_score_with_essence")
+    # The objective never reads the neighbourhood KL: tuning trials skip it.
+    evaluation = replace(
+        evaluation, essence=config.objective == "overall_score_with_essence",
+        neighborhood_kl=NeighborhoodKLConfig(),
+    )
     covariance = (
         CovarianceStore.from_params(params, tokenizer)
         if get_method(method).needs_key_stats
         else None
     )
-    context = content_id([_fingerprint(model), asdict(evaluation), problem, code_version()])
+    context = content_id([_fingerprint(model), evaluation.key_content(), problem, code_version()])
     target = TuneTarget(
         model=model,
         tokenizer=tokenizer,

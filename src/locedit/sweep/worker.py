@@ -11,7 +11,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import FactRecord
 from locedit.editing import EditFailed, EditRequest, edited
+from locedit.metrics import neighborhood_kl as nkl
 from locedit.metrics.evaluation import (
     EssenceTexts,
     build_probes,
@@ -61,6 +62,20 @@ class EvaluationConfig:
     neighborhood_target: str = "o_false"
     #: ``continuation`` (ours) | ``whole_text`` (original code): the essence perplexity's span
     essence_span: str = "continuation"
+    #: CounterFact+'s neighbourhood KL (Hoelscher-Obermaier et al. 2023), off by default
+    neighborhood_kl: nkl.NeighborhoodKLConfig = field(default_factory=nkl.NeighborhoodKLConfig)
+
+    def key_content(self) -> dict[str, Any]:
+        """What edit rows depend on, for their keys. The neighbourhood KL enters only when it
+        is on (with its settings and the code version of its module), so a run without it keys
+        its rows exactly as before the option existed and a run with it never reuses them."""
+        content = asdict(self)
+        del content["neighborhood_kl"]
+        if self.neighborhood_kl.enabled:
+            content["neighborhood_kl"] = {
+                **self.neighborhood_kl.key_content(), "code": code_version(nkl.__name__),
+            }
+        return content
 
 
 @dataclass
@@ -126,6 +141,48 @@ def _pre_edit(
     return pre
 
 
+@dataclass(frozen=True)
+class KLReference:
+    """The unedited model's next-token log-probabilities on the fact's (prefixed) neighbourhood
+    prompts, [n_prompts, vocab] float32: what every edit's neighbourhood KL compares against."""
+
+    prompts: tuple[tuple[int, ...], ...]
+    log_probs: torch.Tensor
+
+
+def kl_reference_key(record: FactRecord, config: nkl.NeighborhoodKLConfig, context: str) -> str:
+    """The cache key of a fact's :class:`KLReference`: the fact's content, the KL settings, the
+    evaluation context (model fingerprint, evaluation settings) and the KL module's code."""
+    return content_key(
+        "neighborhood_kl_pre", model=None, record=fact_content(record),
+        params=[config.key_content(), context], code=code_version(nkl.__name__), length=24,
+    )
+
+
+def _kl_reference(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, record: FactRecord,
+    config: nkl.NeighborhoodKLConfig, cache_dir: Path | None, context: str,
+) -> KLReference:
+    """Computed once per fact and stored beside the pre-edit probabilities as one float32
+    tensor file (n_prompts x vocab x 4 bytes: 10 MB for ten prompts of Gemma's 262k words)."""
+    cache = (
+        cache_dir / f"{record.fact_id}-nkl-{kl_reference_key(record, config, context)}.pt"
+        if cache_dir else None
+    )
+    if cache is not None and cache.exists():
+        data = torch.load(cache, map_location="cpu", weights_only=True)
+        return KLReference(tuple(map(tuple, data["prompts"])), data["log_probs"])
+    prompts = nkl.kl_prompts(tokenizer, record, config.prefix)
+    log_probs = nkl.next_token_distributions(model, prompts, config.batch_size)
+    reference = KLReference(tuple(prompts), log_probs)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        torch.save({"prompts": [list(p) for p in prompts], "log_probs": log_probs}, partial)
+        os.replace(partial, cache)
+    return reference
+
+
 def _base_row(task: EditTask, record: FactRecord) -> dict[str, Any]:
     return {
         "key": task.key, "fact_id": task.fact_id, "layer": task.layer, "method": task.method,
@@ -156,12 +213,18 @@ def run_fact(
             on_row({**_base_row(task, record), "reason": f"pre-edit evaluation: {err}"})
         return
     probes = build_probes(tokenizer, record, pre.o_noise, noised="fact_forcing" in problems)
+    reference = (
+        _kl_reference(model, tokenizer, record, config.neighborhood_kl, cache_dir, context)
+        if config.neighborhood_kl.enabled else None
+    )
     for task in tasks:
         on_row(_run_task(model, tokenizer, covariance, record, task, hparams[(task.method, task.problem)],
-                         config, pre, probes))
+                         config, pre, probes, reference))
 
 
-def _run_task(model, tokenizer, covariance, record, task, hparams, config, pre, probes) -> dict[str, Any]:
+def _run_task(
+    model, tokenizer, covariance, record, task, hparams, config, pre, probes, reference=None
+) -> dict[str, Any]:
     row = _base_row(task, record)
     row["hparams"] = json.dumps(hparams.to_dict(), sort_keys=True, default=str)
     problem = get_problem(task.problem)
@@ -177,6 +240,16 @@ def _run_task(model, tokenizer, covariance, record, task, hparams, config, pre, 
                 essence_perplexity(model, pre.essence, config.essence_span)
                 if pre.essence is not None else None
             )
+            kl = (
+                nkl.neighborhood_kl(
+                    reference.log_probs,
+                    nkl.next_token_distributions(
+                        model, reference.prompts, config.neighborhood_kl.batch_size
+                    ),
+                    config.neighborhood_kl,
+                )
+                if reference is not None else None
+            )
         scores = score_edit(
             problem, target_probe_name(problem), pre.probs, post, pre.ppl_before, ppl_after,
             config.neighborhood_target,
@@ -184,6 +257,8 @@ def _run_task(model, tokenizer, covariance, record, task, hparams, config, pre, 
         if math.isnan(scores["p_target_post"]):
             raise EditFailed(task.method, "NaN target probability after the edit")
         row.update(scores)
+        if kl is not None:
+            row["neighborhood_kl"] = kl
         row.update(
             status="ok", seconds=result.seconds, edit_layers=json.dumps(result.layers),
             diagnostics=json.dumps(result.to_record()["diagnostics"]), flags=",".join(result.flags),
