@@ -258,7 +258,8 @@ def test_stage_with_both_corruptions_writes_str_rows_and_replacements(tmp_path, 
     assert json.loads((out / "noise.json").read_text())["sigma"] > 0
     replacements = json.loads((out / "str_replacements.json").read_text())
     assert replacements["pool"]["n_subjects"] == 5 and replacements["seed"] == int(params.seed)
-    assert replacements["pool"]["source"] == "outputs/prepare/facts.jsonl"
+    prepared = Path(params.paths.outputs) / "prepare" / "facts.jsonl"
+    assert replacements["pool"]["source"] == str(prepared)
     assert sorted(replacements["facts"]) == ["c0", "c1", "c2"]
     for fact_id, draw in replacements["facts"].items():
         own = next(f.subject for f in facts if f.fact_id == fact_id)

@@ -123,10 +123,11 @@ def run(params: DictConfig) -> None:
 def str_pool(params: DictConfig, settings: TraceSettings, tokenizer, records) -> SubjectPool:
     """The STR candidates: the prepared data set's subjects (``trace.str_pool: prepare``, the
     default: outputs/prepare/facts.jsonl, a superset of the traced facts) or the traced facts'."""
+    outputs = Path(params.paths.outputs)
     if settings.str_pool == "filter":
-        return SubjectPool.from_records(tokenizer, records, "outputs/filter/facts.jsonl")
-    path = Path(params.paths.outputs) / "prepare" / "facts.jsonl"
-    return SubjectPool.from_records(tokenizer, read_records(path), "outputs/prepare/facts.jsonl")
+        return SubjectPool.from_records(tokenizer, records, str(outputs / "filter" / "facts.jsonl"))
+    path = outputs / "prepare" / "facts.jsonl"
+    return SubjectPool.from_records(tokenizer, read_records(path), str(path))
 
 
 #: The STR draw of every fact (outputs/trace/), written when trace.corruption includes str.
