@@ -159,7 +159,9 @@ def test_alphaedit_matches_the_explicit_inverse_and_leaves_preserved_keys_alone(
 def test_alphaedit_needs_a_positive_ridge():
     c, _, _ = _spectrum_moment()
     with pytest.raises(ValueError, match="L2 > 0"):
-        alphaedit_delta(_t(np.ones((16, 1))), _t(np.ones((4, 1))), null_space(_t(c), 2e-2).projector, 0.0)
+        alphaedit_delta(
+            _t(np.ones((16, 1))), _t(np.ones((4, 1))), null_space(_t(c), 2e-2).projector, 0.0
+        )
 
 
 def test_projector_is_cached_per_layer_and_threshold(tok, store):
@@ -189,7 +191,9 @@ def test_emmet_edits_its_window_exactly_as_solved_and_restores(family, tok, stor
     originals = {name: p.detach().clone() for name, p in model.named_parameters()}
     hp = hparams_for("emmet", overrides={**FAST, "emmet_lambda": 0.0})
     assert isinstance(hp, EmmetHParams)
-    with edited(model, tok, "emmet", EditRequest(PROMPT, "Eiffel Tower", "Rome"), 3, hp, store) as result:
+    with edited(
+        model, tok, "emmet", EditRequest(PROMPT, "Eiffel Tower", "Rome"), 3, hp, store
+    ) as result:
         after = target_log_probs(model, [ids], [target]).exp().item()
         window = [1, 2, 3, 4, 5]
         assert result.layers == window
@@ -216,7 +220,9 @@ def test_emmet_default_lambda_softens_the_constraint_as_stated(tok, store):
     originals = {name: p.detach().clone() for name, p in model.named_parameters()}
     hp = hparams_for("emmet", overrides={**FAST, "v_steps": 4})
     assert hp.emmet_lambda == 0.1 and hp.mom2_weight == 10000.0
-    with edited(model, tok, "emmet", EditRequest(PROMPT, "Eiffel Tower", "Rome"), 2, hp, store) as result:
+    with edited(
+        model, tok, "emmet", EditRequest(PROMPT, "Eiffel Tower", "Rome"), 2, hp, store
+    ) as result:
         for layer in result.layers:
             k = result.tensors[f"k_l{layer}"].double().numpy()
             r = result.tensors[f"r_l{layer}"].double().numpy()
@@ -244,7 +250,9 @@ def test_alphaedit_edits_only_the_null_space_and_restores(family, tok, store):
         overrides={**FAST, "nullspace_threshold": 0.5, "nullspace_relative": True, "L2": 1e-3},
     )
     assert isinstance(hp, AlphaEditHParams)
-    with edited(model, tok, "alphaedit", EditRequest(PROMPT, "Eiffel Tower", "Rome"), 3, hp, store) as result:
+    with edited(
+        model, tok, "alphaedit", EditRequest(PROMPT, "Eiffel Tower", "Rome"), 3, hp, store
+    ) as result:
         after = target_log_probs(model, [ids], [target]).exp().item()
         window = [1, 2, 3, 4, 5]
         assert sorted(result.changed) == sorted(down_proj_name(model, j) for j in window)
@@ -258,7 +266,9 @@ def test_alphaedit_edits_only_the_null_space_and_restores(family, tok, store):
             small, large = vectors[:, values < cut], vectors[:, values >= cut]
             assert result.diagnostics[f"nullspace_dim_l{layer}"] == small.shape[1] > 0
             p = small @ small.T
-            explicit = np.linalg.inv(p @ np.outer(k, k) + hp.L2 * np.eye(len(k))) @ p @ np.outer(k, r)
+            explicit = (
+                np.linalg.inv(p @ np.outer(k, k) + hp.L2 * np.eye(len(k))) @ p @ np.outer(k, r)
+            )
             norm = np.linalg.norm(explicit)
             assert np.linalg.norm(delta - explicit.T) <= 1e-5 * norm  # float32 weights
             assert np.linalg.norm(delta @ large) <= 1e-5 * norm
@@ -272,7 +282,9 @@ def test_alphaedit_with_an_empty_null_space_fails_and_restores(tok, store):
     originals = {name: p.detach().clone() for name, p in model.named_parameters()}
     hp = hparams_for("alphaedit", overrides={**FAST, "v_steps": 2, "nullspace_threshold": 1e-30})
     with pytest.raises(EditFailed, match="null space is empty"):
-        with edited(model, tok, "alphaedit", EditRequest(PROMPT, "Eiffel Tower", "Rome"), 1, hp, store):
+        with edited(
+            model, tok, "alphaedit", EditRequest(PROMPT, "Eiffel Tower", "Rome"), 1, hp, store
+        ):
             pytest.fail("the block must not run")
     for name, p in model.named_parameters():
         assert torch.equal(p, originals[name])
@@ -286,7 +298,12 @@ def test_registry_entries_are_off_by_default_but_selectable():
     assert ALL_METHODS == (*METHODS, "emmet", "alphaedit")
     for name, cls in (("emmet", EmmetHParams), ("alphaedit", AlphaEditHParams)):
         m = get_method(name)
-        assert (m.hparams, m.needs_key_stats, m.window, m.window_field) == (cls, True, 5, "n_layers")
+        assert (m.hparams, m.needs_key_stats, m.window, m.window_field) == (
+            cls,
+            True,
+            5,
+            "n_layers",
+        )
         assert (m.tuned_field, m.steps_field, m.in_paper) == ("kl_factor", "v_steps", False)
         assert m.layers(9, 18, hparams_for(name, overrides={"n_layers": 3})) == [8, 9, 10]
     assert key_stats_methods(["ft1", "emmet", "alphaedit"]) == ["emmet", "alphaedit"]
@@ -323,11 +340,109 @@ def test_tuning_space_includes_their_own_hyperparameters():
     # grid mode: the paper's KL grid alone, unless tune.grid lists the method's own values
     grid = TuneConfig.from_params(tune)
     assert search_space("emmet", "error_injection", grid).fields == ("kl_factor",)
-    product = TuneConfig.from_params({**dict(tune), "grid": {**dict(tune.grid), "emmet_lambda": [0.0, 0.1]}})
+    product = TuneConfig.from_params(
+        {**dict(tune), "grid": {**dict(tune.grid), "emmet_lambda": [0.0, 0.1]}}
+    )
     space = search_space("emmet", "error_injection", product)
-    assert space.grid_search_space() == {"kl_factor": [0.0625, 0.9, 1.0], "emmet_lambda": [0.0, 0.1]}
-    assert len(space.grid_points()) == 6 and space.grid_points()[1] == {"kl_factor": 0.0625, "emmet_lambda": 0.1}
+    assert space.grid_search_space() == {
+        "kl_factor": [0.0625, 0.9, 1.0],
+        "emmet_lambda": [0.0, 0.1],
+    }
+    assert len(space.grid_points()) == 6 and space.grid_points()[1] == {
+        "kl_factor": 0.0625,
+        "emmet_lambda": 0.1,
+    }
     # the paper's methods' spaces are unchanged (their study identities too)
     assert set(search_space("memit", "error_injection", search).to_dict()) == {
-        "method", "problem", "mode", "field", "range"
+        "method",
+        "problem",
+        "mode",
+        "field",
+        "range",
     }
+
+
+def test_both_run_through_the_sweep(tmp_path):
+    """Selected with edit.methods=[emmet, alphaedit], every edit of the tiny sweep succeeds."""
+    from omegaconf import OmegaConf
+    from test_sweep import make_params
+
+    from locedit.pipeline import edit as edit_stage
+    from locedit.sweep import ResultStore, results_table, run_sweep
+
+    params = make_params(tmp_path, methods=("emmet", "alphaedit"), problems=("error_injection",))
+    fast = {"v_steps": 4, "n_context_templates": 2, "context_template_lengths": [4]}
+    params = OmegaConf.merge(
+        params,
+        {
+            "method": {
+                "emmet": fast,
+                "alphaedit": {
+                    **fast,
+                    "nullspace_threshold": 0.5,
+                    "nullspace_relative": True,
+                    "L2": 1e-3,
+                },
+            }
+        },
+    )
+    spec = edit_stage.build_spec(params)
+    assert len(spec.tasks) == 3 * 2 * 2
+    assert run_sweep(spec, progress=False) == 12
+    table = results_table(ResultStore(spec.out_dir).rows(), [t.key for t in spec.tasks])
+    assert (table.status == "ok").all(), table[table.status != "ok"][["key", "reason"]].to_string()
+    assert set(table.method) == {"emmet", "alphaedit"}
+    assert table["rewrite_score"].notna().all()
+
+
+def test_locedit_edit_runs_them_by_name(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from locedit.editing.cli import main
+    from locedit.pipeline.common import compose_params
+    from locedit.testing import gpt2_tokenizer
+
+    model_dir = tmp_path / "tiny"
+    editable_tiny_model("gpt2", n_layers=4).save_pretrained(model_dir)
+    gpt2_tokenizer().save_pretrained(model_dir)
+    overrides = [
+        f"model.name={model_dir}",
+        f"paths.outputs={tmp_path / 'outputs'}",
+        "stats.n_samples=8",
+        "stats.sample_length=16",
+    ]
+    for name in ("emmet", "alphaedit"):
+        overrides += [
+            f"method.{name}.v_steps=3",
+            f"method.{name}.n_context_templates=1",
+            f"method.{name}.context_template_lengths=[4]",
+        ]
+    overrides += [
+        "method.alphaedit.nullspace_relative=true",
+        "method.alphaedit.nullspace_threshold=0.5",
+    ]
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(OmegaConf.to_yaml(compose_params("conf", overrides)))
+    argv = [
+        "--prompt",
+        "The Eiffel Tower is located in",
+        "--subject",
+        "Eiffel Tower",
+        "--target",
+        "Rome",
+        "--layer",
+        "1",
+        "--params",
+        str(params_file),
+        "--method",
+        "emmet",
+        "--method",
+        "alphaedit",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for name in ("emmet", "alphaedit"):
+        assert any(
+            line.strip().startswith(f"{name} ") and "layers [0, 1, 2, 3]" in line
+            for line in out.splitlines()
+        ), out

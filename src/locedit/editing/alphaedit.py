@@ -67,7 +67,9 @@ def null_space(moment: torch.Tensor, threshold: float, relative: bool = False) -
     """
     matrix = moment.double()
     matrix = 0.5 * (matrix + matrix.T)
-    absolute = float(threshold) * (float(torch.trace(matrix)) / matrix.shape[0] if relative else 1.0)
+    absolute = float(threshold) * (
+        float(torch.trace(matrix)) / matrix.shape[0] if relative else 1.0
+    )
     eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
     null = eigenvectors[:, eigenvalues < absolute]
     return NullSpace(null @ null.T, int(null.shape[1]), absolute)
@@ -118,7 +120,9 @@ def alphaedit_delta(
     residuals, projector = residuals.double().to(device), projector.double().to(device)
     if keys.ndim != 2 or residuals.ndim != 2 or keys.shape[1] != residuals.shape[1]:
         raise ValueError("keys must be [d_mlp, B] and residuals [d_out, B] with the same B")
-    every = keys if previous_keys is None else torch.cat([keys, previous_keys.double().to(device)], 1)
+    every = (
+        keys if previous_keys is None else torch.cat([keys, previous_keys.double().to(device)], 1)
+    )
     projected = projector @ every  # P K_all [d, m]
     small = l2 * torch.eye(every.shape[1], dtype=torch.float64, device=device) + every.T @ projected
     rhs = (projector @ keys) @ residuals.T  # P K R^T [d, d_out]
