@@ -2,7 +2,7 @@
 
 The z* optimisation, the per-layer keys and residual shares and the post-MLP-norm handling
 are MEMIT's layer spread (:mod:`locedit.editing.spread`). MEMIT's own part is the solve of
-each layer (Sec. 4.3, Eq. 14 for one key):
+each layer (its least-squares update with the covariance weighted by lambda, for one key):
     dW_i = r_i k_i^T (lambda C_i + k_i k_i^T)^-1
 with lambda the covariance weight. It uses a cached Cholesky factor of C_i and the
 Sherman-Morrison identity, in float64, and checks the residual of the full system.
