@@ -446,3 +446,44 @@ def test_locedit_edit_runs_them_by_name(tmp_path, capsys):
             line.strip().startswith(f"{name} ") and "layers [0, 1, 2, 3]" in line
             for line in out.splitlines()
         ), out
+
+
+def test_the_tune_stage_searches_emmet_lambda(tmp_path):
+    """A search-mode study of EMMET chooses the KL weight and emmet_lambda together, and the
+    chosen values are EmmetHParams fields the edit stage can apply."""
+    import optuna
+    from test_tuning import make_params
+
+    from locedit.pipeline import tune as tune_stage
+    from locedit.testing import save_tiny
+
+    shared = {
+        "model": save_tiny(tmp_path / "tiny", "gpt2", n_layers=3),
+        "tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db",
+    }
+    params = make_params(
+        tmp_path,
+        shared,
+        methods=("emmet",),
+        extra=[
+            "tune.mode=search",
+            "tune.n_trials=2",
+            "tune.n_facts=2",
+            "tune.search.n_startup_trials=2",
+            "tune.search.pruner=none",
+            "tune.plots=false",
+            "method.emmet.v_steps=3",
+            "method.emmet.n_context_templates=1",
+            "method.emmet.context_template_lengths=[4]",
+        ],
+    )
+    result = tune_stage.run_single(params, method="emmet", problem="error_injection")
+    study = optuna.load_study(study_name=result.study_name, storage=params.tune.storage)
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 2
+    for trial in trials:
+        assert set(trial.params) == {"kl_factor", "emmet_lambda"}
+        assert 1e-3 <= trial.params["emmet_lambda"] <= 10.0
+    chosen = result.selection.params
+    assert set(chosen) == {"kl_factor", "emmet_lambda"}
+    assert hparams_for("emmet", params, overrides=chosen).emmet_lambda == chosen["emmet_lambda"]
