@@ -175,34 +175,39 @@ def test_projector_is_cached_per_layer_and_threshold(tok, store):
 # --------------------------------------------------------------------------- end to end
 
 
-def _delta(model, originals, layer):
-    return (
+def _p_rome(model, tok) -> float:
+    ids = encode_prompt(tok, PROMPT, "Eiffel Tower").input_ids
+    return target_log_probs(model, [ids], [encode_target(tok, PROMPT, "Rome")]).exp().item()
+
+
+def _layer(model, originals, result, store, layer):
+    """The realised update dW_l (out x in), the key k_l and change r_l the spread gave the
+    layer's solve, and the layer's second moment C_l, as float64 numpy arrays."""
+    delta = (
         as_out_in(model, down_proj_weight(model, layer).detach())
         - as_out_in(model, originals[down_proj_name(model, layer)])
     ).double()
+    k = result.tensors[f"k_l{layer}"].double().numpy()
+    r = result.tensors[f"r_l{layer}"].double().numpy()
+    return delta.numpy(), k, r, store.get(model, layer).numpy()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma3_text"])
 def test_emmet_edits_its_window_exactly_as_solved_and_restores(family, tok, store):
     model = editable_tiny_model(family, n_layers=8)
-    ids = encode_prompt(tok, PROMPT, "Eiffel Tower").input_ids
-    target = encode_target(tok, PROMPT, "Rome")
-    before = target_log_probs(model, [ids], [target]).exp().item()
+    before = _p_rome(model, tok)
     originals = {name: p.detach().clone() for name, p in model.named_parameters()}
     hp = hparams_for("emmet", overrides={**FAST, "emmet_lambda": 0.0})
     assert isinstance(hp, EmmetHParams)
     with edited(
         model, tok, "emmet", EditRequest(PROMPT, "Eiffel Tower", "Rome"), 3, hp, store
     ) as result:
-        after = target_log_probs(model, [ids], [target]).exp().item()
+        after = _p_rome(model, tok)
         window = [1, 2, 3, 4, 5]
         assert result.layers == window
         assert sorted(result.changed) == sorted(down_proj_name(model, j) for j in window)
         for layer in window:
-            delta = _delta(model, originals, layer).numpy()
-            k = result.tensors[f"k_l{layer}"].double().numpy()
-            r = result.tensors[f"r_l{layer}"].double().numpy()
-            c = store.get(model, layer).numpy()
+            delta, k, r, c = _layer(model, originals, result, store, layer)
             # hand solve for one key: r (C^-1 k)^T / (k^T C^-1 k); exact at the key
             c_inv_k = np.linalg.solve(c, k)
             expected = np.outer(r, c_inv_k) / (k @ c_inv_k)
@@ -224,13 +229,10 @@ def test_emmet_default_lambda_softens_the_constraint_as_stated(tok, store):
         model, tok, "emmet", EditRequest(PROMPT, "Eiffel Tower", "Rome"), 2, hp, store
     ) as result:
         for layer in result.layers:
-            k = result.tensors[f"k_l{layer}"].double().numpy()
-            r = result.tensors[f"r_l{layer}"].double().numpy()
-            c = store.get(model, layer).numpy()
+            delta, k, r, c = _layer(model, originals, result, store, layer)
             w = effective_mom2_weight(hp, k.shape[0])
             d = k @ np.linalg.solve(w * c, k)  # k^T C_w^-1 k
             expected = np.outer(r, np.linalg.solve(w * c, k)) / (d + hp.emmet_lambda)
-            delta = _delta(model, originals, layer).numpy()
             assert np.linalg.norm(delta - expected) <= 1e-5 * np.linalg.norm(expected)
             share = result.diagnostics[f"realised_share_l{layer}"]
             assert share == pytest.approx(d / (d + hp.emmet_lambda), rel=1e-9)
@@ -240,9 +242,7 @@ def test_emmet_default_lambda_softens_the_constraint_as_stated(tok, store):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_alphaedit_edits_only_the_null_space_and_restores(family, tok, store):
     model = editable_tiny_model(family, n_layers=8)
-    ids = encode_prompt(tok, PROMPT, "Eiffel Tower").input_ids
-    target = encode_target(tok, PROMPT, "Rome")
-    before = target_log_probs(model, [ids], [target]).exp().item()
+    before = _p_rome(model, tok)
     originals = {name: p.detach().clone() for name, p in model.named_parameters()}
     # the tiny store's keys are not on GPT-J's scale: a relative threshold and a small ridge
     hp = hparams_for(
@@ -253,14 +253,11 @@ def test_alphaedit_edits_only_the_null_space_and_restores(family, tok, store):
     with edited(
         model, tok, "alphaedit", EditRequest(PROMPT, "Eiffel Tower", "Rome"), 3, hp, store
     ) as result:
-        after = target_log_probs(model, [ids], [target]).exp().item()
+        after = _p_rome(model, tok)
         window = [1, 2, 3, 4, 5]
         assert sorted(result.changed) == sorted(down_proj_name(model, j) for j in window)
         for layer in window:
-            delta = _delta(model, originals, layer).numpy()
-            k = result.tensors[f"k_l{layer}"].double().numpy()
-            r = result.tensors[f"r_l{layer}"].double().numpy()
-            c = store.get(model, layer).numpy()
+            delta, k, r, c = _layer(model, originals, result, store, layer)
             values, vectors = np.linalg.eigh(c)
             cut = 0.5 * np.trace(c) / c.shape[0]
             small, large = vectors[:, values < cut], vectors[:, values >= cut]
