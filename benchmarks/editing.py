@@ -1,4 +1,5 @@
-"""Seconds per edit of ROME, MEMIT, FT-1 and FT-5 on the bundled model at a middle layer.
+"""Seconds per edit of ROME, MEMIT, FT-1, FT-5, EMMET and AlphaEdit on the bundled model at a
+middle layer.
 
 Edits the first CounterFact facts towards o_false (Error Injection) through
 ``locedit.editing.edited`` with the hyperparameters ``locedit compose`` gives the model
@@ -6,11 +7,15 @@ Edits the first CounterFact facts towards o_false (Error Injection) through
 method (mean, median, each fact), p(o_false) before and after, the one-time costs (model
 fingerprint, context templates, key statistics), peak memory, threads and machine load, and
 ROME's v* against the original compute_v on the same batches in the same run (speed-up and
-largest difference). The whole run is kept under ``--budget-s``: a method that would overrun it edits fewer facts, and
-the JSON says so.
+largest difference). EMMET and AlphaEdit (beyond the paper, README) have no original
+implementation in-process: their rows report seconds and p(o_false) only, and say so. An edit
+that fails (``EditFailed``, e.g. AlphaEdit with an empty null space) is counted and its reason
+kept. The whole run is kept under ``--budget-s``: a method that would overrun it edits fewer
+facts, and the JSON says so.
 
     .venv/bin/python benchmarks/editing.py                    # Gemma-3-270M, 10 facts, 2 threads
     .venv/bin/python benchmarks/editing.py --n-facts 3 --methods rome ft1
+    .venv/bin/python benchmarks/editing.py --methods memit emmet alphaedit
 """
 
 from __future__ import annotations
@@ -31,15 +36,18 @@ import yaml
 
 from locedit.data.loaders import load_counterfact
 from locedit.editing import (
-    METHODS,
+    ALL_METHODS,
     CorpusSpec,
     CovarianceStore,
+    EditFailed,
     EditRequest,
     edited,
+    get_method,
     hparams_for,
     key_stats_methods,
     layers_for,
 )
+from locedit.editing.alphaedit import null_space_for
 from locedit.editing.batch import request_batch
 from locedit.editing.reference import optimise_vstar_reference
 from locedit.editing.vstar import optimise_vstar
@@ -123,7 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="float32", help="model.dtype: float32, bfloat16, float16")
     parser.add_argument("--n-facts", type=int, default=10)
     parser.add_argument("--layer", type=int, default=None, help="default: the middle layer")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=list(ALL_METHODS), choices=list(ALL_METHODS)
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument(
@@ -198,8 +208,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
         templates_s[method] = time.perf_counter() - t0
     for method in key_stats_methods(args.methods):  # factorise covariances outside the timing
-        for x in layers_for(method, layer, model, hparams[method]):
-            store.solver(model, x, hparams[method].covariance_ridge)
+        hp = hparams[method]
+        for x in layers_for(method, layer, model, hp):
+            if hasattr(hp, "covariance_ridge"):  # ROME, MEMIT, EMMET: Cholesky factors
+                store.solver(model, x, hp.covariance_ridge)
+            if hasattr(hp, "nullspace_threshold"):  # AlphaEdit: null-space projectors
+                null_space_for(store, model, x, hp.nullspace_threshold, hp.nullspace_relative)
     setup_s = time.perf_counter() - started
 
     per_method: dict[str, dict] = {}
@@ -208,12 +222,19 @@ def main(argv: list[str] | None = None) -> dict:
         remaining_methods.remove(method)
         budget = (args.budget_s - (time.perf_counter() - started)) / (len(remaining_methods) + 1)
         method_start = time.perf_counter()
-        seconds, before, after, edit_layers, flags = [], [], [], None, 0
+        seconds, before, after, edit_layers, flags, failures = [], [], [], None, 0, []
         for record, ids, target in facts:
             request = EditRequest(record.prompt, record.subject, record.target_new)
             p_before = float(target_log_probs(model, [ids], [target]).exp())
-            with edited(model, tokenizer, method, request, layer, hparams[method], store) as result:
-                p_after = float(target_log_probs(model, [ids], [target]).exp())
+            try:
+                with edited(
+                    model, tokenizer, method, request, layer, hparams[method], store
+                ) as result:
+                    p_after = float(target_log_probs(model, [ids], [target]).exp())
+            except EditFailed as err:
+                log.warning("%s %s: %s", method, record.fact_id, err)
+                failures.append({"fact": record.fact_id, "reason": err.reason})
+                continue
             seconds.append(result.seconds)
             before.append(p_before)
             after.append(p_after)
@@ -233,6 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "%s: stopping after %d facts to stay within the budget", method, len(seconds)
                 )
                 break
+        if not seconds:
+            per_method[method] = {"n_facts": 0, "n_failed": len(failures), "failures": failures}
+            continue
         per_method[method] = {
             "layers": edit_layers,
             "n_facts": len(seconds),
@@ -244,10 +268,19 @@ def main(argv: list[str] | None = None) -> dict:
             "p_target_before_mean": statistics.mean(before),
             "p_target_after_mean": statistics.mean(after),
             "n_flagged": flags,
+            "n_failed": len(failures),
+            "failures": failures,
             "peak_rss_mb_after": peak_rss_mb(),
             "hparams": hparams[method].to_dict(),
+            "reference": (
+                "rome_vstar_vs_reference (ROME's v* against the original compute_v)"
+                if method == "rome"
+                else "none in-process: not in the paper, no original implementation to compare"
+                if not get_method(method).in_paper
+                else "none in-process"
+            ),
         }
-        if len(seconds) < len(facts):
+        if len(seconds) + len(failures) < len(facts):
             per_method[method]["note"] = (
                 f"reduced from {len(facts)} facts to stay within --budget-s {args.budget_s:g}"
             )
@@ -302,8 +335,11 @@ def main(argv: list[str] | None = None) -> dict:
             reference["speedup"], reference["max_relative_difference"],
         )
     for method, row in per_method.items():
+        if not row["n_facts"]:
+            log.info("%-9s every edit failed: %s", method, row["failures"][:1])
+            continue
         log.info(
-            "%-5s %5.1f s per edit (median %.1f) over %d facts; p(o_false) %.3f -> %.3f",
+            "%-9s %5.1f s per edit (median %.1f) over %d facts; p(o_false) %.3f -> %.3f",
             method,
             row["seconds_mean"],
             row["seconds_median"],

@@ -1,4 +1,5 @@
-"""Model editing behind one interface: ROME, MEMIT, FT-1 and FT-5 (paper Sec. 5.2, App. A).
+"""Model editing behind one interface: ROME, MEMIT, FT-1 and FT-5 (paper Sec. 5.2, App. A), and
+EMMET and AlphaEdit (off by default).
 
 Each method is one :class:`EditMethod` entry of :data:`REGISTRY` (:mod:`locedit.editing.methods`).
 
@@ -15,7 +16,14 @@ from locedit.editing.covariance import (
     second_moments,
 )
 from locedit.editing.editor import edited, layers_for, touched_params
-from locedit.editing.hparams import FTHParams, HParams, MemitHParams, RomeHParams
+from locedit.editing.hparams import (
+    AlphaEditHParams,
+    EmmetHParams,
+    FTHParams,
+    HParams,
+    MemitHParams,
+    RomeHParams,
+)
 from locedit.editing.layers import (
     PAPER_GRIDS,
     default_layer,
@@ -25,6 +33,7 @@ from locedit.editing.layers import (
     sweep_layers,
 )
 from locedit.editing.methods import (
+    ALL_METHODS,
     METHODS,
     REGISTRY,
     EditMethod,
@@ -45,9 +54,11 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ALL_METHODS",
     "METHODS",
     "PAPER_GRIDS",
     "REGISTRY",
+    "AlphaEditHParams",
     "ConstrainedFinetune",
     "CorpusSpec",
     "CovarianceSolver",
@@ -56,6 +67,7 @@ __all__ = [
     "EditMethod",
     "EditRequest",
     "EditResult",
+    "EmmetHParams",
     "FTHParams",
     "HParams",
     "MemitHParams",

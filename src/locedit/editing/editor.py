@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from locedit.editing.covariance import CovarianceStore
-from locedit.editing.hparams import HParams, MemitHParams, RomeHParams
+from locedit.editing.hparams import HParams, VStarHParams
 from locedit.editing.methods import get_method
 from locedit.editing.types import EditFailed, EditRequest, EditResult
 from locedit.models.architecture import n_layers
@@ -41,7 +41,7 @@ def touched_params(method: str, model: nn.Module, layers: list[int], hparams: HP
 def context_templates(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    hparams: RomeHParams | MemitHParams,
+    hparams: VStarHParams,
     covariance: CovarianceStore | None,
 ) -> list[str]:
     """The method's context templates, from the store (generated once per model and seed)."""

@@ -74,8 +74,10 @@ class RomeHParams(VStarHParams):
 
 
 @dataclass(frozen=True)
-class MemitHParams(VStarHParams):
-    """MEMIT (Meng et al. 2022b) for one request; defaults from its GPT-J hyperparameters."""
+class SpreadHParams(VStarHParams):
+    """MEMIT's z* optimisation and layer spread (Meng et al. 2022b, Sec. 4.3), shared by MEMIT,
+    EMMET and AlphaEdit, which differ only in how each layer solves for its update
+    (:mod:`locedit.editing.spread`); defaults from MEMIT's GPT-J hyperparameters."""
 
     v_steps: int = 25
     clamp_norm_factor: float = 0.75
@@ -83,17 +85,56 @@ class MemitHParams(VStarHParams):
     n_context_templates: int = 5
     #: Layers in the window centred on the edit layer (the paper: 5, matching tracing).
     n_layers: int = 5
+    flag_update_ratio: float = 0.5
+    #: Post-MLP norms (Gemma 2/3): Gauss-Newton steps that turn a layer's residual share into
+    #: an MLP-output change (1: the first-order solution; more reach the share more closely in
+    #: the residual stream but, measured on Gemma-3-270M, edit less: README, issue 16).
+    post_norm_iterations: int = 1
+
+
+@dataclass(frozen=True)
+class MemitHParams(SpreadHParams):
+    """MEMIT (Meng et al. 2022b) for one request; defaults from its GPT-J hyperparameters."""
+
     #: Covariance weight lambda of GPT-J (d_mlp 16384). The realised share of the update is
     #: k^T C^-1 k / (lambda + k^T C^-1 k), and k^T C^-1 k grows with d_mlp, so lambda is scaled
     #: by d_mlp / ``mom2_weight_reference_d_mlp`` (``None``: use lambda as given).
     mom2_weight: float = 15000.0
     mom2_weight_reference_d_mlp: int | None = 16384
     covariance_ridge: float = 0.0
-    flag_update_ratio: float = 0.5
-    #: Post-MLP norms (Gemma 2/3): Gauss-Newton steps that turn a layer's residual share into
-    #: an MLP-output change (1: the first-order solution; more reach the share more closely in
-    #: the residual stream but, measured on Gemma-3-270M, edit less: README, issue 16).
-    post_norm_iterations: int = 1
+
+
+@dataclass(frozen=True)
+class EmmetHParams(SpreadHParams):
+    """EMMET (Gupta, Sajnani & Anumanchipalli 2024, arXiv 2403.14236): MEMIT's keys, z* and
+    spread with the equality-constrained solve; defaults from its GPT-J hyperparameters
+    (github.com/scalable-model-editing/unified-model-editing, ``hparams/EMMET``)."""
+
+    #: The weight the reference scales the key covariance by (its ``mom2_update_weight``), scaled
+    #: from GPT-J's d_mlp like MEMIT's. It cancels out of the update when ``emmet_lambda`` is 0.
+    mom2_weight: float = 10000.0
+    mom2_weight_reference_d_mlp: int | None = 16384
+    #: Ridge lambda_emmet added to D = K^T (w C)^-1 K before inverting (the reference's default
+    #: 0.1; 0 enforces W' k_j = W k_j + r_j exactly). The reference adds it only for batches of
+    #: more than one key; locedit edits one fact at a time and adds it always (README).
+    emmet_lambda: float = 0.1
+    covariance_ridge: float = 0.0
+
+
+@dataclass(frozen=True)
+class AlphaEditHParams(SpreadHParams):
+    """AlphaEdit (Fang et al., ICLR 2025, arXiv 2410.02355): MEMIT's keys, z* and spread with
+    the update projected onto the null space of the preserved keys; defaults from its GPT-J
+    hyperparameters (github.com/jianghoucheng/AlphaEdit, ``hparams/AlphaEdit``)."""
+
+    #: Eigenvectors of E[k k^T] whose eigenvalue is below this span the null space (Sec. 3;
+    #: the reference compares the eigenvalues of the raw second moment with it: absolute).
+    nullspace_threshold: float = 2e-2
+    #: ``True``: the threshold is relative to the mean eigenvalue trace(C)/d instead (models
+    #: whose keys are on another scale than GPT-J's).
+    nullspace_relative: bool = False
+    #: Ridge of the projected normal equations (Sec. 3; the reference's ``L2``), absolute.
+    L2: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -124,7 +165,7 @@ class FTHParams:
         return merge_overrides(self, overrides)
 
 
-HParams = RomeHParams | MemitHParams | FTHParams
+HParams = RomeHParams | MemitHParams | EmmetHParams | AlphaEditHParams | FTHParams
 
 def plain(value: Any) -> Any:
     """OmegaConf containers -> plain Python (lists become tuples for frozen dataclasses)."""
@@ -160,11 +201,14 @@ def merge_overrides(instance, overrides: Mapping[str, Any]):
 
 
 __all__ = [
+    "AlphaEditHParams",
+    "EmmetHParams",
     "FTHParams",
     "HParams",
     "KeyPolicy",
     "MemitHParams",
     "RomeHParams",
+    "SpreadHParams",
     "VStarHParams",
     "merge_overrides",
     "plain",

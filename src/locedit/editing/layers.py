@@ -73,8 +73,8 @@ def layer_grid(
 def layers_needing_covariance(
     layers: Sequence[int], methods: Iterable[str], n_layers: int
 ) -> list[int]:
-    """Every layer whose down-projection a key-statistics method (ROME, MEMIT) may edit for
-    edits at ``layers``."""
+    """Every layer whose down-projection a key-statistics method (ROME, MEMIT, EMMET, AlphaEdit)
+    may edit for edits at ``layers``."""
     needed: set[int] = set()
     for method in key_stats_methods(methods):
         for layer in layers:

@@ -6,8 +6,9 @@ context templates), which layers an edit "at layer l" touches, which parameters 
 what tuning chooses for it (App. A) and how to run it. The editor, the stats and tune stages,
 the sweep planner and the benchmarks ask the registry; nothing else matches method names.
 
-Adding a method (EMMET, AlphaEdit, r-ROME, ...) is one module with its ``apply`` function plus
-one entry in :data:`REGISTRY`.
+Adding a method (r-ROME, ...) is one module with its ``apply`` function plus one entry in
+:data:`REGISTRY`; EMMET and AlphaEdit were added so (they are not in the paper, so they are
+selectable but not among the default :data:`METHODS`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 from torch import nn
 
 from locedit.editing.hparams import (
+    AlphaEditHParams,
+    EmmetHParams,
     FTHParams,
     HParams,
     MemitHParams,
@@ -58,6 +61,11 @@ class EditMethod:
     changed_params: Callable[[nn.Module, list[int], Any], list[str]]
     #: a hyperparameter that overrides ``window`` (MEMIT's ``n_layers``)
     window_field: str | None = None
+    #: one of the paper's methods (Sec. 5.2): in :data:`METHODS`, the default method list
+    in_paper: bool = True
+    #: the method's own hyperparameters ``search`` mode also explores (``tune.search.<field>``
+    #: ranges; ``grid`` mode adds them when ``tune.grid.<field>`` lists values)
+    extra_tuned_fields: tuple[str, ...] = ()
 
     def window_for(self, hparams: HParams | None = None) -> int:
         """The window size: the hyperparameter ``window_field`` names, if any, else ``window``."""
@@ -148,10 +156,17 @@ def _finetuned(model: nn.Module, layers: list[int], hparams) -> list[str]:
 
 
 def _closed_form(
-    name: str, hparams: type, window: int, apply: Apply, window_field: str | None = None
+    name: str,
+    hparams: type,
+    window: int,
+    apply: Apply,
+    window_field: str | None = None,
+    in_paper: bool = True,
+    extra_tuned_fields: tuple[str, ...] = (),
 ) -> EditMethod:
-    """ROME and MEMIT: a closed-form update of down-projections from key statistics, with the
-    KL weight of the v*/z* optimisation tuned (App. A: 20 -> 25 v* steps for Fact Forcing)."""
+    """ROME, MEMIT, EMMET, AlphaEdit: a closed-form update of down-projections from key
+    statistics, with the KL weight of the v*/z* optimisation tuned (App. A: 20 -> 25 v* steps
+    for Fact Forcing)."""
     return EditMethod(
         name=name,
         hparams=hparams,
@@ -164,6 +179,8 @@ def _closed_form(
         apply=apply,
         changed_params=_down_projections,
         window_field=window_field,
+        in_paper=in_paper,
+        extra_tuned_fields=extra_tuned_fields,
     )
 
 
@@ -184,7 +201,8 @@ def _constrained_finetune(name: str, window: int) -> EditMethod:
     )
 
 
-#: The editing methods of the paper (Sec. 5.2), in its order.
+#: Every editing method: the paper's (Sec. 5.2), in its order, then the later closed-form
+#: editors on the same statistics, keys and z* (README, "Beyond the paper").
 REGISTRY: dict[str, EditMethod] = {
     m.name: m
     for m in (
@@ -194,11 +212,33 @@ REGISTRY: dict[str, EditMethod] = {
         ),
         _constrained_finetune("ft1", 1),
         _constrained_finetune("ft5", 5),
+        _closed_form(
+            "emmet",
+            EmmetHParams,
+            5,
+            "locedit.editing.emmet:apply_emmet",
+            window_field="n_layers",
+            in_paper=False,
+            extra_tuned_fields=("emmet_lambda",),
+        ),
+        _closed_form(
+            "alphaedit",
+            AlphaEditHParams,
+            5,
+            "locedit.editing.alphaedit:apply_alphaedit",
+            window_field="n_layers",
+            in_paper=False,
+            extra_tuned_fields=("nullspace_threshold",),
+        ),
     )
 }
 
-#: Method names, in registry order.
-METHODS: tuple[str, ...] = tuple(REGISTRY)
+#: The paper's methods, in its order: the default of ``edit.methods``, ``locedit edit`` and the
+#: benchmarks.
+METHODS: tuple[str, ...] = tuple(name for name, m in REGISTRY.items() if m.in_paper)
+
+#: Every registered method, in registry order (what ``edit.methods`` may name).
+ALL_METHODS: tuple[str, ...] = tuple(REGISTRY)
 
 
 def get_method(name: str) -> EditMethod:

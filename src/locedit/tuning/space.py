@@ -5,10 +5,16 @@ finetuning (FT-1, FT-5) tunes the radius of its L-infinity ball. ``grid`` mode e
 paper's values exactly; ``search`` mode lets TPE explore log-uniform ranges around them and,
 where the paper changed the number of optimisation steps (Fact Forcing: FT 25 -> 50, ROME
 v* 20 -> 25), also chooses between the two step counts.
+
+Methods beyond the paper tune the same KL weight of their z* and, through the registry's
+``extra_tuned_fields``, their own hyperparameters (EMMET's ``emmet_lambda``, AlphaEdit's
+``nullspace_threshold``): always in ``search`` mode (``tune.search.<field>`` ranges), and in
+``grid`` mode when ``tune.grid.<field>`` lists values (the grid is then the product).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,10 +42,14 @@ PAPER_HPARAM_GRIDS: dict[str, tuple[float, ...]] = {
     "linf_eps": (1e-4, 5e-5, 2e-5, 1e-5),
 }
 
-#: Log-uniform ranges for ``search`` mode: about a decade beyond the paper's grid each way.
+#: Log-uniform ranges for ``search`` mode: about a decade beyond the paper's grid each way;
+#: for EMMET's ridge and AlphaEdit's threshold about two decades around the references' 0.1
+#: and 2e-2.
 DEFAULT_RANGES: dict[str, tuple[float, float]] = {
     "kl_factor": (1e-2, 10.0),
     "linf_eps": (1e-6, 1e-3),
+    "emmet_lambda": (1e-3, 10.0),
+    "nullspace_threshold": (1e-4, 1.0),
 }
 
 #: Where the paper changed the number of steps (App. A, Fact Forcing): the choices to search.
@@ -134,6 +144,17 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class ExtraField:
+    """A method's own hyperparameter tuned beside the KL weight: its grid (may be empty: not in
+    ``grid`` mode) and its log-uniform range."""
+
+    name: str
+    grid: tuple[float, ...]
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     """The hyperparameters one (method, problem) study chooses, and how a trial suggests them."""
 
@@ -146,28 +167,38 @@ class SearchSpace:
     high: float
     step_field: str | None = None
     step_choices: tuple[int, ...] = ()
+    #: the method's own hyperparameters (``grid`` mode: only those with a grid)
+    extras: tuple[ExtraField, ...] = ()
 
     @property
     def fields(self) -> tuple[str, ...]:
         """Hyperparameter fields a trial sets (Optuna parameter names are these field names)."""
-        return (self.field,) + ((self.step_field,) if self.step_field else ())
+        extras = tuple(extra.name for extra in self.extras)
+        return (self.field, *extras) + ((self.step_field,) if self.step_field else ())
+
+    def _grids(self) -> dict[str, tuple[float, ...]]:
+        return {self.field: self.grid, **{extra.name: extra.grid for extra in self.extras}}
 
     def grid_points(self) -> list[dict[str, float]]:
-        """Every point of the grid, in the paper's order."""
-        return [{self.field: value} for value in self.grid]
+        """Every point of the grid, in the paper's order (the product over the fields)."""
+        grids = self._grids()
+        return [dict(zip(grids, values, strict=True)) for values in itertools.product(*grids.values())]
 
     def grid_search_space(self) -> dict[str, list[float]]:
         """The search space in :class:`optuna.samplers.GridSampler`'s format."""
-        return {self.field: list(self.grid)}
+        return {name: list(values) for name, values in self._grids().items()}
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         """The trial's hyperparameter overrides (``grid``: values come from the grid sampler)."""
         if self.mode == "grid":
-            low, high = min(self.grid), max(self.grid)
-            return {self.field: trial.suggest_float(self.field, low, high, log=low > 0)}
-        values: dict[str, Any] = {
-            self.field: trial.suggest_float(self.field, self.low, self.high, log=True)
-        }
+            values: dict[str, Any] = {}
+            for name, grid in self._grids().items():
+                low, high = min(grid), max(grid)
+                values[name] = trial.suggest_float(name, low, high, log=low > 0)
+            return values
+        values = {self.field: trial.suggest_float(self.field, self.low, self.high, log=True)}
+        for extra in self.extras:
+            values[extra.name] = trial.suggest_float(extra.name, extra.low, extra.high, log=True)
         if self.step_field:
             values[self.step_field] = trial.suggest_categorical(
                 self.step_field, list(self.step_choices)
@@ -195,6 +226,8 @@ class SearchSpace:
             out["range"] = [self.low, self.high]
             if self.step_field:
                 out[self.step_field] = list(self.step_choices)
+        for extra in self.extras:  # absent for the paper's methods: their identity is unchanged
+            out[extra.name] = list(extra.grid) if self.mode == "grid" else [extra.low, extra.high]
         return out
 
 
@@ -209,6 +242,13 @@ def search_space(method: str, problem: str, config: TuneConfig) -> SearchSpace:
     choices: Sequence[int] = ()
     if config.mode == "search":
         choices = tuple((config.step_choices.get(problem) or {}).get(method) or ())
+    extras = []
+    for extra in spec.extra_tuned_fields:
+        extra_grid = tuple(float(x) for x in config.grid.get(extra, ()))
+        if config.mode == "grid" and not extra_grid:
+            continue
+        extra_low, extra_high = config.ranges.get(extra, DEFAULT_RANGES[extra])
+        extras.append(ExtraField(extra, extra_grid, extra_low, extra_high))
     return SearchSpace(
         method=method,
         problem=problem,
@@ -219,4 +259,5 @@ def search_space(method: str, problem: str, config: TuneConfig) -> SearchSpace:
         high=high,
         step_field=spec.steps_field if len(choices) > 1 else None,
         step_choices=tuple(choices),
+        extras=tuple(extras),
     )

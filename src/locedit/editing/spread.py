@@ -1,0 +1,224 @@
+"""MEMIT's layer spread (Meng et al. 2022b, Sec. 4.3, Alg. 1), with the per-layer solve a
+parameter: MEMIT, EMMET and AlphaEdit share everything here and differ only in the solve.
+
+z* is the residual stream after the window's last layer that makes the target likely (the
+same optimisation as ROME's v*, :mod:`locedit.editing.vstar`). Then, for each layer i of the
+window in ascending order, with the layers below already updated:
+    r_i = (z* - z_current) / (number of window layers from i on)
+and the layer's solve turns its key k_i (averaged as MEMIT's ``compute_ks`` does:
+:func:`~locedit.editing.batch.memit_key_mean`) and wanted output change r_i into an update
+dW_i in the out x in orientation, which is added to the down-projection.
+
+Architectures whose MLP output passes an RMSNorm before joining the residual stream (Gemma
+2/3, ``ArchSpec.mlp_post_norm``) break MEMIT's additive assumption; there r_i is first turned
+into the MLP-output change that moves the normed output by r_i, to first order and as far as
+the norm allows (:func:`mlp_change_for`).
+
+A solve sees the keys as a matrix K [d_mlp, B] and the wanted changes as R [d_out, B]: one
+edit here has B = 1, the batched forms of EMMET and AlphaEdit are the same functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from locedit.editing.batch import memit_key_mean, request_batch
+from locedit.editing.covariance import down_proj_module
+from locedit.editing.forward import captured_io, run_batch_until
+from locedit.editing.hparams import SpreadHParams
+from locedit.editing.types import EditCall, EditFailed, EditResult
+from locedit.editing.vstar import optimise_vstar
+from locedit.models.architecture import (
+    arch_spec,
+    component_module,
+    down_proj_weight,
+    from_out_in,
+    get_module,
+)
+from locedit.models.hooks import recorded
+
+
+@dataclass(frozen=True)
+class LayerProblem:
+    """What one layer of the spread asks of its solve: the update dW with dW K ~ R."""
+
+    model: nn.Module
+    method: str
+    layer: int
+    #: K [d_mlp, B], float64: one key per edited fact
+    keys: torch.Tensor
+    #: R [d_out, B], float64: the output change wanted at each key
+    residuals: torch.Tensor
+    hparams: Any
+    #: the CovarianceStore (key statistics)
+    covariance: Any
+
+
+@dataclass
+class LayerUpdate:
+    """A solve's answer: dW [d_out, d_mlp] (float64, out x in) and numbers worth logging (per-layer
+    names end in ``_l{layer}``)."""
+
+    delta_out_in: torch.Tensor
+    diagnostics: dict[str, float] = field(default_factory=dict)
+
+
+#: A layer's solve: given K, R, the key statistics and the hyperparameters, the update.
+LayerSolve = Callable[[LayerProblem], LayerUpdate]
+
+
+def mlp_change_for(
+    norm: nn.Module,
+    mlp_out: torch.Tensor,
+    wanted: torch.Tensor,
+    damping: float = 1e-3,
+    iterations: int = 1,
+    tolerance: float = 1e-3,
+) -> tuple[torch.Tensor, float]:
+    """The MLP-output change that moves ``norm(mlp_out)`` by ``wanted`` (post-MLP norms).
+
+    MEMIT assumes the MLP output joins the residual stream as it is. Gemma 2/3 first pass it
+    through an RMSNorm, whose output has a fixed size and whose gain nearly vanishes in some
+    directions. Each Gauss-Newton step is the damped least-squares solution of J dm = what is
+    still missing, with J the norm's Jacobian at the current point
+    (dm = (J^T J + mu I)^-1 J^T missing, mu = ``damping`` x the mean eigenvalue of J^T J), so
+    unreachable directions are not chased; MEMIT's later layers correct what is left. One step
+    is the first-order answer, which falls short when the wanted change is a sizeable part of
+    the norm's output (Gemma's residual updates are); up to ``iterations`` steps run until the
+    missing part is below ``tolerance`` x ||wanted||. Returns the change and the realised share
+    (norm(mlp_out + change) - norm(mlp_out)) . wanted / ||wanted||^2, measured, not linearised.
+    """
+    point, wanted = mlp_out.detach().double(), wanted.detach().double()
+    d = int(point.shape[0])
+
+    def normed(x: torch.Tensor) -> torch.Tensor:
+        return norm(x[None].float())[0].double()
+
+    with torch.no_grad():
+        start = normed(point)
+    goal = start + wanted
+    current = point.clone()
+    scale = float(wanted.norm().clamp_min(1e-300))
+    for _ in range(max(1, iterations)):
+        with torch.no_grad():
+            missing = goal - normed(current)
+        if float(missing.norm()) <= tolerance * scale:
+            break
+        jacobian = torch.autograd.functional.jacobian(normed, current, vectorize=True).detach()
+        normal = jacobian.T @ jacobian
+        mu = damping * float(torch.trace(normal)) / d
+        step = torch.linalg.solve(
+            normal + mu * torch.eye(d, dtype=torch.float64, device=point.device),
+            jacobian.T @ missing,
+        )
+        current = current + step
+    change = current - point
+    with torch.no_grad():
+        realised = float((normed(current) - start) @ wanted) / scale**2
+    return change, realised
+
+
+def spread_update(edit: EditCall, solve: LayerSolve) -> EditResult:
+    """Edit ``edit.model`` in place over ``edit.layers`` (the window around ``edit.layer``),
+    each layer's update from ``solve``; the caller (:func:`locedit.editing.edited`) restores."""
+    model, request, method, layers = edit.model, edit.request, edit.method, edit.layers
+    hp: SpreadHParams = edit.hparams
+    batch = request_batch(model, edit.tokenizer, request, edit.templates, hp)
+    z_layer = max(layers)
+    z_module = component_module(model, "resid", z_layer)
+
+    zstar = optimise_vstar(model, batch, z_module, z_layer + 1, hp, request.direction, method)
+    z_target = zstar.target.double()
+
+    diagnostics: dict[str, float] = {"z_layer": float(z_layer), **zstar.diagnostics("z")}
+    flags: list[str] = zstar.flags("z")
+    tensors: dict[str, torch.Tensor] = {"z_star": z_target.float()}
+    z_initial = None
+    previous: tuple[int, torch.Tensor, torch.Tensor] | None = None
+    post_norm = arch_spec(model).mlp_post_norm
+    for position, edit_layer in enumerate(layers):
+        keys_module = down_proj_module(model, edit_layer)
+        with (
+            captured_io(keys_module, batch.lookup) as found,
+            recorded({"z": z_module}) as rec,
+        ):
+            run_batch_until(model, batch, z_module)
+        k = memit_key_mean(found["input"].double(), batch)
+        mlp_out = found["output"].double()[batch.bare].mean(0)
+        z_now = _lookup_mean(rec["z"], batch).double()
+        if z_initial is None:
+            z_initial = z_now
+        if previous is not None:  # how much of the last layer's share z really moved by
+            last_layer, last_z, last_request = previous
+            diagnostics[f"z_realised_l{last_layer}"] = float(
+                (z_now - last_z) @ last_request / last_request.norm().clamp_min(1e-300) ** 2
+            )
+        residual = (z_target - z_now) / (len(layers) - position)
+        previous = (edit_layer, z_now, residual)
+        if post_norm is not None:
+            norm = get_module(model, post_norm.format(edit_layer))
+            residual, realised = mlp_change_for(
+                norm, mlp_out, residual, iterations=hp.post_norm_iterations
+            )
+            diagnostics[f"post_norm_realised_l{edit_layer}"] = realised
+
+        update = solve(
+            LayerProblem(
+                model, method, edit_layer, k[:, None], residual[:, None], hp, edit.covariance
+            )
+        )
+        delta_out_in = update.delta_out_in
+        if not bool(torch.isfinite(delta_out_in).all()):
+            raise EditFailed(method, f"non-finite update at layer {edit_layer}")
+        weight = down_proj_weight(model, edit_layer)
+        with torch.no_grad():
+            weight_norm = float(weight.double().norm())
+            weight.add_(from_out_in(model, delta_out_in).to(weight.dtype))
+        if not bool(torch.isfinite(weight).all()):
+            raise EditFailed(method, f"edited weights at layer {edit_layer} are not finite")
+        ratio = float(delta_out_in.norm()) / weight_norm
+        diagnostics[f"update_norm_ratio_l{edit_layer}"] = ratio
+        diagnostics.update(update.diagnostics)
+        tensors[f"k_l{edit_layer}"] = k.float()
+        tensors[f"r_l{edit_layer}"] = residual.float()
+        if ratio > hp.flag_update_ratio and "large_update" not in flags:
+            flags.append("large_update")
+
+    # How much of the requested change of z the finished edit realises.
+    with recorded({"z": z_module}) as rec:
+        run_batch_until(model, batch, z_module)
+    z_final = _lookup_mean(rec["z"], batch).double()
+    if previous is not None:
+        last_layer, last_z, last_request = previous
+        diagnostics[f"z_realised_l{last_layer}"] = float(
+            (z_final - last_z) @ last_request / last_request.norm().clamp_min(1e-300) ** 2
+        )
+    wanted = float((z_target - z_initial).norm())
+    diagnostics["z_residual_fraction"] = (
+        float((z_target - z_final).norm()) / wanted if wanted > 0 else math.nan
+    )
+    diagnostics["update_norm_ratio"] = max(
+        v for key, v in diagnostics.items() if key.startswith("update_norm_ratio_l")
+    )
+    return EditResult(
+        method=method,
+        layer=edit.layer,
+        layers=list(layers),
+        diagnostics=diagnostics,
+        flags=flags,
+        hparams=hp.to_dict(),
+        tensors=tensors,
+    )
+
+
+def _lookup_mean(output, batch) -> torch.Tensor:
+    """Mean over the bare-prompt rows of a layer output at their lookup tokens."""
+    value = output[0] if isinstance(output, tuple) else output
+    rows = torch.nonzero(batch.bare)[:, 0]
+    return value[rows, batch.lookup[rows]].mean(0)
