@@ -172,3 +172,48 @@ def test_memit_each_layer_update_is_the_hand_computed_solve(family, tok, store):
             c = store.get(model, layer).numpy()
             expected = np.outer(r, np.linalg.solve(lam * c + np.outer(k, k), k))
             assert np.linalg.norm(delta - expected) <= 1e-5 * np.linalg.norm(expected)
+
+
+@pytest.mark.parametrize("measured", [True, False])
+def test_memit_asks_a_scaled_residual_for_its_share_divided_by_the_gain(
+    measured, tok, store, monkeypatch
+):
+    """Granite adds residual_multiplier x the MLP output to the stream. With the gain measured,
+    the window's top layer reaches z* as on GPT-2 (lambda -> 0, bare prompt); assuming a gain
+    of 1, as MEMIT's derivation does, most of the change goes missing."""
+    import locedit.editing.spread as spread
+    from locedit.models.architecture import component_module
+    from locedit.models.hooks import recorded
+
+    model = editable_tiny_model("granite", n_layers=6)
+    for block in model.model.layers:
+        block.residual_multiplier = 0.22
+    if not measured:
+        monkeypatch.setattr(spread, "residual_gain", lambda _model: 1.0)
+    hp = hparams_for(
+        "memit",
+        overrides={
+            "n_context_templates": 0, "context_template_lengths": (), "kl_factor": 0.0,
+            "mom2_weight": 1e-9, "mom2_weight_reference_d_mlp": None, "v_steps": 8,
+        },
+    )
+    enc = encode_prompt(tok, PROMPT, "Eiffel Tower")
+    top = component_module(model, "resid", 5)
+
+    def z_at_lookup():
+        with recorded({"z": top}) as rec, torch.no_grad():
+            model(torch.tensor([enc.input_ids]))
+        value = rec["z"][0] if isinstance(rec["z"], tuple) else rec["z"]
+        return value[0, enc.subject_end - 1].double()
+
+    z_init = z_at_lookup()
+    request = EditRequest(PROMPT, "Eiffel Tower", "Rome")
+    with edited(model, tok, "memit", request, 3, hp, store) as result:
+        z_final = z_at_lookup()
+    z_star = result.tensors["z_star"].double()
+    missed = float((z_final - z_star).norm()) / float((z_star - z_init).norm())
+    if measured:
+        assert model.__dict__["_locedit_residual_gain"] == pytest.approx(0.22, rel=1e-5)
+        assert missed <= 1e-4
+    else:
+        assert missed > 0.3  # only the last layer's corrections close part of the gap

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-METHOD_ORDER = ("ft1", "ft5", "rome", "memit")
+#: The paper's four methods in its order, then the later closed-form editors (issue 21).
+METHOD_ORDER = ("ft1", "ft5", "rome", "memit", "emmet", "alphaedit")
 METHOD_LABELS = {
     "ft1": "FT (1 layer)",
     "ft5": "FT (5 layers)",
     "rome": "ROME (1 layer)",
     "memit": "MEMIT (5 layers)",
+    "emmet": "EMMET (5 layers)",
+    "alphaedit": "AlphaEdit (5 layers)",
 }
 PROBLEM_ORDER = (
     "error_injection",

@@ -12,7 +12,9 @@ dW_i in the out x in orientation, which is added to the down-projection.
 Architectures whose MLP output passes an RMSNorm before joining the residual stream (Gemma
 2/3, ``ArchSpec.mlp_post_norm``) break MEMIT's additive assumption; there r_i is first turned
 into the MLP-output change that moves the normed output by r_i, to first order and as far as
-the norm allows (:func:`mlp_change_for`).
+the norm allows (:func:`mlp_change_for`). Families that scale the MLP output before adding it
+(Granite's ``residual_multiplier``) ask the MLP for r_i / gain, the gain measured once per model
+(:func:`locedit.models.residual.residual_gain`; exactly 1 elsewhere, so nothing changes there).
 
 A solve sees the keys as a matrix K [d_mlp, B] and the wanted changes as R [d_out, B]: one
 edit here has B = 1, the batched forms of EMMET and AlphaEdit are the same functions.
@@ -42,6 +44,7 @@ from locedit.models.architecture import (
     get_module,
 )
 from locedit.models.hooks import recorded
+from locedit.models.residual import residual_gain
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ def spread_update(edit: EditCall, solve: LayerSolve) -> EditResult:
     z_initial = None
     previous: tuple[int, torch.Tensor, torch.Tensor] | None = None
     post_norm = arch_spec(model).mlp_post_norm
+    gain = residual_gain(model)  # 1.0 unless the family scales the MLP output (Granite)
     for position, edit_layer in enumerate(layers):
         keys_module = down_proj_module(model, edit_layer)
         with (
@@ -161,6 +165,8 @@ def spread_update(edit: EditCall, solve: LayerSolve) -> EditResult:
             )
         residual = (z_target - z_now) / (len(layers) - position)
         previous = (edit_layer, z_now, residual)
+        if gain != 1.0:  # the stream adds gain x the MLP's contribution
+            residual = residual / gain
         if post_norm is not None:
             norm = get_module(model, post_norm.format(edit_layer))
             residual, realised = mlp_change_for(
