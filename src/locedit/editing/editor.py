@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.editing.covariance import CovarianceStore
 from locedit.editing.hparams import HParams, VStarHParams
-from locedit.editing.methods import get_method
+from locedit.editing.methods import check_batch, get_method
 from locedit.editing.types import EditFailed, EditRequest, EditResult
 from locedit.models.architecture import n_layers
 from locedit.models.snapshot import preserved_weights
@@ -70,6 +70,7 @@ def edited(
     layer: int,
     hparams: HParams | None = None,
     covariance: CovarianceStore | None = None,
+    co_requests: Sequence[EditRequest] = (),
 ) -> Iterator[EditResult]:
     """Apply one edit in place for the duration of the block and yield its :class:`EditResult`.
 
@@ -78,11 +79,16 @@ def edited(
     edit that hits NaN/Inf in a loss or update raises :class:`EditFailed` after restoring.
     ``method`` names a :data:`~locedit.editing.methods.REGISTRY` entry; ``covariance`` (a
     :class:`CovarianceStore`) is required by the methods that need key statistics.
+    ``co_requests`` are edited together with ``request`` in the same update: exactly
+    ``hparams.batch_size - 1`` of them (MEMIT, EMMET, AlphaEdit); a method without a
+    ``batch_size`` refuses any (:func:`~locedit.editing.methods.check_batch`). The result
+    describes ``request``.
     """
     spec = get_method(method)
     hparams = hparams if hparams is not None else spec.hparams_from()
     if not isinstance(hparams, spec.hparams):
         raise TypeError(f"{method} needs {spec.hparams.__name__}, got {type(hparams).__name__}")
+    check_batch(method, hparams, co_requests)
     layers = spec.layers(layer, n_layers(model), hparams)
     names = spec.params(model, layers, hparams)
     templates = (
@@ -92,7 +98,15 @@ def edited(
         start = time.perf_counter()
         try:
             result = spec.run(
-                model, tokenizer, request, layer, layers, hparams, covariance, templates
+                model,
+                tokenizer,
+                request,
+                layer,
+                layers,
+                hparams,
+                covariance,
+                templates,
+                co_requests,
             )
         except EditFailed as err:
             raise EditFailed(method, err.reason) from err

@@ -90,6 +90,14 @@ class SpreadHParams(VStarHParams):
     #: an MLP-output change (1: the first-order solution; more reach the share more closely in
     #: the residual stream but, measured on Gemma-3-270M, edit less: README, issue 16).
     post_norm_iterations: int = 1
+    #: Facts in one update (MEMIT's batch, Meng et al. 2022b Alg. 1; EMMET's, Gupta et al.
+    #: 2024): the edited fact together with ``batch_size - 1`` co-edited ones, each with its own
+    #: z*, solved jointly per layer. 1 edits the fact alone (the paper's setting).
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be at least 1, not {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -116,7 +124,7 @@ class EmmetHParams(SpreadHParams):
     mom2_weight_reference_d_mlp: int | None = 16384
     #: Ridge lambda_emmet added to D = K^T (w C)^-1 K before inverting (the reference's default
     #: 0.1; 0 enforces W' k_j = W k_j + r_j exactly). The reference adds it only for batches of
-    #: more than one key; locedit edits one fact at a time and adds it always (README).
+    #: more than one key; locedit adds it for every batch size, single edits too (README).
     emmet_lambda: float = 0.1
     covariance_ridge: float = 0.0
 

@@ -1,23 +1,31 @@
-"""MEMIT (Meng et al. 2022b) for a single request, spread over a window of layers.
+"""MEMIT (Meng et al. 2022b) spread over a window of layers, for one request or a batch.
 
 The z* optimisation, the per-layer keys and residual shares and the post-MLP-norm handling
 are MEMIT's layer spread (:mod:`locedit.editing.spread`). MEMIT's own part is the solve of
-each layer (its least-squares update with the covariance weighted by lambda, for one key):
-    dW_i = r_i k_i^T (lambda C_i + k_i k_i^T)^-1
-with lambda the covariance weight. It uses a cached Cholesky factor of C_i and the
-Sherman-Morrison identity, in float64, and checks the residual of the full system.
+each layer, its least-squares update with the covariance weighted by lambda (Sec. 4.3, Alg. 1):
+    dW_i = R_i K_i^T (lambda C_i + K_i K_i^T)^-1
+for keys K_i [d_mlp, B] and wanted changes R_i [d_out, B]. One key (B = 1, the paper's
+single edits) uses the Sherman-Morrison identity, a batch its generalisation, the Woodbury
+identity with a B x B Cholesky solve (:func:`memit_delta`); both in float64 from a cached
+Cholesky factor of C_i, both with a residual check of the full system.
 """
 
 from __future__ import annotations
 
 import torch
 
-from locedit.editing.covariance import SingularCovarianceError
+from locedit.editing.covariance import CovarianceSolver, SingularCovarianceError
 from locedit.editing.hparams import EmmetHParams, MemitHParams
 from locedit.editing.spread import LayerProblem, LayerUpdate, mlp_change_for, spread_update
 from locedit.editing.types import EditCall, EditFailed, EditResult
 
-__all__ = ["apply_memit", "effective_mom2_weight", "memit_solve", "mlp_change_for"]
+__all__ = [
+    "apply_memit",
+    "effective_mom2_weight",
+    "memit_delta",
+    "memit_solve",
+    "mlp_change_for",
+]
 
 
 def effective_mom2_weight(hp: MemitHParams | EmmetHParams, d_mlp: int) -> float:
@@ -27,10 +35,45 @@ def effective_mom2_weight(hp: MemitHParams | EmmetHParams, d_mlp: int) -> float:
     return hp.mom2_weight * d_mlp / hp.mom2_weight_reference_d_mlp
 
 
+def memit_delta(
+    keys: torch.Tensor, residuals: torch.Tensor, solver: CovarianceSolver, weight_lambda: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """MEMIT's batched update dW = R K^T (lambda C + K K^T)^-1 [d_out, d_mlp] (float64, out x
+    in) for keys K [d_mlp, B] and wanted changes R [d_out, B] (Meng et al. 2022b, Alg. 1).
+
+    Woodbury: (lambda C + K K^T)^-1 K = X (I + K^T X)^-1 with X = (lambda C)^-1 K, so only a
+    B x B system is factored. Returns dW and the realised share trace(R^T dW K) / ||R||^2;
+    raises :class:`SingularCovarianceError` when the solve misses its residual check.
+    """
+    keys, residuals = keys.double(), residuals.double().to(keys.device)
+    if keys.ndim != 2 or residuals.ndim != 2 or keys.shape[1] != residuals.shape[1]:
+        raise ValueError("keys must be [d_mlp, B] and residuals [d_out, B] with the same B")
+    if not weight_lambda > 0:
+        raise ValueError("MEMIT needs a covariance weight lambda > 0")
+    x = solver.solve(keys) / weight_lambda  # (lambda C)^-1 K [d_mlp, B]
+    small = keys.T @ x
+    small = 0.5 * (small + small.T) + torch.eye(
+        small.shape[0], dtype=small.dtype, device=small.device
+    )
+    factor, info = torch.linalg.cholesky_ex(small)
+    if int(info) != 0:
+        raise SingularCovarianceError("I + K^T (lambda C)^-1 K is not positive definite")
+    adjusted = torch.cholesky_solve(x.T, factor).T  # (lambda C + K K^T)^-1 K [d_mlp, B]
+    full = weight_lambda * (solver.matrix @ adjusted) + keys @ (keys.T @ adjusted)
+    check = float((full - keys).norm() / keys.norm().clamp_min(1e-300))
+    if not check <= 1e-6:
+        raise SingularCovarianceError(f"MEMIT's batched solve residual {check:.2e}")
+    delta = residuals @ adjusted.T
+    wanted = float(residuals.square().sum())
+    share = float(torch.sum(residuals * (delta @ keys))) / wanted if wanted > 0 else 1.0
+    return delta, {"realised_share": share}
+
+
 def memit_solve(problem: LayerProblem) -> LayerUpdate:
-    """MEMIT's update of one layer for one key: r (lambda C + k k^T)^-1 k, out x in."""
+    """MEMIT's update of one layer: r (lambda C + k k^T)^-1 k for one key (Sherman-Morrison,
+    the paper's single edits), :func:`memit_delta` for a batch."""
     if problem.keys.shape[1] != 1:
-        raise ValueError("memit_solve takes one key (locedit edits one fact per edit)")
+        return _memit_batch_solve(problem)
     hp: MemitHParams = problem.hparams
     method, layer = problem.method, problem.layer
     k, residual = problem.keys[:, 0], problem.residuals[:, 0]
@@ -50,6 +93,25 @@ def memit_solve(problem: LayerProblem) -> LayerUpdate:
         torch.outer(residual, adjusted),
         {
             f"realised_share_l{layer}": float(k @ adjusted),
+            f"covariance_ridge_l{layer}": solver.ridge,
+            "mom2_weight": weight_lambda,
+        },
+    )
+
+
+def _memit_batch_solve(problem: LayerProblem) -> LayerUpdate:
+    hp: MemitHParams = problem.hparams
+    method, layer = problem.method, problem.layer
+    weight_lambda = effective_mom2_weight(hp, int(problem.keys.shape[0]))
+    try:
+        solver = problem.covariance.solver(problem.model, layer, hp.covariance_ridge)
+        delta, numbers = memit_delta(problem.keys, problem.residuals, solver, weight_lambda)
+    except SingularCovarianceError as err:
+        raise EditFailed(method, f"layer {layer}: {err}") from err
+    return LayerUpdate(
+        delta,
+        {
+            f"realised_share_l{layer}": numbers["realised_share"],
             f"covariance_ridge_l{layer}": solver.ridge,
             "mom2_weight": weight_lambda,
         },

@@ -14,7 +14,7 @@ selectable but not among the default :data:`METHODS`).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from locedit.editing.hparams import (
     merge_overrides,
     plain,
 )
-from locedit.editing.types import EditCall
+from locedit.editing.types import EditCall, EditRequest
 from locedit.models.architecture import down_proj_name
 from locedit.models.hooks import window_layers
 
@@ -93,14 +93,35 @@ class EditMethod:
         apply = self.apply
         return apply.partition(":")[0] if isinstance(apply, str) else apply.__module__
 
-    def run(self, model, tokenizer, request, layer, layers, hparams, covariance, templates):
+    def run(
+        self,
+        model,
+        tokenizer,
+        request,
+        layer,
+        layers,
+        hparams,
+        covariance,
+        templates,
+        co_requests: Sequence[EditRequest] = (),
+    ):
         """Apply one edit in place (use :func:`locedit.editing.edited`, which restores it)."""
+        check_batch(self.name, hparams, co_requests)
         apply = self.apply
         if isinstance(apply, str):
             module, _, name = apply.partition(":")
             apply = getattr(importlib.import_module(module), name)
         call = EditCall(
-            model, tokenizer, request, self.name, layer, layers, hparams, covariance, templates
+            model,
+            tokenizer,
+            request,
+            self.name,
+            layer,
+            layers,
+            hparams,
+            covariance,
+            templates,
+            tuple(co_requests),
         )
         return apply(call)
 
@@ -140,6 +161,27 @@ class EditMethod:
             merged.update((problem_overrides.get(problem) or {}).get(self.name) or {})
         merged.update(plain(dict(overrides or {})))
         return merge_overrides(self.hparams(), merged)
+
+
+def check_batch(method: str, hparams: Any, co_requests: Sequence[EditRequest]) -> None:
+    """Refuse co-edited requests that the hyperparameters do not ask for, and the reverse.
+
+    A method edits ``batch_size`` facts per update (MEMIT's and EMMET's batch; 1 where the
+    hyperparameters have no ``batch_size``), so exactly ``batch_size - 1`` requests must come
+    with the edited one: none are silently dropped and no batch is silently smaller.
+    """
+    batch_size = int(getattr(hparams, "batch_size", 1))
+    if len(co_requests) == batch_size - 1:
+        return
+    if not hasattr(hparams, "batch_size"):
+        raise ValueError(
+            f"{method} edits one fact per update (its hyperparameters have no batch_size): "
+            f"got {len(co_requests)} co-edited request(s)"
+        )
+    raise ValueError(
+        f"{method} with batch_size {batch_size} edits the fact together with "
+        f"{batch_size - 1} co-edited request(s), got {len(co_requests)}"
+    )
 
 
 # --------------------------------------------------------------------------- the methods

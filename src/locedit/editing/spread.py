@@ -16,8 +16,11 @@ the norm allows (:func:`mlp_change_for`). Families that scale the MLP output bef
 (Granite's ``residual_multiplier``) ask the MLP for r_i / gain, the gain measured once per model
 (:func:`locedit.models.residual.residual_gain`; exactly 1 elsewhere, so nothing changes there).
 
-A solve sees the keys as a matrix K [d_mlp, B] and the wanted changes as R [d_out, B]: one
-edit here has B = 1, the batched forms of EMMET and AlphaEdit are the same functions.
+A solve sees the keys as a matrix K [d_mlp, B] and the wanted changes as R [d_out, B], one
+column per request of the update: the edited fact alone (B = 1, the paper's setting) or with
+``batch_size - 1`` co-edited facts (``EditCall.co_requests``), as MEMIT's Alg. 1 edits a batch:
+each request's z* optimised on its own, each layer's columns measured with the layers below
+already updated, one solve per layer for all of them.
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from locedit.editing.batch import memit_key_mean, request_batch
+from locedit.editing.batch import EditBatch, memit_key_mean, request_batch
 from locedit.editing.covariance import down_proj_module
 from locedit.editing.forward import captured_io, run_batch_until
 from locedit.editing.hparams import SpreadHParams
-from locedit.editing.types import EditCall, EditFailed, EditResult
+from locedit.editing.types import EditCall, EditFailed, EditRequest, EditResult
 from locedit.editing.vstar import optimise_vstar
 from locedit.models.architecture import (
     arch_spec,
@@ -127,56 +130,139 @@ def mlp_change_for(
     return change, realised
 
 
+@dataclass
+class _Edited:
+    """One request of the update: its prompts, its z* and where z started."""
+
+    batch: EditBatch
+    z_target: torch.Tensor
+    z_initial: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Column:
+    """One request's column of a layer's solve, and what the spread logs about it."""
+
+    key: torch.Tensor
+    residual: torch.Tensor
+    #: z at the lookup token before this layer's update (the share's starting point)
+    z_now: torch.Tensor
+    #: the share r_i before the gain and post-norm conversions
+    share: torch.Tensor
+    #: the post-MLP norm's realised share (None without a post-MLP norm)
+    post_norm_realised: float | None
+
+
+def _optimise_z(edit: EditCall, request: EditRequest, z_module: nn.Module, z_layer: int):
+    """z* of one request (MEMIT's ``compute_z``, run per request as Alg. 1 does)."""
+    hp: SpreadHParams = edit.hparams
+    batch = request_batch(edit.model, edit.tokenizer, request, edit.templates, hp)
+    zstar = optimise_vstar(
+        edit.model, batch, z_module, z_layer + 1, hp, request.direction, edit.method
+    )
+    return batch, zstar
+
+
+def _layer_column(
+    edit: EditCall,
+    entry: _Edited,
+    layer: int,
+    remaining: int,
+    z_module: nn.Module,
+    gain: float,
+) -> _Column:
+    """A request's key k_i (MEMIT's ``compute_ks`` mean) and wanted MLP-output change at
+    ``layer``: its share (z* - z_now) / ``remaining`` of the way to z*, over the residual gain
+    and through the post-MLP norm where the architecture has one (Meng et al. 2022b, Alg. 1)."""
+    model, batch = edit.model, entry.batch
+    with (
+        captured_io(down_proj_module(model, layer), batch.lookup) as found,
+        recorded({"z": z_module}) as rec,
+    ):
+        run_batch_until(model, batch, z_module)
+    key = memit_key_mean(found["input"].double(), batch)
+    mlp_out = found["output"].double()[batch.bare].mean(0)
+    z_now = _lookup_mean(rec["z"], batch).double()
+    if entry.z_initial is None:
+        entry.z_initial = z_now
+    share = (entry.z_target - z_now) / remaining
+    residual = share
+    if gain != 1.0:  # the stream adds gain x the MLP's contribution
+        residual = residual / gain
+    realised = None
+    post_norm = arch_spec(model).mlp_post_norm
+    if post_norm is not None:
+        norm = get_module(model, post_norm.format(layer))
+        residual, realised = mlp_change_for(
+            norm, mlp_out, residual, iterations=edit.hparams.post_norm_iterations
+        )
+    return _Column(key, residual, z_now, share, realised)
+
+
+def _z_final(model: nn.Module, entry: _Edited, z_module: nn.Module) -> torch.Tensor:
+    with recorded({"z": z_module}) as rec:
+        run_batch_until(model, entry.batch, z_module)
+    return _lookup_mean(rec["z"], entry.batch).double()
+
+
+def _residual_fraction(z_target, z_initial, z_final) -> float:
+    """||z* - z_final|| / ||z* - z_initial||: how much of the wanted change of z is missing."""
+    wanted = float((z_target - z_initial).norm())
+    return float((z_target - z_final).norm()) / wanted if wanted > 0 else math.nan
+
+
 def spread_update(edit: EditCall, solve: LayerSolve) -> EditResult:
     """Edit ``edit.model`` in place over ``edit.layers`` (the window around ``edit.layer``),
-    each layer's update from ``solve``; the caller (:func:`locedit.editing.edited`) restores."""
-    model, request, method, layers = edit.model, edit.request, edit.method, edit.layers
-    hp: SpreadHParams = edit.hparams
-    batch = request_batch(model, edit.tokenizer, request, edit.templates, hp)
+    each layer's update from ``solve``; the caller (:func:`locedit.editing.edited`) restores.
+
+    ``edit.request`` and ``edit.co_requests`` are edited in one update (MEMIT's Alg. 1, EMMET's
+    batch): a z* per request, then per layer one column of K and R per request and one solve.
+    The diagnostics and tensors describe ``edit.request``; ``batch_size`` counts the update's
+    requests and ``co_z_residual_fraction`` averages the co-edited requests' missing share.
+    """
+    model, method, layers = edit.model, edit.method, edit.layers
     z_layer = max(layers)
     z_module = component_module(model, "resid", z_layer)
 
-    zstar = optimise_vstar(model, batch, z_module, z_layer + 1, hp, request.direction, method)
-    z_target = zstar.target.double()
-
-    diagnostics: dict[str, float] = {"z_layer": float(z_layer), **zstar.diagnostics("z")}
-    flags: list[str] = zstar.flags("z")
-    tensors: dict[str, torch.Tensor] = {"z_star": z_target.float()}
-    z_initial = None
+    entries: list[_Edited] = []
+    diagnostics: dict[str, float] = {"z_layer": float(z_layer)}
+    flags: list[str] = []
+    for request in (edit.request, *edit.co_requests):
+        batch, zstar = _optimise_z(edit, request, z_module, z_layer)
+        if not entries:  # the focal request's optimisation is the one logged
+            diagnostics.update(zstar.diagnostics("z"))
+            flags.extend(zstar.flags("z"))
+        entries.append(_Edited(batch, zstar.target.double()))
+    hp: SpreadHParams = edit.hparams
+    diagnostics["batch_size"] = float(len(entries))
+    focal = entries[0]
+    tensors: dict[str, torch.Tensor] = {"z_star": focal.z_target.float()}
     previous: tuple[int, torch.Tensor, torch.Tensor] | None = None
-    post_norm = arch_spec(model).mlp_post_norm
     gain = residual_gain(model)  # 1.0 unless the family scales the MLP output (Granite)
     for position, edit_layer in enumerate(layers):
-        keys_module = down_proj_module(model, edit_layer)
-        with (
-            captured_io(keys_module, batch.lookup) as found,
-            recorded({"z": z_module}) as rec,
-        ):
-            run_batch_until(model, batch, z_module)
-        k = memit_key_mean(found["input"].double(), batch)
-        mlp_out = found["output"].double()[batch.bare].mean(0)
-        z_now = _lookup_mean(rec["z"], batch).double()
-        if z_initial is None:
-            z_initial = z_now
+        columns = [
+            _layer_column(edit, entry, edit_layer, len(layers) - position, z_module, gain)
+            for entry in entries
+        ]
+        mine = columns[0]
         if previous is not None:  # how much of the last layer's share z really moved by
             last_layer, last_z, last_request = previous
             diagnostics[f"z_realised_l{last_layer}"] = float(
-                (z_now - last_z) @ last_request / last_request.norm().clamp_min(1e-300) ** 2
+                (mine.z_now - last_z) @ last_request / last_request.norm().clamp_min(1e-300) ** 2
             )
-        residual = (z_target - z_now) / (len(layers) - position)
-        previous = (edit_layer, z_now, residual)
-        if gain != 1.0:  # the stream adds gain x the MLP's contribution
-            residual = residual / gain
-        if post_norm is not None:
-            norm = get_module(model, post_norm.format(edit_layer))
-            residual, realised = mlp_change_for(
-                norm, mlp_out, residual, iterations=hp.post_norm_iterations
-            )
-            diagnostics[f"post_norm_realised_l{edit_layer}"] = realised
+        previous = (edit_layer, mine.z_now, mine.share)
+        if mine.post_norm_realised is not None:
+            diagnostics[f"post_norm_realised_l{edit_layer}"] = mine.post_norm_realised
 
         update = solve(
             LayerProblem(
-                model, method, edit_layer, k[:, None], residual[:, None], hp, edit.covariance
+                model,
+                method,
+                edit_layer,
+                torch.stack([c.key for c in columns], 1),
+                torch.stack([c.residual for c in columns], 1),
+                hp,
+                edit.covariance,
             )
         )
         delta_out_in = update.delta_out_in
@@ -191,24 +277,26 @@ def spread_update(edit: EditCall, solve: LayerSolve) -> EditResult:
         ratio = float(delta_out_in.norm()) / weight_norm
         diagnostics[f"update_norm_ratio_l{edit_layer}"] = ratio
         diagnostics.update(update.diagnostics)
-        tensors[f"k_l{edit_layer}"] = k.float()
-        tensors[f"r_l{edit_layer}"] = residual.float()
+        tensors[f"k_l{edit_layer}"] = mine.key.float()
+        tensors[f"r_l{edit_layer}"] = mine.residual.float()
         if ratio > hp.flag_update_ratio and "large_update" not in flags:
             flags.append("large_update")
 
     # How much of the requested change of z the finished edit realises.
-    with recorded({"z": z_module}) as rec:
-        run_batch_until(model, batch, z_module)
-    z_final = _lookup_mean(rec["z"], batch).double()
+    z_final = _z_final(model, focal, z_module)
     if previous is not None:
         last_layer, last_z, last_request = previous
         diagnostics[f"z_realised_l{last_layer}"] = float(
             (z_final - last_z) @ last_request / last_request.norm().clamp_min(1e-300) ** 2
         )
-    wanted = float((z_target - z_initial).norm())
-    diagnostics["z_residual_fraction"] = (
-        float((z_target - z_final).norm()) / wanted if wanted > 0 else math.nan
+    diagnostics["z_residual_fraction"] = _residual_fraction(
+        focal.z_target, focal.z_initial, z_final
     )
+    if len(entries) > 1:
+        diagnostics["co_z_residual_fraction"] = sum(
+            _residual_fraction(e.z_target, e.z_initial, _z_final(model, e, z_module))
+            for e in entries[1:]
+        ) / (len(entries) - 1)
     diagnostics["update_norm_ratio"] = max(
         v for key, v in diagnostics.items() if key.startswith("update_norm_ratio_l")
     )

@@ -58,7 +58,8 @@ class EditCall:
     """One edit as the editor hands it to a method's ``apply`` (see
     :mod:`locedit.editing.methods`): the model to edit in place, the request, the registry
     name it runs under, the edit layer and every layer the method's window touches, its
-    hyperparameters, and the key statistics and context templates (methods that need them)."""
+    hyperparameters, the key statistics and context templates (methods that need them), and
+    the requests co-edited with it (methods with a ``batch_size`` above 1)."""
 
     model: Any
     tokenizer: Any
@@ -69,6 +70,9 @@ class EditCall:
     hparams: Any
     covariance: Any = None
     templates: list[str] | None = None
+    #: Requests edited together with ``request`` in one update (mass editing: MEMIT, EMMET);
+    #: ``request`` stays the one the caller measures.
+    co_requests: tuple[EditRequest, ...] = ()
 
 
 @dataclass

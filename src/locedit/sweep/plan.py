@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -36,6 +37,8 @@ class EditTask:
     problem: str
     hparams_id: str
     content: str = ""
+    #: the facts edited together with this one in the same update (``batch_size`` > 1)
+    co_facts: tuple[str, ...] = ()
 
     @property
     def seed_key(self) -> str:
@@ -43,7 +46,8 @@ class EditTask:
 
     @property
     def key(self) -> str:
-        return f"{self.seed_key}|{self.content}" if self.content else self.seed_key
+        key = f"{self.seed_key}|{self.content}" if self.content else self.seed_key
+        return f"{key}|co:{'+'.join(self.co_facts)}" if self.co_facts else key
 
 
 def content_id(value: Any) -> str:
@@ -80,11 +84,67 @@ def method_code_version(method: str) -> str:
     return code_version(module, *EVALUATION_MODULES)
 
 
-def edit_content_id(fact: FactRecord | str, method: str, problem: str, context: str) -> str:
+def edit_content_id(
+    fact: FactRecord | str, method: str, problem: str, context: str,
+    co_facts: Sequence[FactRecord | str] = (),
+) -> str:
+    """The row's content key; co-edited facts' contents enter it only when there are any, so a
+    single edit keys as before."""
+    record = fact_content(fact)
+    if co_facts:
+        record = [record, [fact_content(co) for co in co_facts]]
     return content_key(
-        "edit", model=None, record=fact_content(fact), params=[problem, context],
+        "edit", model=None, record=record, params=[problem, context],
         code=method_code_version(method), length=12,
     )
+
+
+def _fact_id(fact: FactRecord | str) -> str:
+    return fact.fact_id if isinstance(fact, FactRecord) else str(fact)
+
+
+def co_edit_candidate(fact: FactRecord | str, problem: str) -> bool:
+    """Whether ``fact`` can be co-edited under ``problem`` by its record alone: Error Injection
+    needs an o_false, Fact Erasure the filter's ``erasure_ok`` (o_noise and the noise of
+    Tracing Reversal and Fact Forcing come from the model, at edit time). Bare ids count."""
+    if not isinstance(fact, FactRecord):
+        return True
+    spec = get_problem(problem)
+    if spec.needs_erasure_ok and not fact.extra.get("erasure_ok", False):
+        return False
+    return spec.target != "o_false" or bool(fact.target_new)
+
+
+def draw_co_facts(pool: Sequence[str], focal: str, n: int, seed: int) -> tuple[str, ...]:
+    """``n`` fact ids of ``pool`` to edit together with ``focal``, never ``focal`` itself.
+
+    Seeded by (``seed``, ``focal``) alone and drawn from the sorted pool, so a fact's
+    co-edits do not depend on the order facts are listed or processed in; the first n of a
+    seeded permutation, so a larger batch keeps a smaller one's co-edits.
+    """
+    if n <= 0:
+        return ()
+    candidates = sorted(set(pool) - {focal})
+    if len(candidates) < n:
+        raise ValueError(
+            f"batch_size {n + 1} needs {n} co-edited facts besides {focal!r}, "
+            f"only {len(candidates)} are available"
+        )
+    digest = hashlib.sha256(f"co-edit|{seed}|{focal}".encode()).digest()
+    random.Random(int.from_bytes(digest[:8], "big")).shuffle(candidates)
+    return tuple(candidates[:n])
+
+
+def co_facts_for(
+    fact: FactRecord | str, facts: Sequence[FactRecord | str], problem: str, hparams: Any
+) -> tuple[str, ...]:
+    """The facts co-edited with ``fact`` (``hparams.batch_size - 1`` of them, none for methods
+    without a batch): drawn from ``facts`` (the run's list) among the problem's candidates."""
+    n = int(getattr(hparams, "batch_size", 1)) - 1
+    if n <= 0:
+        return ()
+    pool = [_fact_id(f) for f in facts if co_edit_candidate(f, problem)]
+    return draw_co_facts(pool, _fact_id(fact), n, int(hparams.seed))
 
 
 def plan_tasks(
@@ -94,15 +154,19 @@ def plan_tasks(
     """Every task, fact-major so a worker can reuse a fact's pre-edit probabilities.
 
     ``context`` carries the model fingerprint and evaluation settings; give records (not only
-    ids) so that a changed record is re-edited.
+    ids) so that a changed record is re-edited. With a ``batch_size`` above 1 each task names
+    its co-edited facts (:func:`co_facts_for`), drawn from ``facts``.
     """
     ids = {pair: content_id([asdict(h), context]) for pair, h in hparams.items()}
+    by_id = {_fact_id(f): f for f in facts}
     tasks = []
     for fact in facts:
-        fact_id = fact.fact_id if isinstance(fact, FactRecord) else str(fact)
-        for method, problem in hparams:
-            cid = edit_content_id(fact, method, problem, context)
+        fact_id = _fact_id(fact)
+        for (method, problem), h in hparams.items():
+            co = co_facts_for(fact, facts, problem, h)
+            cid = edit_content_id(fact, method, problem, context, [by_id[c] for c in co])
             tasks.extend(
-                EditTask(fact_id, layer, method, problem, ids[(method, problem)], cid) for layer in layers
+                EditTask(fact_id, layer, method, problem, ids[(method, problem)], cid, co)
+                for layer in layers
             )
     return tasks

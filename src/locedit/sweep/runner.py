@@ -68,7 +68,7 @@ def _run_fact_job(
     model, tokenizer, covariance = _worker_state(OmegaConf.to_yaml(OmegaConf.create(spec.params)))
     rows: list[dict] = []
     run_fact(model, tokenizer, covariance, spec.records[fact_id], tasks, spec.hparams, spec.config,
-             on_row or rows.append, spec.out_dir / "pre", spec.context)
+             on_row or rows.append, spec.out_dir / "pre", spec.context, spec.records)
     return rows
 
 

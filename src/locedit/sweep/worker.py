@@ -184,10 +184,43 @@ def _kl_reference(
 
 
 def _base_row(task: EditTask, record: FactRecord) -> dict[str, Any]:
-    return {
+    row = {
         "key": task.key, "fact_id": task.fact_id, "layer": task.layer, "method": task.method,
         "problem": task.problem, "dataset": record.source, "status": "failed", "reason": "",
     }
+    if task.co_facts:  # batched edits name their co-edited facts; single edits stay as they were
+        row["co_facts"] = json.dumps(list(task.co_facts))
+    return row
+
+
+def co_edit_requests(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: EditTask,
+    records: Mapping[str, FactRecord], config: EvaluationConfig,
+) -> tuple[EditRequest, ...]:
+    """The requests of ``task.co_facts``, each built as the edited fact's is: the problem's
+    target (o_noise computed on the unedited model for Tracing Reversal) and input (the fact's
+    own subject noise for Fact Forcing). A co-edited fact the problem does not apply to fails
+    the task with its reason."""
+    problem = get_problem(task.problem)
+    requests = []
+    for fact_id in task.co_facts:
+        if fact_id not in records:
+            raise EditFailed(task.method, f"co-edited fact {fact_id!r} is not among the records")
+        co = records[fact_id]
+        try:
+            o_noise = (
+                compute_o_noise(model, tokenizer, co, config.noise)
+                if problem.target == "o_noise" else None
+            )
+            target = edit_target(problem, co, o_noise)
+            noise = (
+                noise_for_request(model, tokenizer, co, config.noise)
+                if problem.noised_input else None
+            )
+            requests.append(EditRequest(co.prompt, co.subject, target, problem.direction, noise))
+        except (ProblemNotApplicable, TokenizationError, ValueError) as err:
+            raise EditFailed(task.method, f"co-edited fact {fact_id}: {err}") from err
+    return tuple(requests)
 
 
 def run_fact(
@@ -201,8 +234,12 @@ def run_fact(
     on_row: Callable[[dict], None],
     cache_dir: Path | None = None,
     context: str = "",
+    records: Mapping[str, FactRecord] | None = None,
 ) -> None:
-    """Edit ``record`` for each task and report one row per task through ``on_row``."""
+    """Edit ``record`` for each task and report one row per task through ``on_row``.
+
+    ``records`` (by fact id) supplies the facts that tasks co-edit (``EditTask.co_facts``).
+    """
     if not tasks:
         return
     problems = sorted({t.problem for t in tasks})
@@ -219,11 +256,12 @@ def run_fact(
     )
     for task in tasks:
         on_row(_run_task(model, tokenizer, covariance, record, task, hparams[(task.method, task.problem)],
-                         config, pre, probes, reference))
+                         config, pre, probes, reference, records or {}))
 
 
 def _run_task(
-    model, tokenizer, covariance, record, task, hparams, config, pre, probes, reference=None
+    model, tokenizer, covariance, record, task, hparams, config, pre, probes, reference=None,
+    records=None,
 ) -> dict[str, Any]:
     row = _base_row(task, record)
     row["hparams"] = json.dumps(hparams.to_dict(), sort_keys=True, default=str)
@@ -233,8 +271,11 @@ def _run_task(
         row["target"] = target
         noise = noise_for_request(model, tokenizer, record, config.noise) if problem.noised_input else None
         request = EditRequest(record.prompt, record.subject, target, problem.direction, noise)
+        co_requests = co_edit_requests(model, tokenizer, task, records or {}, config)
         torch.manual_seed(fact_seed(config.seed, task.seed_key))
-        with edited(model, tokenizer, task.method, request, task.layer, hparams, covariance) as result:
+        with edited(
+            model, tokenizer, task.method, request, task.layer, hparams, covariance, co_requests
+        ) as result:
             post = probe_probabilities(model, probes, record, config.noise)
             ppl_after = (
                 essence_perplexity(model, pre.essence, config.essence_span)

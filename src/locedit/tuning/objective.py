@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import FactRecord
-from locedit.sweep.plan import EditTask, content_id
+from locedit.sweep.plan import EditTask, co_facts_for, content_id
 from locedit.sweep.worker import EvaluationConfig, run_fact
 
 #: The per-edit scores a trial averages (paper Sec. 3.4).
@@ -112,8 +112,13 @@ def evaluate(
     pair = (target.method, target.problem)
     hparams_id = content_id([hparams.to_dict(), target.context])
     scores = TrialScores()
+    records = {r.fact_id: r for r in target.records}  # co-edits come from the tuning facts
     for i, record in enumerate(target.records):
-        task = EditTask(record.fact_id, target.layer, target.method, target.problem, hparams_id)
+        co_facts = co_facts_for(record, target.records, target.problem, hparams)
+        task = EditTask(
+            record.fact_id, target.layer, target.method, target.problem, hparams_id,
+            co_facts=co_facts,
+        )
         run_fact(
             target.model,
             target.tokenizer,
@@ -125,6 +130,7 @@ def evaluate(
             scores.rows.append,
             target.cache_dir,
             target.context,
+            records,
         )
         if on_fact is not None:
             on_fact(i, scores)
