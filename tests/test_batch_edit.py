@@ -312,3 +312,24 @@ def test_batched_sweep_builds_co_edits_for_problems_with_model_made_targets(tmp_
     co = spec.records[forcing.co_facts[0]]
     assert request.target == co.target_true and request.prompt == co.prompt
     assert request.subject_noise is not None
+
+
+def test_a_co_edit_with_the_same_key_needs_emmets_ridge(tok, store):
+    """Same subject at the prompt's start: identical keys. EMMET's exact constraint cannot hold
+    for two different changes at one key (a failed edit, weights restored); lambda > 0 solves."""
+    from locedit.editing import EditFailed
+
+    focal = EditRequest("Eiffel Tower is located in", "Eiffel Tower", "Rome")
+    same = (EditRequest("Eiffel Tower was built by", "Eiffel Tower", "Gustave"),)
+    model = editable_tiny_model("gpt2", n_layers=4)
+    originals = {name: p.detach().clone() for name, p in model.named_parameters()}
+    exact = hparams_for("emmet", overrides={**FAST, "emmet_lambda": 0.0, "batch_size": 2})
+    with pytest.raises(EditFailed, match="nearly singular"):
+        with edited(model, tok, "emmet", focal, 1, exact, store, same):
+            pass
+    for name, p in model.named_parameters():
+        assert torch.equal(p, originals[name])
+    ridge = hparams_for("emmet", overrides={**FAST, "batch_size": 2})
+    with edited(model, tok, "emmet", focal, 1, ridge, store, same) as result:
+        assert result.diagnostics["batch_size"] == 2.0
+        assert "large_update" not in result.flags

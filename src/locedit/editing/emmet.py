@@ -30,6 +30,11 @@ from locedit.editing.types import EditCall, EditFailed, EditResult
 
 #: Largest relative residual accepted from the B x B solve.
 TOLERANCE = 1e-8
+#: Smallest eigenvalue of D accepted, relative to its largest. Two keys equal up to float32
+#: rounding (the same subject at the start of two prompts) give ~1e-14 and an update 1e5 times
+#: the weights; two distinct facts of the tiny test model give 0.3-0.5. A single key
+#: (ratio 1) never meets it.
+CONDITION_LIMIT = 1e-10
 
 
 def emmet_delta(
@@ -44,7 +49,8 @@ def emmet_delta(
 
     Returns dW and the realised share trace(R^T dW K) / ||R||^2 (1 when lambda_emmet = 0).
     Raises :class:`SingularCovarianceError` when D = K^T C_w^-1 K + lambda I is not positive
-    definite (linearly dependent keys with lambda_emmet = 0) or a solve misses its residual check.
+    definite or nearly singular (keys (nearly) linearly dependent with lambda_emmet = 0, below
+    :data:`CONDITION_LIMIT`) or a solve misses its residual check.
     """
     keys, residuals = keys.double(), residuals.double().to(keys.device)
     if keys.ndim != 2 or residuals.ndim != 2 or keys.shape[1] != residuals.shape[1]:
@@ -64,10 +70,17 @@ def emmet_delta(
     check = float((d @ right - whitened.T).norm() / whitened.norm().clamp_min(1e-300))
     if not check <= TOLERANCE:
         raise SingularCovarianceError(f"EMMET's B x B solve residual {check:.2e}")
+    eigenvalues = torch.linalg.eigvalsh(d)
+    if not float(eigenvalues[0]) > CONDITION_LIMIT * float(eigenvalues[-1]):
+        raise SingularCovarianceError(
+            "K^T C^-1 K + lambda_emmet I is nearly singular (eigenvalue ratio "
+            f"{float(eigenvalues[0] / eigenvalues[-1]):.1e}): edited keys (nearly) coincide, "
+            "which needs emmet_lambda > 0"
+        )
     delta = residuals @ right
     wanted = float(residuals.square().sum())
     share = float(torch.sum(residuals * (delta @ keys))) / wanted if wanted > 0 else 1.0
-    return delta, {"realised_share": share, "d_min_eigenvalue": float(torch.linalg.eigvalsh(d)[0])}
+    return delta, {"realised_share": share, "d_min_eigenvalue": float(eigenvalues[0])}
 
 
 def emmet_solve(problem: LayerProblem) -> LayerUpdate:

@@ -215,8 +215,8 @@ def spread_update(edit: EditCall, solve: LayerSolve) -> EditResult:
     """Edit ``edit.model`` in place over ``edit.layers`` (the window around ``edit.layer``),
     each layer's update from ``solve``; the caller (:func:`locedit.editing.edited`) restores.
 
-    ``edit.request`` and ``edit.co_requests`` are edited in one update (MEMIT's Alg. 1, EMMET's
-    batch): a z* per request, then per layer one column of K and R per request and one solve.
+    ``edit.request`` and ``edit.co_requests`` are edited in one update (MEMIT's Alg. 1, Meng
+    et al. 2022b; EMMET's batch, Gupta et al. 2024): a z* per request, then per layer one column of K and R per request and one solve.
     The diagnostics and tensors describe ``edit.request``; ``batch_size`` counts the update's
     requests and ``co_z_residual_fraction`` averages the co-edited requests' missing share.
     """
