@@ -20,6 +20,7 @@ from locedit.analysis.random_baseline import (
     mlflow_metrics,
     model_depth,
     random_baseline,
+    summary_lines,
 )
 from locedit.analysis.synthetic import synthetic_effects, synthetic_results
 from locedit.analysis.tables import random_baseline_table
@@ -134,6 +135,21 @@ def test_tracing_beats_random_when_the_peak_is_the_best_layer():
     assert row["tracing"] > row["random_draw_hi"]
     assert row["p_random"] == pytest.approx(1 / 1001)
     assert row["tracing"] >= row["default"]
+
+
+def test_summary_counts_conditions_against_random_and_default():
+    an = _baseline(*_tables(trace_effect=1.0, layer_effect=0.0, noise=0.01))
+    part = an.random_baseline.frame
+    part = part[part["metric"] == "rewrite_score"]
+    ahead = int((part["diff_default_lo"] > 0).sum())
+    behind = int((part["diff_default_hi"] < 0).sum())
+    lines = summary_lines(an.random_baseline)
+    assert "above 0 in 1, falls below it in 0, and is indistinguishable in 0" in lines[0]
+    assert (
+        f"default layer it is better in {ahead}, worse in {behind} and indistinguishable in "
+        f"{len(part) - ahead - behind}" in lines[1]
+    )
+    assert "ROME (1 layer), Error Injection: tracing-chosen" in lines[2]
 
 
 def test_no_difference_when_success_does_not_depend_on_the_layer():

@@ -108,8 +108,8 @@ def _figs06_12_r2(an: Analysis, directory: Path) -> Drawn:
             r2_bars(
                 str_rewrite,
                 directory / "fig_str_r2_layer_vs_trace.png",
-                "R² of rewrite score, edit layer vs. layer + tracing effect "
-                "(symmetric token replacement)",
+                "R² of rewrite score, edit layer vs. layer + tracing effect\n"
+                "(tracing with symmetric token replacement)",
             )
         )
     for name in an.variants:

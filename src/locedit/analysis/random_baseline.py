@@ -412,6 +412,13 @@ def summary_lines(rb: RandomBaseline | None, headline: str = "rewrite_score") ->
         f"{len(part) - better - worse} (random-location baseline, beyond the paper; "
         "tables/random_baseline.md)."
     ]
+    ahead = int((part["diff_default_lo"] > 0).sum())
+    behind = int((part["diff_default_hi"] < 0).sum())
+    lines.append(
+        f"Against the method's default layer it is better in {ahead}, worse in {behind} and "
+        f"indistinguishable in {len(part) - ahead - behind} (the paper's question from the "
+        "other side: does knowing where a fact is stored beat not asking?)."
+    )
     head = part[(part["method"] == "rome") & (part["problem"] == "error_injection")]
     row = head.iloc[0] if not head.empty else (part.iloc[0] if not part.empty else None)
     if row is not None:
