@@ -118,7 +118,7 @@ def next_token_distributions(
         next_token_log_probs(model, prompts[start : start + batch_size]).float().cpu()
         for start in range(0, len(prompts), batch_size)
     ]
-    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+    return torch.cat(chunks) if chunks else torch.empty(0, 0, device="cpu")
 
 
 def kl_divergences(

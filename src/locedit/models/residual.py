@@ -52,7 +52,7 @@ def measure_residual_gain(model: nn.Module, layer: int | None = None) -> float:
 
     before = block_output()
     generator = torch.Generator(device="cpu").manual_seed(0)
-    direction = torch.randn(before.shape, generator=generator, dtype=torch.float64)
+    direction = torch.randn(before.shape, generator=generator, dtype=torch.float64, device="cpu")
     delta = direction * (0.01 * float(before.norm()) / float(direction.norm()) + 1e-3)
     delta = delta.to(device=before.device)
 
