@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from locedit.editing.hparams import AlphaEditHParams
-from locedit.editing.spread import LayerProblem, LayerUpdate, spread_update
+from locedit.editing.spread import LayerProblem, LayerUpdate, realised_share, spread_update
 from locedit.editing.types import EditCall, EditFailed, EditResult
 from locedit.models.device import accumulation_device, model_device
 
@@ -133,8 +133,7 @@ def alphaedit_delta(
     if not check <= TOLERANCE:
         raise ValueError(f"AlphaEdit's projected solve residual {check:.2e}")
     delta = solution.T
-    wanted = float(residuals.square().sum())
-    share = float(torch.sum(residuals * (delta @ keys))) / wanted if wanted > 0 else 1.0
+    share = realised_share(residuals, delta, keys)
     return delta, {"realised_share": share}
 
 

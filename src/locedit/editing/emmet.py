@@ -25,7 +25,7 @@ import torch
 from locedit.editing.covariance import CovarianceSolver, SingularCovarianceError
 from locedit.editing.hparams import EmmetHParams
 from locedit.editing.memit import effective_mom2_weight
-from locedit.editing.spread import LayerProblem, LayerUpdate, spread_update
+from locedit.editing.spread import LayerProblem, LayerUpdate, realised_share, spread_update
 from locedit.editing.types import EditCall, EditFailed, EditResult
 
 #: Largest relative residual accepted from the B x B solve.
@@ -78,8 +78,7 @@ def emmet_delta(
             "which needs emmet_lambda > 0"
         )
     delta = residuals @ right
-    wanted = float(residuals.square().sum())
-    share = float(torch.sum(residuals * (delta @ keys))) / wanted if wanted > 0 else 1.0
+    share = realised_share(residuals, delta, keys)
     return delta, {"realised_share": share, "d_min_eigenvalue": float(eigenvalues[0])}
 
 

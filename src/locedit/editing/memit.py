@@ -16,7 +16,13 @@ import torch
 
 from locedit.editing.covariance import CovarianceSolver, SingularCovarianceError
 from locedit.editing.hparams import EmmetHParams, MemitHParams
-from locedit.editing.spread import LayerProblem, LayerUpdate, mlp_change_for, spread_update
+from locedit.editing.spread import (
+    LayerProblem,
+    LayerUpdate,
+    mlp_change_for,
+    realised_share,
+    spread_update,
+)
 from locedit.editing.types import EditCall, EditFailed, EditResult
 
 __all__ = [
@@ -64,8 +70,7 @@ def memit_delta(
     if not check <= 1e-6:
         raise SingularCovarianceError(f"MEMIT's batched solve residual {check:.2e}")
     delta = residuals @ adjusted.T
-    wanted = float(residuals.square().sum())
-    share = float(torch.sum(residuals * (delta @ keys))) / wanted if wanted > 0 else 1.0
+    share = realised_share(residuals, delta, keys)
     return delta, {"realised_share": share}
 
 

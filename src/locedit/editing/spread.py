@@ -79,6 +79,13 @@ class LayerUpdate:
 LayerSolve = Callable[[LayerProblem], LayerUpdate]
 
 
+def realised_share(residuals: torch.Tensor, delta: torch.Tensor, keys: torch.Tensor) -> float:
+    """trace(R^T dW K) / ||R||^2: how much of the wanted changes R [d_out, B] the update
+    dW [d_out, d_mlp] realises at the edited keys K [d_mlp, B] (1 for an exact solve)."""
+    wanted = float(residuals.square().sum())
+    return float(torch.sum(residuals * (delta @ keys))) / wanted if wanted > 0 else 1.0
+
+
 def mlp_change_for(
     norm: nn.Module,
     mlp_out: torch.Tensor,
