@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from locedit.problems import (
     edit_target,
     get_problem,
 )
+from locedit.storage import atomic_write_text, atomic_write_with
 from locedit.sweep.plan import EVALUATION_MODULES, EditTask, fact_content
 from locedit.versioning import code_version, content_key
 
@@ -126,18 +126,14 @@ def _pre_edit(
         ppl = essence_perplexity(model, essence, config.essence_span)
     pre = PreEdit(probs, o_noise, essence, ppl)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "probs": probs, "o_noise": o_noise, "ppl_before": ppl,
             "essence": None if essence is None else {
                 "prompt_length": essence.prompt_length, "sequences": [list(s) for s in essence.sequences]
             },
         }
-        # Parallel workers may edit the same fact: write to a private file, then rename
-        # atomically, so a reader never sees half a file.
-        partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        partial.write_text(json.dumps(payload))
-        os.replace(partial, cache)
+        # Parallel workers may edit the same fact: a reader never sees half a file.
+        atomic_write_text(cache, json.dumps(payload))
     return pre
 
 
@@ -176,10 +172,8 @@ def _kl_reference(
     log_probs = nkl.next_token_distributions(model, prompts, config.batch_size)
     reference = KLReference(tuple(prompts), log_probs)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        torch.save({"prompts": [list(p) for p in prompts], "log_probs": log_probs}, partial)
-        os.replace(partial, cache)
+        data = {"prompts": [list(p) for p in prompts], "log_probs": log_probs}
+        atomic_write_with(cache, lambda tmp: torch.save(data, tmp))
     return reference
 
 
