@@ -20,13 +20,15 @@ acts on single edits too (``emmet_lambda: 0`` is the reference's single-edit upd
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from locedit.editing.covariance import CovarianceSolver, SingularCovarianceError
 from locedit.editing.hparams import EmmetHParams
-from locedit.editing.memit import effective_mom2_weight
+from locedit.editing.memit import weighted_layer_update
 from locedit.editing.spread import LayerProblem, LayerUpdate, realised_share, spread_update
-from locedit.editing.types import EditCall, EditFailed, EditResult
+from locedit.editing.types import EditCall, EditResult
 
 #: Largest relative residual accepted from the B x B solve.
 TOLERANCE = 1e-8
@@ -85,23 +87,10 @@ def emmet_delta(
 def emmet_solve(problem: LayerProblem) -> LayerUpdate:
     """One layer of the spread: :func:`emmet_delta` with this layer's key statistics."""
     hp: EmmetHParams = problem.hparams
-    method, layer = problem.method, problem.layer
-    weight = effective_mom2_weight(hp, int(problem.keys.shape[0]))
-    try:
-        solver = problem.covariance.solver(problem.model, layer, hp.covariance_ridge)
-        delta, numbers = emmet_delta(
-            problem.keys, problem.residuals, solver, weight, hp.emmet_lambda
-        )
-    except SingularCovarianceError as err:
-        raise EditFailed(method, f"layer {layer}: {err}") from err
-    return LayerUpdate(
-        delta,
-        {
-            f"realised_share_l{layer}": numbers["realised_share"],
-            f"emmet_d_l{layer}": numbers["d_min_eigenvalue"],
-            f"covariance_ridge_l{layer}": solver.ridge,
-            "mom2_weight": weight,
-        },
+    return weighted_layer_update(
+        problem,
+        functools.partial(emmet_delta, emmet_lambda=hp.emmet_lambda),
+        {"d_min_eigenvalue": "emmet_d"},
     )
 
 

@@ -12,6 +12,8 @@ Cholesky factor of C_i, both with a residual check of the full system.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 
 from locedit.editing.covariance import CovarianceSolver, SingularCovarianceError
@@ -31,6 +33,7 @@ __all__ = [
     "memit_delta",
     "memit_solve",
     "mlp_change_for",
+    "weighted_layer_update",
 ]
 
 
@@ -78,7 +81,7 @@ def memit_solve(problem: LayerProblem) -> LayerUpdate:
     """MEMIT's update of one layer: r (lambda C + k k^T)^-1 k for one key (Sherman-Morrison,
     the paper's single edits), :func:`memit_delta` for a batch."""
     if problem.keys.shape[1] != 1:
-        return _memit_batch_solve(problem)
+        return weighted_layer_update(problem, memit_delta)
     hp: MemitHParams = problem.hparams
     method, layer = problem.method, problem.layer
     k, residual = problem.keys[:, 0], problem.residuals[:, 0]
@@ -104,23 +107,32 @@ def memit_solve(problem: LayerProblem) -> LayerUpdate:
     )
 
 
-def _memit_batch_solve(problem: LayerProblem) -> LayerUpdate:
-    hp: MemitHParams = problem.hparams
-    method, layer = problem.method, problem.layer
+#: A batched solve on the layer's key statistics: (K, R, solver of C, lambda) -> (dW, numbers
+#: with at least ``realised_share``); :func:`memit_delta`, EMMET's ``emmet_delta``.
+WeightedDelta = Callable[
+    [torch.Tensor, torch.Tensor, CovarianceSolver, float], tuple[torch.Tensor, dict[str, float]]
+]
+
+
+def weighted_layer_update(
+    problem: LayerProblem, delta: WeightedDelta, named: Mapping[str, str] | None = None
+) -> LayerUpdate:
+    """One layer's update from ``delta`` with the layer's key statistics and MEMIT's covariance
+    weight lambda scaled to the layer's width (MEMIT's batch, EMMET): a singular system fails
+    the edit, and the realised share, the ridge and lambda are logged. ``named`` maps further
+    numbers of ``delta`` to diagnostic names (suffixed with ``_l{layer}``)."""
+    hp: MemitHParams | EmmetHParams = problem.hparams
+    layer = problem.layer
     weight_lambda = effective_mom2_weight(hp, int(problem.keys.shape[0]))
     try:
         solver = problem.covariance.solver(problem.model, layer, hp.covariance_ridge)
-        delta, numbers = memit_delta(problem.keys, problem.residuals, solver, weight_lambda)
+        update, numbers = delta(problem.keys, problem.residuals, solver, weight_lambda)
     except SingularCovarianceError as err:
-        raise EditFailed(method, f"layer {layer}: {err}") from err
-    return LayerUpdate(
-        delta,
-        {
-            f"realised_share_l{layer}": numbers["realised_share"],
-            f"covariance_ridge_l{layer}": solver.ridge,
-            "mom2_weight": weight_lambda,
-        },
-    )
+        raise EditFailed(problem.method, f"layer {layer}: {err}") from err
+    diagnostics = {f"realised_share_l{layer}": numbers["realised_share"]}
+    diagnostics.update({f"{name}_l{layer}": numbers[key] for key, name in (named or {}).items()})
+    diagnostics.update({f"covariance_ridge_l{layer}": solver.ridge, "mom2_weight": weight_lambda})
+    return LayerUpdate(update, diagnostics)
 
 
 def apply_memit(edit: EditCall) -> EditResult:
