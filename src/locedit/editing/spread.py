@@ -212,6 +212,14 @@ def _z_final(model: nn.Module, entry: _Edited, z_module: nn.Module) -> torch.Ten
     return _lookup_mean(rec["z"], entry.batch).double()
 
 
+def _z_realised(previous: tuple[int, torch.Tensor, torch.Tensor], z_after: torch.Tensor) -> dict:
+    """``z_realised_l{layer}``: the part of the layer's share r that z moved by,
+    (z_after - z_before) . r / ||r||^2, for ``previous`` = (layer, z_before, r)."""
+    layer, z_before, share = previous
+    moved = float((z_after - z_before) @ share / share.norm().clamp_min(1e-300) ** 2)
+    return {f"z_realised_l{layer}": moved}
+
+
 def _residual_fraction(z_target, z_initial, z_final) -> float:
     """||z* - z_final|| / ||z* - z_initial||: how much of the wanted change of z is missing."""
     wanted = float((z_target - z_initial).norm())
@@ -253,10 +261,7 @@ def spread_update(edit: EditCall, solve: LayerSolve) -> EditResult:
         ]
         mine = columns[0]
         if previous is not None:  # how much of the last layer's share z really moved by
-            last_layer, last_z, last_request = previous
-            diagnostics[f"z_realised_l{last_layer}"] = float(
-                (mine.z_now - last_z) @ last_request / last_request.norm().clamp_min(1e-300) ** 2
-            )
+            diagnostics.update(_z_realised(previous, mine.z_now))
         previous = (edit_layer, mine.z_now, mine.share)
         if mine.post_norm_realised is not None:
             diagnostics[f"post_norm_realised_l{edit_layer}"] = mine.post_norm_realised
@@ -292,10 +297,7 @@ def spread_update(edit: EditCall, solve: LayerSolve) -> EditResult:
     # How much of the requested change of z the finished edit realises.
     z_final = _z_final(model, focal, z_module)
     if previous is not None:
-        last_layer, last_z, last_request = previous
-        diagnostics[f"z_realised_l{last_layer}"] = float(
-            (z_final - last_z) @ last_request / last_request.norm().clamp_min(1e-300) ** 2
-        )
+        diagnostics.update(_z_realised(previous, z_final))
     diagnostics["z_residual_fraction"] = _residual_fraction(
         focal.z_target, focal.z_initial, z_final
     )
