@@ -56,12 +56,7 @@ class TraceSettings:
             raise ValueError(
                 f"trace.str_pool must be one of {list(STR_POOLS)}, got {self.str_pool!r}"
             )
-        bad = [c for c in self.corruption if c not in CORRUPTIONS]
-        if bad or not self.corruption:
-            raise ValueError(
-                f"trace.corruption must be one or more of {list(CORRUPTIONS)}, "
-                f"got {list(self.corruption)}"
-            )
+        object.__setattr__(self, "corruption", parse_corruption(self.corruption))
         bad = [k for k in self.kinds if k not in KINDS]
         if bad:
             raise ValueError(f"trace.kinds has unknown kinds {bad}; choose from {list(KINDS)}")
