@@ -248,14 +248,24 @@ def run_fact(
         _kl_reference(model, tokenizer, record, config.neighborhood_kl, cache_dir, context)
         if config.neighborhood_kl.enabled else None
     )
+    # A fact's tasks share their co-edits (drawn per fact), built once per problem: the
+    # unedited model gives every task the same targets and noise.
+    built: dict[tuple[str, tuple[str, ...]], tuple[EditRequest, ...]] = {}
+
+    def co_requests_for(task: EditTask) -> tuple[EditRequest, ...]:
+        key = (task.problem, task.co_facts)
+        if key not in built:
+            built[key] = co_edit_requests(model, tokenizer, task, records or {}, config)
+        return built[key]
+
     for task in tasks:
         on_row(_run_task(model, tokenizer, covariance, record, task, hparams[(task.method, task.problem)],
-                         config, pre, probes, reference, records or {}))
+                         config, pre, probes, reference, co_requests_for))
 
 
 def _run_task(
     model, tokenizer, covariance, record, task, hparams, config, pre, probes, reference=None,
-    records=None,
+    co_requests_for: Callable[[EditTask], tuple[EditRequest, ...]] | None = None,
 ) -> dict[str, Any]:
     row = _base_row(task, record)
     row["hparams"] = json.dumps(hparams.to_dict(), sort_keys=True, default=str)
@@ -265,7 +275,7 @@ def _run_task(
         row["target"] = target
         noise = noise_for_request(model, tokenizer, record, config.noise) if problem.noised_input else None
         request = EditRequest(record.prompt, record.subject, target, problem.direction, noise)
-        co_requests = co_edit_requests(model, tokenizer, task, records or {}, config)
+        co_requests = co_requests_for(task) if co_requests_for and task.co_facts else ()
         torch.manual_seed(fact_seed(config.seed, task.seed_key))
         with edited(
             model, tokenizer, task.method, request, task.layer, hparams, covariance, co_requests
