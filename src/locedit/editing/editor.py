@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.editing.covariance import CovarianceStore
 from locedit.editing.hparams import HParams, VStarHParams
-from locedit.editing.methods import check_batch, get_method
+from locedit.editing.methods import EditMethod, check_batch, get_method
 from locedit.editing.types import EditFailed, EditRequest, EditResult
 from locedit.models.architecture import n_layers
 from locedit.models.snapshot import preserved_weights
@@ -61,6 +61,29 @@ def context_templates(
     )
 
 
+def prepared(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    method: str,
+    layer: int,
+    hparams: HParams | None,
+    covariance: CovarianceStore | None,
+    co_requests: Sequence[EditRequest] = (),
+) -> tuple[EditMethod, HParams, list[int], list[str] | None]:
+    """The method's registry entry, its (checked) hyperparameters, the layers the edit
+    touches and its context templates: what every run of an edit starts from."""
+    spec = get_method(method)
+    hparams = hparams if hparams is not None else spec.hparams_from()
+    if not isinstance(hparams, spec.hparams):
+        raise TypeError(f"{method} needs {spec.hparams.__name__}, got {type(hparams).__name__}")
+    check_batch(method, hparams, co_requests)
+    layers = spec.layers(layer, n_layers(model), hparams)
+    templates = (
+        context_templates(model, tokenizer, hparams, covariance) if spec.needs_key_stats else None
+    )
+    return spec, hparams, layers, templates
+
+
 @contextmanager
 def edited(
     model: nn.Module,
@@ -71,6 +94,7 @@ def edited(
     hparams: HParams | None = None,
     covariance: CovarianceStore | None = None,
     co_requests: Sequence[EditRequest] = (),
+    vstars: Sequence = (),
 ) -> Iterator[EditResult]:
     """Apply one edit in place for the duration of the block and yield its :class:`EditResult`.
 
@@ -82,18 +106,14 @@ def edited(
     ``co_requests`` are edited together with ``request`` in the same update: exactly
     ``hparams.batch_size - 1`` of them (MEMIT, EMMET, AlphaEdit); a method without a
     ``batch_size`` refuses any (:func:`~locedit.editing.methods.check_batch`). The result
-    describes ``request``.
+    describes ``request``. ``vstars``: the edit's v*/z* already optimised in a batch with
+    other edits (:func:`locedit.editing.grouped.grouped_vstars`); empty, the method optimises
+    its own.
     """
-    spec = get_method(method)
-    hparams = hparams if hparams is not None else spec.hparams_from()
-    if not isinstance(hparams, spec.hparams):
-        raise TypeError(f"{method} needs {spec.hparams.__name__}, got {type(hparams).__name__}")
-    check_batch(method, hparams, co_requests)
-    layers = spec.layers(layer, n_layers(model), hparams)
-    names = spec.params(model, layers, hparams)
-    templates = (
-        context_templates(model, tokenizer, hparams, covariance) if spec.needs_key_stats else None
+    spec, hparams, layers, templates = prepared(
+        model, tokenizer, method, layer, hparams, covariance, co_requests
     )
+    names = spec.params(model, layers, hparams)
     with preserved_weights(model, names) as snapshot:
         start = time.perf_counter()
         try:
@@ -107,6 +127,7 @@ def edited(
                 covariance,
                 templates,
                 co_requests,
+                vstars,
             )
         except EditFailed as err:
             raise EditFailed(method, err.reason) from err

@@ -6,7 +6,7 @@ reading or shifting a module's output at each row's lookup token (ROME's ``compu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -85,4 +85,44 @@ def added_at(
         return value + mask.to(value.dtype) * delta.to(value.dtype)
 
     with hooks.edited_output(module, add):
+        yield state
+
+
+@contextmanager
+def added_per_group(
+    modules: Sequence[nn.Module], groups: torch.Tensor, deltas: Callable[[], torch.Tensor]
+) -> Iterator[dict]:
+    """Add group g's delta to ``modules[g]``'s output at position 0 of group g's rows.
+
+    The batched form of :func:`added_at` for independent edits optimised together
+    (:func:`locedit.editing.vstar.optimise_vstars`): ``groups`` [B] names each row's group,
+    ``deltas()`` gives the stacked deltas [G, d] of the current step. Rows of one module's
+    groups are gathered by index, so a gradient reaches only its own group's delta (a NaN in
+    one group's rows cannot spread to another's). Yields a dict that receives ``init``: each
+    row's unchanged output at position 0 in the first forward of its module, [B, d].
+    """
+    state: dict[str, torch.Tensor] = {}
+    by_module: dict[int, tuple[nn.Module, list[int]]] = {}
+    for g, module in enumerate(modules):
+        by_module.setdefault(id(module), (module, []))[1].append(g)
+    edits: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+    seen: set[int] = set()
+    for key, (_module, owned) in by_module.items():
+        in_module = torch.isin(groups, torch.tensor(owned, device=groups.device))
+        rows = torch.nonzero(in_module)[:, 0]
+        zeros = torch.zeros_like(rows)
+
+        def add(value, key=key, rows=rows, zeros=zeros, owners=groups[rows]):
+            if key not in seen:
+                seen.add(key)
+                init = state.setdefault(
+                    "init", torch.zeros(value.shape[0], value.shape[-1], dtype=value.dtype,
+                                        device=value.device)
+                )
+                init[rows] = value[rows, zeros].detach()
+            added = deltas()[owners].to(value.dtype)
+            return value.index_put((rows, zeros), added, accumulate=True)
+
+        edits[key] = add
+    with hooks.edited_outputs({k: m for k, (m, _) in by_module.items()}, edits):
         yield state

@@ -66,6 +66,10 @@ class EditMethod:
     #: the method's own hyperparameters ``search`` mode also explores (``tune.search.<field>``
     #: ranges; ``grid`` mode adds them when ``tune.grid.<field>`` lists values)
     extra_tuned_fields: tuple[str, ...] = ()
+    #: EditCall -> the v*/z* optimisations (``VStarJob``) the method would run, in order, so
+    #: that independent edits can optimise theirs together (:mod:`locedit.editing.grouped`);
+    #: ``None``: the method has none (finetuning)
+    vstar_jobs: Apply | None = None
 
     def window_for(self, hparams: HParams | None = None) -> int:
         """The window size: the hyperparameter ``window_field`` names, if any, else ``window``."""
@@ -104,14 +108,22 @@ class EditMethod:
         covariance,
         templates,
         co_requests: Sequence[EditRequest] = (),
+        vstars: Sequence[Any] = (),
     ):
         """Apply one edit in place (use :func:`locedit.editing.edited`, which restores it)."""
         check_batch(self.name, hparams, co_requests)
-        apply = self.apply
-        if isinstance(apply, str):
-            module, _, name = apply.partition(":")
-            apply = getattr(importlib.import_module(module), name)
-        call = EditCall(
+        call = self.call(
+            model, tokenizer, request, layer, layers, hparams, covariance, templates,
+            co_requests, vstars,
+        )
+        return _resolved(self.apply)(call)
+
+    def call(
+        self, model, tokenizer, request, layer, layers, hparams, covariance, templates,
+        co_requests: Sequence[EditRequest] = (), vstars: Sequence[Any] = (),
+    ) -> EditCall:
+        """The :class:`EditCall` that :meth:`run` hands to ``apply``."""
+        return EditCall(
             model,
             tokenizer,
             request,
@@ -122,8 +134,12 @@ class EditMethod:
             covariance,
             templates,
             tuple(co_requests),
+            tuple(vstars),
         )
-        return apply(call)
+
+    def jobs(self, call: EditCall) -> list:
+        """The v*/z* optimisations ``call`` would run (empty for a method without any)."""
+        return [] if self.vstar_jobs is None else list(_resolved(self.vstar_jobs)(call))
 
     def params(self, model: nn.Module, layers: list[int], hparams: HParams) -> list[str]:
         """Names of every parameter the edit may change (what the snapshot must cover)."""
@@ -161,6 +177,14 @@ class EditMethod:
             merged.update((problem_overrides.get(problem) or {}).get(self.name) or {})
         merged.update(plain(dict(overrides or {})))
         return merge_overrides(self.hparams(), merged)
+
+
+def _resolved(apply: Apply) -> Callable[..., Any]:
+    """``apply`` itself, or the function a ``"module:function"`` string names (imported now)."""
+    if isinstance(apply, str):
+        module, _, name = apply.partition(":")
+        return getattr(importlib.import_module(module), name)
+    return apply
 
 
 def check_batch(method: str, hparams: Any, co_requests: Sequence[EditRequest]) -> None:
@@ -205,6 +229,7 @@ def _closed_form(
     window_field: str | None = None,
     in_paper: bool = True,
     extra_tuned_fields: tuple[str, ...] = (),
+    vstar_jobs: Apply = "locedit.editing.spread:spread_vstar_jobs",
 ) -> EditMethod:
     """ROME, MEMIT, EMMET, AlphaEdit: a closed-form update of down-projections from key
     statistics, with the KL weight of the v*/z* optimisation tuned (App. A: 20 -> 25 v* steps
@@ -223,6 +248,7 @@ def _closed_form(
         window_field=window_field,
         in_paper=in_paper,
         extra_tuned_fields=extra_tuned_fields,
+        vstar_jobs=vstar_jobs,
     )
 
 
@@ -248,7 +274,10 @@ def _constrained_finetune(name: str, window: int) -> EditMethod:
 REGISTRY: dict[str, EditMethod] = {
     m.name: m
     for m in (
-        _closed_form("rome", RomeHParams, 1, "locedit.editing.rome:apply_rome"),
+        _closed_form(
+            "rome", RomeHParams, 1, "locedit.editing.rome:apply_rome",
+            vstar_jobs="locedit.editing.rome:rome_vstar_jobs",
+        ),
         _closed_form(
             "memit", MemitHParams, 5, "locedit.editing.memit:apply_memit", window_field="n_layers"
         ),

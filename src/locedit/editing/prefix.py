@@ -4,6 +4,7 @@ lookup token is computed once, every optimisation step runs only the rest."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -126,3 +127,45 @@ class PrefixCachedForward:
                 use_cache=self.cache is not None,
                 **kwargs,
             ).last_hidden_state
+
+
+def merge_splits(splits: Sequence[SplitBatch], pad_id: int = 0) -> tuple[SplitBatch, list[int]]:
+    """The rows of several split batches as one (independent edits optimised together), and
+    each part's first row. Prefixes stay left-padded and suffixes right-padded to the widest
+    part, so every real token keeps its position id and every lookup token sits at suffix
+    position 0; ``n_target`` is the parts' largest (the caller keeps each part's own)."""
+    width_prefix = max(s.n_prefix for s in splits)
+    width_suffix = max(int(s.suffix_ids.shape[1]) for s in splits)
+    size = sum(s.size for s in splits)
+    device = splits[0].suffix_ids.device
+    prefix = torch.full((size, width_prefix), pad_id, dtype=torch.long, device=device)
+    suffix = torch.full((size, width_suffix), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((size, width_prefix + width_suffix), dtype=torch.long, device=device)
+    offsets, noise_prefix, noise_suffix = [], [], []
+    row = 0
+    for s in splits:
+        rows, shift = slice(row, row + s.size), width_prefix - s.n_prefix
+        prefix[rows, shift:] = s.prefix_ids
+        suffix[rows, : s.suffix_ids.shape[1]] = s.suffix_ids
+        mask[rows, shift:width_prefix] = s.mask[:, : s.n_prefix]
+        mask[rows, width_prefix : width_prefix + s.suffix_ids.shape[1]] = s.mask[:, s.n_prefix :]
+        noise_prefix += [(r + row, start + shift, n) for r, start, n in s.noise_prefix]
+        noise_suffix += [(r + row, start, n) for r, start, n in s.noise_suffix]
+        offsets.append(row)
+        row += s.size
+    merged = SplitBatch(
+        prefix_ids=prefix,
+        suffix_ids=suffix,
+        mask=mask,
+        position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+        target_rows=torch.cat([s.target_rows + o for s, o in zip(splits, offsets, strict=True)]),
+        target_cols=torch.cat([s.target_cols for s in splits]),
+        target_tokens=torch.cat([s.target_tokens for s in splits]),
+        n_target=max(s.n_target for s in splits),
+        rewrite=torch.cat([s.rewrite for s in splits]),
+        bare=torch.cat([s.bare for s in splits]),
+        kl=torch.cat([s.kl for s in splits]),
+        noise_prefix=tuple(noise_prefix),
+        noise_suffix=tuple(noise_suffix),
+    )
+    return merged, offsets

@@ -20,7 +20,7 @@ from locedit.editing.covariance import SingularCovarianceError, down_proj_module
 from locedit.editing.forward import captured_io, run_batch_until
 from locedit.editing.hparams import RomeHParams
 from locedit.editing.types import EditCall, EditFailed, EditResult
-from locedit.editing.vstar import optimise_vstar
+from locedit.editing.vstar import VStarJob, given_vstar, optimise_vstar
 from locedit.models.architecture import component_module, down_proj_weight, from_out_in
 
 
@@ -30,6 +30,18 @@ def mlp_keys(model: nn.Module, batch: EditBatch, layer: int) -> dict[str, torch.
     with captured_io(module, batch.lookup) as found:
         run_batch_until(model, batch, module)
     return found
+
+
+def _vstar_args(edit: EditCall, batch: EditBatch) -> tuple:
+    """ROME's v*: the MLP output of the edit layer, the layers below it unchanged."""
+    module = component_module(edit.model, "mlp", edit.layer)
+    return edit.model, batch, module, edit.layer, edit.hparams, edit.request.direction, edit.method
+
+
+def rome_vstar_jobs(edit: EditCall) -> list[VStarJob]:
+    """The one v* optimisation :func:`apply_rome` runs, for a batched run."""
+    batch = request_batch(edit.model, edit.tokenizer, edit.request, edit.templates, edit.hparams)
+    return [VStarJob(*_vstar_args(edit, batch)[1:])]
 
 
 def apply_rome(edit: EditCall) -> EditResult:
@@ -57,9 +69,7 @@ def apply_rome(edit: EditCall) -> EditResult:
         u = k_avg.clone()
     u = u / u.norm()
 
-    vstar = optimise_vstar(
-        model, batch, component_module(model, "mlp", layer), layer, hp, request.direction, method
-    )
+    vstar = given_vstar(edit, 0) or optimise_vstar(*_vstar_args(edit, batch))
     v_star = vstar.target.double()
     if hp.key_policy == "original":
         k_star, current = k_prompt, out_prompt

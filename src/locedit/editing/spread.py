@@ -38,7 +38,7 @@ from locedit.editing.covariance import down_proj_module
 from locedit.editing.forward import captured_io, run_batch_until
 from locedit.editing.hparams import SpreadHParams
 from locedit.editing.types import EditCall, EditFailed, EditRequest, EditResult
-from locedit.editing.vstar import optimise_vstar
+from locedit.editing.vstar import VStarJob, given_vstar, optimise_vstar
 from locedit.models.architecture import (
     arch_spec,
     component_module,
@@ -160,14 +160,27 @@ class _Column:
     post_norm_realised: float | None
 
 
-def _optimise_z(edit: EditCall, request: EditRequest, z_module: nn.Module, z_layer: int):
-    """z* of one request (MEMIT's ``compute_z``, run per request as Alg. 1 does)."""
-    hp: SpreadHParams = edit.hparams
-    batch = request_batch(edit.model, edit.tokenizer, request, edit.templates, hp)
-    zstar = optimise_vstar(
-        edit.model, batch, z_module, z_layer + 1, hp, request.direction, edit.method
+def _z_job(edit: EditCall, request: EditRequest) -> VStarJob:
+    """z* of one request (MEMIT's ``compute_z``, run per request as Alg. 1 does): the residual
+    stream after the window's last layer, every layer up to it unchanged."""
+    z_layer = max(edit.layers)
+    batch = request_batch(edit.model, edit.tokenizer, request, edit.templates, edit.hparams)
+    module = component_module(edit.model, "resid", z_layer)
+    return VStarJob(batch, module, z_layer + 1, edit.hparams, request.direction, edit.method)
+
+
+def spread_vstar_jobs(edit: EditCall) -> list[VStarJob]:
+    """The z* optimisations :func:`spread_update` runs (the edited request's, then each
+    co-edited one's), for a batched run."""
+    return [_z_job(edit, request) for request in (edit.request, *edit.co_requests)]
+
+
+def _optimise_z(edit: EditCall, index: int, request: EditRequest):
+    job = _z_job(edit, request)
+    zstar = given_vstar(edit, index) or optimise_vstar(
+        edit.model, job.batch, job.module, job.n_frozen, job.hparams, job.direction, job.method
     )
-    return batch, zstar
+    return job.batch, zstar
 
 
 def _layer_column(
@@ -242,8 +255,8 @@ def spread_update(edit: EditCall, solve: LayerSolve) -> EditResult:
     entries: list[_Edited] = []
     diagnostics: dict[str, float] = {"z_layer": float(z_layer)}
     flags: list[str] = []
-    for request in (edit.request, *edit.co_requests):
-        batch, zstar = _optimise_z(edit, request, z_module, z_layer)
+    for index, request in enumerate((edit.request, *edit.co_requests)):
+        batch, zstar = _optimise_z(edit, index, request)
         if not entries:  # the focal request's optimisation is the one logged
             diagnostics.update(zstar.diagnostics("z"))
             flags.extend(zstar.flags("z"))

@@ -73,6 +73,11 @@ class EditCall:
     #: Requests edited together with ``request`` in one update (mass editing: MEMIT, EMMET);
     #: ``request`` stays the one the caller measures.
     co_requests: tuple[EditRequest, ...] = ()
+    #: The v*/z* of this edit, already optimised together with other edits'
+    #: (:mod:`locedit.editing.grouped`), in the order of the method's ``vstar_jobs``: a
+    #: ``VStar`` each, or the ``EditFailed`` its optimisation ended in. Empty: the method
+    #: optimises its own (the sequential reference).
+    vstars: tuple[Any, ...] = ()
 
 
 @dataclass

@@ -20,10 +20,10 @@ from torch import nn
 
 from locedit.data.records import Direction
 from locedit.editing.batch import EditBatch
-from locedit.editing.forward import added_at
+from locedit.editing.forward import added_at, added_per_group
 from locedit.editing.hparams import VStarHParams
 from locedit.editing.loss import objective, split_log_probs
-from locedit.editing.prefix import PrefixCachedForward, split_batch
+from locedit.editing.prefix import PrefixCachedForward, merge_splits, split_batch
 from locedit.editing.types import EditFailed
 from locedit.models.hooks import frozen_layers
 from locedit.models.scoring import pad_token_id
@@ -93,6 +93,42 @@ def clamped_step(
     return False
 
 
+def step_loss(
+    row_log_probs: torch.Tensor,
+    n_target: int,
+    direction: Direction,
+    hp: VStarHParams,
+    delta: torch.Tensor,
+    init: torch.Tensor,
+    kl: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, NLL per target token, the direction's objective) of one v* step: the objective
+    + kl_factor x KL(kl_init as input, current as target; ROME's order) + weight_decay x
+    ||delta|| / ||v_init||^2. ``kl`` is (kl_init, current) or None without the KL term."""
+    nll_loss, nll = objective(row_log_probs, n_target, direction)
+    loss = nll_loss
+    if kl is not None:
+        loss = loss + hp.kl_factor * torch.nn.functional.kl_div(
+            kl[0], kl[1], log_target=True, reduction="batchmean"
+        )
+    loss = loss + hp.weight_decay * (delta.norm() / init.norm() ** 2)
+    return loss, nll, nll_loss
+
+
+def stops(hp: VStarHParams, direction: Direction, step: int, loss: float, nll: float) -> bool:
+    """Whether the optimisation ends after measuring ``step`` (no update follows): an early
+    stop on the loss or on p(target), or the last of ``v_steps`` forwards."""
+    if hp.early_stop_loss is not None and loss < hp.early_stop_loss:
+        return True
+    if (
+        hp.early_stop_prob is not None
+        and direction == "maximize"
+        and math.exp(-nll) >= hp.early_stop_prob
+    ):
+        return True
+    return step == hp.v_steps - 1
+
+
 def optimise_vstar(
     model: nn.Module,
     batch: EditBatch,
@@ -128,16 +164,13 @@ def optimise_vstar(
             hidden = forward()
             use_kl = bool(hp.kl_factor) and bool(split.kl.any())
             row_log_probs, current = split_log_probs(model, hidden, split, use_kl)
-            nll_loss, nll = objective(row_log_probs, split.n_target, direction)
-            loss = nll_loss
             init = state["init"][split.bare].mean(0)
-            if use_kl:
-                if kl_init is None:
-                    kl_init = current.detach().clone()
-                loss = loss + hp.kl_factor * torch.nn.functional.kl_div(
-                    kl_init, current, log_target=True, reduction="batchmean"
-                )
-            loss = loss + hp.weight_decay * (delta.norm() / init.norm() ** 2)
+            if use_kl and kl_init is None:
+                kl_init = current.detach().clone()
+            loss, nll, nll_loss = step_loss(
+                row_log_probs, split.n_target, direction, hp, delta, init,
+                (kl_init, current) if use_kl else None,
+            )
             if step == 0 and hp.v_lr_relative is not None:
                 for group in optimiser.param_groups:
                     group["lr"] = hp.v_lr_relative * float(init.norm()) / math.sqrt(d_model)
@@ -151,15 +184,7 @@ def optimise_vstar(
                 "v* step %d: loss %.4f, p(target) %.4f", step, loss_value, math.exp(-nll_value)
             )
             steps = step + 1
-            if hp.early_stop_loss is not None and loss_value < hp.early_stop_loss:
-                break
-            if (
-                hp.early_stop_prob is not None
-                and direction == "maximize"
-                and math.exp(-nll_value) >= hp.early_stop_prob
-            ):
-                break
-            if step == hp.v_steps - 1:
+            if stops(hp, direction, step, loss_value, nll_value):
                 break
             zeroed += clamped_step(loss, optimiser, delta, hp.clamp_norm_factor * init.norm())
             if not bool(torch.isfinite(delta).all()):
@@ -177,3 +202,193 @@ def optimise_vstar(
         objective_first=first[2],
         objective_last=objective_value,
     )
+
+
+@dataclass(frozen=True)
+class VStarJob:
+    """One v*/z* optimisation of a batched run (:func:`optimise_vstars`): what
+    :func:`optimise_vstar` takes for one edit."""
+
+    batch: EditBatch
+    module: nn.Module
+    n_frozen: int
+    hparams: VStarHParams
+    direction: Direction
+    method: str
+
+
+@dataclass
+class _Group:
+    """Bookkeeping of one job inside :func:`optimise_vstars`."""
+
+    job: VStarJob
+    rewrite: torch.Tensor  # its rewriting rows, as indices into the rewriting rows' totals
+    kl: torch.Tensor  # its KL rows, as indices into the KL rows' distributions
+    bare: torch.Tensor  # its bare-prompt rows
+    n_target: int
+    use_kl: bool
+    kl_init: torch.Tensor | None = None
+    first: tuple[float, float, float] | None = None
+    last: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+    steps: int = 0
+    running: bool = True
+    failure: EditFailed | None = None
+
+
+def given_vstar(edit, index: int) -> VStar | None:
+    """The ``index``-th v*/z* an :class:`~locedit.editing.types.EditCall` brings along (a
+    batched run's), None when it brings none; a failed one raises its :class:`EditFailed`."""
+    if not edit.vstars:
+        return None
+    found = edit.vstars[index]
+    if isinstance(found, EditFailed):
+        raise found
+    return found
+
+
+def optimise_vstars(model: nn.Module, jobs: list[VStarJob]) -> list[VStar | EditFailed]:
+    """:func:`optimise_vstar` for independent jobs at once, each equal to its own run.
+
+    The jobs' rows form one batch (prefixes computed once, layers below the lowest job's
+    ``n_frozen`` replayed); each job's delta is added at its own module's output at its own
+    rows' lookup tokens (:func:`~locedit.editing.forward.added_per_group`). Every job has its
+    own loss (summed for one backward: rows are independent, so each delta gets its own
+    job's gradient), its own Adam parameter group (Adam is elementwise with a step count per
+    tensor, so this is G separate optimisers), its own clamp, learning rate and stop. A job
+    that stops (early stop, last step, non-finite) drops out of the sum and gets no gradient,
+    so Adam leaves it and its state untouched from then on. A non-finite job comes back as
+    its :class:`EditFailed`; the others finish.
+    """
+    if not jobs:
+        return []
+    for job in jobs:
+        if job.hparams.v_steps < 1:
+            raise ValueError(f"{job.method} needs v_steps >= 1")
+    d_model = int(model.config.hidden_size)
+    pad = pad_token_id(model)
+    splits = [split_batch(job.batch, pad) for job in jobs]
+    merged, offsets = merge_splits(splits, pad)
+    device = merged.suffix_ids.device
+    row_group = torch.cat(
+        [torch.full((s.size,), g, dtype=torch.long, device=device) for g, s in enumerate(splits)]
+    )
+    groups = []
+    kl_rows = torch.nonzero(merged.kl)[:, 0]
+    rewrite_rows = torch.nonzero(merged.rewrite)[:, 0]
+    for g, (job, split) in enumerate(zip(jobs, splits, strict=True)):
+        mine = row_group == g
+        groups.append(
+            _Group(
+                job,
+                rewrite=torch.nonzero(mine[rewrite_rows])[:, 0],
+                kl=torch.nonzero(mine[kl_rows])[:, 0],
+                bare=torch.nonzero(mine & merged.bare)[:, 0],
+                n_target=split.n_target,
+                use_kl=bool(job.hparams.kl_factor) and bool(split.kl.any()),
+            )
+        )
+    with_kl = any(group.use_kl for group in groups)
+    forward = PrefixCachedForward(model, merged)
+    deltas = [
+        torch.zeros(d_model, requires_grad=True, device=device, dtype=torch.float32)
+        for _ in jobs
+    ]
+    optimiser = torch.optim.Adam([{"params": [d], "lr": job.hparams.v_lr}
+                                  for d, job in zip(deltas, jobs, strict=True)])
+    zeroed = torch.zeros(len(jobs), dtype=torch.long, device=device)
+    n_frozen = min(job.n_frozen for job in jobs)
+    modules = [job.module for job in jobs]
+    with (
+        frozen_layers(model, forward, n_frozen),
+        added_per_group(modules, row_group, lambda: torch.stack(deltas)) as state,
+    ):
+        for step in range(max(job.hparams.v_steps for job in jobs)):
+            active = [g for g, group in enumerate(groups) if group.running]
+            if not active:
+                break
+            optimiser.zero_grad()
+            hidden = forward()
+            row_log_probs, current = split_log_probs(model, hidden, merged, with_kl)
+            losses, values, inits = {}, [], {}
+            for g in active:
+                group, hp = groups[g], groups[g].job.hparams
+                inits[g] = init = state["init"][group.bare].mean(0)
+                kl = None
+                if group.use_kl:
+                    mine = current[group.kl]
+                    if group.kl_init is None:
+                        group.kl_init = mine.detach().clone()
+                    kl = (group.kl_init, mine)
+                loss, nll, nll_loss = step_loss(
+                    row_log_probs[group.rewrite], group.n_target, group.job.direction, hp,
+                    deltas[g], init, kl,
+                )
+                if step == 0 and hp.v_lr_relative is not None:
+                    optimiser.param_groups[g]["lr"] = (
+                        hp.v_lr_relative * float(init.norm()) / math.sqrt(d_model)
+                    )
+                losses[g] = loss
+                values.append(torch.stack([loss, nll, nll_loss]).detach())
+            updated = []
+            for g, (loss_value, nll_value, objective_value) in zip(
+                active, torch.stack(values).tolist(), strict=True
+            ):
+                group = groups[g]
+                if not (math.isfinite(loss_value) and math.isfinite(nll_value)):
+                    group.running = False
+                    group.failure = EditFailed(
+                        group.job.method, f"non-finite v* loss {loss_value} at step {step}"
+                    )
+                    continue
+                if group.first is None:
+                    group.first = (loss_value, nll_value, objective_value)
+                group.last = (loss_value, nll_value, objective_value)
+                group.steps = step + 1
+                if stops(group.job.hparams, group.job.direction, step, loss_value, nll_value):
+                    group.running = False
+                else:
+                    updated.append(g)
+            if not updated:
+                continue
+            torch.stack([losses[g] for g in updated]).sum().backward()
+            for g, delta in enumerate(deltas):
+                if g not in updated:
+                    delta.grad = None  # Adam skips it: value and state stay as they are
+            optimiser.step()
+            finite = []
+            with torch.no_grad():
+                for g in updated:
+                    hp = groups[g].job.hparams
+                    max_norm = hp.clamp_norm_factor * inits[g].norm()
+                    norm = deltas[g].norm()
+                    clamp = norm > max_norm
+                    deltas[g].mul_(torch.where(clamp, max_norm / norm, torch.ones_like(norm)))
+                    zeroed[g] += clamp & (max_norm > 0) & (deltas[g].norm() == 0)
+                    finite.append(torch.isfinite(deltas[g]).all())
+            for g, ok in zip(updated, torch.stack(finite).tolist(), strict=True):
+                if not ok:
+                    groups[g].running = False
+                    groups[g].failure = EditFailed(
+                        groups[g].job.method, f"non-finite v* delta after step {step}"
+                    )
+    results: list[VStar | EditFailed] = []
+    for g, (group, n_zeroed) in enumerate(zip(groups, zeroed.tolist(), strict=True)):
+        if group.failure is not None:
+            results.append(group.failure)
+            continue
+        assert group.first is not None
+        results.append(
+            VStar(
+                init=state["init"][group.bare].mean(0).detach(),
+                delta=deltas[g].detach().clone(),
+                steps=group.steps,
+                loss_first=group.first[0],
+                loss_last=group.last[0],
+                nll_first=group.first[1],
+                nll_last=group.last[1],
+                zeroed_steps=int(n_zeroed),
+                objective_first=group.first[2],
+                objective_last=group.last[2],
+            )
+        )
+    return results
