@@ -1,0 +1,163 @@
+"""Independent edits optimised as one batch (issue 28) equal the same edits one at a time:
+the batched v*/z* (:func:`optimise_vstars`) against :func:`optimise_vstar` per job, with jobs
+that differ in layer and in fact, early stopping that ends some jobs and not others and a
+non-finite job that fails alone; and whole ROME, MEMIT, EMMET and AlphaEdit edits (update,
+p(target)) from batched v*/z* against the sequential editor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from locedit.editing import EditFailed, EditRequest, edited, hparams_for
+from locedit.editing.batch import request_batch
+from locedit.editing.grouped import GroupedEdit, grouped_vstars
+from locedit.editing.vstar import VStarJob, optimise_vstar, optimise_vstars
+from locedit.models.architecture import component_module, down_proj_name
+from locedit.models.scoring import target_log_probs
+from locedit.models.tokens import encode_prompt, encode_target
+from locedit.testing import editable_tiny_model
+
+REL = 1e-5
+FAST = {"n_context_templates": 2, "context_template_lengths": (4,), "v_steps": 6}
+EIFFEL = EditRequest("My favourite place is the Eiffel Tower", "Eiffel Tower", "Rome")
+DARRIEUX = EditRequest("Danielle Darrieux speaks", "Danielle Darrieux", "English")
+YASUDA = EditRequest("Toko Yasuda plays the", "Toko Yasuda", "piano")
+TEMPLATES = ["{}", "Hello there. {}"]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = REL) -> None:
+    """Equal within ``rel`` of b's norm (elementwise tolerances are meaningless for the
+    components that are zero to rounding)."""
+    scale = float(b.double().norm())
+    assert float((a.double() - b.double()).norm()) <= rel * max(scale, 1e-12), (a, b)
+
+
+def _rome_jobs(model, tok, hp, cases):
+    """One ROME v* job per (request, layer): the MLP output of the layer, layers below frozen."""
+    return [
+        VStarJob(
+            request_batch(model, tok, request, TEMPLATES, hp),
+            component_module(model, "mlp", layer), layer, hp, request.direction, "rome",
+        )
+        for request, layer in cases
+    ]
+
+
+def _sequential(model, job):
+    return optimise_vstar(
+        model, job.batch, job.module, job.n_frozen, job.hparams, job.direction, job.method
+    )
+
+
+def _assert_same(got, want):
+    _close(got.delta, want.delta)
+    _close(got.init, want.init)
+    assert got.steps == want.steps and got.zeroed_steps == want.zeroed_steps
+    for name in ("loss_first", "loss_last", "nll_first", "nll_last", "objective_last"):
+        assert getattr(got, name) == pytest.approx(getattr(want, name), rel=REL)
+
+
+# Jobs that differ in fact and in layer, two facts sharing a layer; none at the last layer,
+# whose MLP output at the subject cannot reach the target's positions (a zero gradient that
+# Adam's normalisation turns into rounding noise, in the sequential run as much as here).
+CASES = [(EIFFEL, 1), (EIFFEL, 2), (DARRIEUX, 0), (YASUDA, 2)]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox", "llama", "gemma3_text"])
+def test_batched_vstar_equals_one_optimisation_per_job(family, tok):
+    model = editable_tiny_model(family, n_layers=4)
+    hp = hparams_for("rome", overrides=FAST)
+    jobs = _rome_jobs(model, tok, hp, CASES)
+    for got, job in zip(optimise_vstars(model, jobs), jobs, strict=True):
+        _assert_same(got, _sequential(model, job))
+
+
+def test_batched_zstar_with_relative_lr_and_fact_erasure(tok):
+    """MEMIT's z* (residual output, layers up to it frozen), per-job learning rates from
+    v_lr_relative, a minimising (Fact Erasure) job among maximising ones."""
+    model = editable_tiny_model("llama", n_layers=4)
+    hp = hparams_for("memit", overrides={**FAST, "v_lr_relative": 0.3})
+    erase = EditRequest(YASUDA.prompt, YASUDA.subject, "piano", "minimize")
+    jobs = [
+        VStarJob(
+            request_batch(model, tok, request, TEMPLATES, hp),
+            component_module(model, "resid", layer), layer + 1, hp, request.direction, "memit",
+        )
+        for request, layer in [(EIFFEL, 2), (erase, 1), (DARRIEUX, 2)]
+    ]
+    for got, job in zip(optimise_vstars(model, jobs), jobs, strict=True):
+        _assert_same(got, _sequential(model, job))
+
+
+def test_early_stopping_ends_some_jobs_and_not_others(tok):
+    model = editable_tiny_model("gpt2", n_layers=4)
+    hp = hparams_for("rome", overrides={**FAST, "v_steps": 10})
+    free = [_sequential(model, job) for job in _rome_jobs(model, tok, hp, CASES)]
+    lasts = sorted(v.loss_last for v in free)
+    # A threshold between the jobs' final losses: the better ones stop early, the rest run on.
+    stopping = hp.with_overrides(early_stop_loss=(lasts[1] + lasts[2]) / 2)
+    jobs = _rome_jobs(model, tok, stopping, CASES)
+    want = [_sequential(model, job) for job in jobs]
+    steps = {v.steps for v in want}
+    assert min(steps) < 10 and max(steps) == 10  # the case the test is about
+    for got, expected in zip(optimise_vstars(model, jobs), want, strict=True):
+        _assert_same(got, expected)
+
+
+def test_a_non_finite_job_fails_alone(tok):
+    model = editable_tiny_model("gpt2", n_layers=4)
+    hp = hparams_for("rome", overrides=FAST)
+    broken = hp.with_overrides(v_lr=1e37, clamp_norm_factor=float("inf"))
+    jobs = _rome_jobs(model, tok, hp, CASES)
+    jobs[1] = _rome_jobs(model, tok, broken, [CASES[1]])[0]
+    with pytest.raises(EditFailed) as expected:
+        _sequential(model, jobs[1])
+    results = optimise_vstars(model, jobs)
+    assert isinstance(results[1], EditFailed) and str(results[1]) == str(expected.value)
+    for index in (0, 2, 3):
+        _assert_same(results[index], _sequential(model, jobs[index]))
+
+
+def _p_target(model, tok, request):
+    ids = encode_prompt(tok, request.prompt, request.subject).input_ids
+    return float(target_log_probs(model, [ids], [encode_target(tok, request.prompt, request.target)]).exp())
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "emmet", "alphaedit"])
+def test_whole_edits_from_batched_vstars_equal_sequential_edits(method, tok, store):
+    """Every edit's weight change and p(target), batched v*/z* against the editor's own run;
+    MEMIT also with a co-edited fact (two z* of one edit in the batch)."""
+    model = editable_tiny_model("gpt2", n_layers=6)
+    hp = hparams_for(method, overrides={**FAST, "n_layers": 3} if method != "rome" else FAST)
+    edits = [GroupedEdit(method, EIFFEL, 2, hp), GroupedEdit(method, EIFFEL, 3, hp),
+             GroupedEdit(method, DARRIEUX, 2, hp)]
+    if method == "memit":
+        edits.append(GroupedEdit(method, YASUDA, 3, hp.with_overrides(batch_size=2), (DARRIEUX,)))
+    vstars = grouped_vstars(model, tok, edits, store)
+    for edit, given in zip(edits, vstars, strict=True):
+        assert len(given) == 1 + len(edit.co_requests)
+        outcomes = []
+        for use in ((), given):
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            with edited(model, tok, method, edit.request, edit.layer, edit.hparams, store,
+                        edit.co_requests, use) as result:
+                changes = {
+                    name: p.detach() - before[name]
+                    for name, p in model.named_parameters() if name in result.changed
+                }
+                outcomes.append((changes, _p_target(model, tok, edit.request), result))
+        (want, p_want, r_want), (got, p_got, r_got) = outcomes
+        assert sorted(got) == sorted(want) and want
+        assert sorted(want) == sorted(down_proj_name(model, layer) for layer in r_want.layers)
+        for name in want:
+            _close(got[name], want[name])
+        assert p_got == pytest.approx(p_want, rel=REL)
+        assert r_got.flags == r_want.flags
+        for key, value in r_want.diagnostics.items():
+            assert r_got.diagnostics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_finetuning_brings_no_vstars(tok):
+    model = editable_tiny_model("gpt2", n_layers=4)
+    assert grouped_vstars(model, tok, [GroupedEdit("ft1", EIFFEL, 1)]) == [()]
