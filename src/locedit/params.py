@@ -108,7 +108,7 @@ POSITIVE_COUNTS = frozenset({
     "n_records", "max_facts", "noise_samples", "n_samples", "sample_length", "batch_size",
     "sample_batch_size", "max_new_tokens", "n_grid_layers", "workers", "threads", "steps",
     "v_steps", "n_context_templates", "n_facts", "n_trials", "n_layers", "bootstrap_samples",
-    "n_startup_trials",
+    "n_startup_trials", "group_size",
 })
 #: Counts that may be zero but never negative.
 NON_NEGATIVE_COUNTS = frozenset({"start", "n_heatmaps", "top_k", "template_top_k", "seed"})

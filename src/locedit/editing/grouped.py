@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -21,6 +22,7 @@ from locedit.editing.editor import prepared
 from locedit.editing.hparams import HParams
 from locedit.editing.types import EditFailed, EditRequest
 from locedit.editing.vstar import VStar, optimise_vstars
+from locedit.models.device import model_device
 
 
 @dataclass(frozen=True)
@@ -62,3 +64,43 @@ def grouped_vstars(
         out.append(tuple(results[start : start + count]))
         start += count
     return out
+
+
+#: The largest group :func:`default_group_size` proposes (the benchmark's largest size).
+MAX_GROUP = 64
+#: What one v*/z* job holds during its backward, in rows x tokens (ROME's ~21 rewriting rows
+#: plus the KL row, suffixes of up to ~16 tokens, up to ~4 target tokens per row).
+_ROWS, _TOKENS, _TARGETS = 24, 16, 4
+
+
+def job_bytes(model: nn.Module) -> int:
+    """A generous estimate of one v*/z* job's memory: every layer's activations kept for the
+    backward (about 12 d_model + 4 d_mlp floats per token) and the target positions'
+    full-vocabulary logits, log-probabilities and their gradient, in float32."""
+    config = model.config
+    d_model = int(config.hidden_size)
+    d_mlp = int(getattr(config, "intermediate_size", None) or 4 * d_model)
+    layers = int(config.num_hidden_layers)
+    activations = _ROWS * _TOKENS * layers * (12 * d_model + 4 * d_mlp) * 4
+    logits = _ROWS * _TARGETS * int(config.vocab_size) * 4 * 3
+    return activations + logits
+
+
+def default_group_size(model: nn.Module, share: float = 0.5) -> int:
+    """``edit.group_size: null``: 1 on a CPU (the default until the benchmark shows a larger
+    group is faster there, README "Throughput"); on a GPU as many jobs as fit in ``share`` of
+    its free memory by :func:`job_bytes`, at most :data:`MAX_GROUP`."""
+    device = model_device(model)
+    if device.type != "cuda":
+        return 1
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(1, min(MAX_GROUP, int(share * free) // max(1, job_bytes(model))))
+
+
+def group_size_from(setting: int | None, model: nn.Module) -> int:
+    """``edit.group_size``: a positive number as it is, ``null`` the default for the device."""
+    if setting is None:
+        return default_group_size(model)
+    if int(setting) < 1:
+        raise ValueError(f"edit.group_size must be >= 1 or null, got {setting}")
+    return int(setting)

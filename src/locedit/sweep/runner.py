@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from locedit.data.records import FactRecord
+from locedit.editing.grouped import group_size_from
 from locedit.models.device import assign_gpus, visible_gpus
 from locedit.sweep.plan import EditTask
 from locedit.sweep.store import ResultStore
@@ -67,8 +68,9 @@ def _run_fact_job(
         torch.set_num_threads(spec.threads)
     model, tokenizer, covariance = _worker_state(OmegaConf.to_yaml(OmegaConf.create(spec.params)))
     rows: list[dict] = []
+    group_size = group_size_from((spec.params.get("edit") or {}).get("group_size"), model)
     run_fact(model, tokenizer, covariance, spec.records[fact_id], tasks, spec.hparams, spec.config,
-             on_row or rows.append, spec.out_dir / "pre", spec.context, spec.records)
+             on_row or rows.append, spec.out_dir / "pre", spec.context, spec.records, group_size)
     return rows
 
 

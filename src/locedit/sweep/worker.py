@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import FactRecord
 from locedit.editing import EditFailed, EditRequest, edited
+from locedit.editing.grouped import GroupedEdit, grouped_vstars
+from locedit.editing.methods import get_method
 from locedit.metrics import neighborhood_kl as nkl
 from locedit.metrics.evaluation import (
     EssenceTexts,
@@ -229,10 +232,14 @@ def run_fact(
     cache_dir: Path | None = None,
     context: str = "",
     records: Mapping[str, FactRecord] | None = None,
+    group_size: int = 1,
 ) -> None:
     """Edit ``record`` for each task and report one row per task through ``on_row``.
 
     ``records`` (by fact id) supplies the facts that tasks co-edit (``EditTask.co_facts``).
+    ``group_size`` > 1 optimises the v*/z* of up to that many of the fact's edits of one
+    method and problem (its layers) as one batch (:func:`task_groups`); the rows are the
+    same, to rounding (issue 28).
     """
     if not tasks:
         return
@@ -258,27 +265,100 @@ def run_fact(
             built[key] = co_edit_requests(model, tokenizer, task, records or {}, config)
         return built[key]
 
+    for group in task_groups(tasks, group_size):
+        given, shared = _group_vstars(
+            model, tokenizer, covariance, record, group, hparams, config, pre, co_requests_for
+        )
+        for task, vstars in zip(group, given, strict=True):
+            on_row(_run_task(model, tokenizer, covariance, record, task,
+                             hparams[(task.method, task.problem)], config, pre, probes, reference,
+                             co_requests_for, vstars=vstars, shared_seconds=shared))
+
+
+def task_groups(tasks: Sequence[EditTask], size: int) -> list[list[EditTask]]:
+    """Consecutive tasks of one (method, problem) whose method optimises a v*/z*, at most
+    ``size`` to a group (their v*/z* run as one batch); every other task alone. The order of
+    the tasks, and so of the rows, is kept."""
+    groups: list[list[EditTask]] = []
     for task in tasks:
-        on_row(_run_task(model, tokenizer, covariance, record, task, hparams[(task.method, task.problem)],
-                         config, pre, probes, reference, co_requests_for))
+        last = groups[-1] if groups else None
+        if (
+            size > 1 and last and len(last) < size
+            and (last[0].method, last[0].problem) == (task.method, task.problem)
+            and get_method(task.method).vstar_jobs is not None
+        ):
+            last.append(task)
+        else:
+            groups.append([task])
+    return groups
+
+
+def _group_vstars(
+    model, tokenizer, covariance, record, group, hparams, config, pre, co_requests_for
+) -> tuple[list[tuple], float]:
+    """The v*/z* of a group's edits, optimised as one batch (:mod:`locedit.editing.grouped`),
+    and each edit's share of its time. A task whose request cannot be built gets none and
+    meets the same error in :func:`_run_task`; a batch that cannot run (e.g. out of memory)
+    leaves every task to optimise its own."""
+    nothing: list[tuple] = [()] * len(group)
+    if len(group) == 1:
+        return nothing, 0.0
+    edits, members = [], []
+    for index, task in enumerate(group):
+        try:
+            request, co_requests = _task_request(
+                model, tokenizer, record, task, config, pre, co_requests_for
+            )
+        except (ProblemNotApplicable, EditFailed, ValueError, RuntimeError):
+            continue
+        members.append(index)
+        edits.append(GroupedEdit(
+            task.method, request, task.layer, hparams[(task.method, task.problem)], co_requests
+        ))
+    start = time.perf_counter()
+    try:
+        found = grouped_vstars(model, tokenizer, edits, covariance)
+    except (EditFailed, ValueError, RuntimeError) as err:
+        log.warning("batched v* of %d edits failed (%s): optimising them one at a time",
+                    len(edits), err)
+        return nothing, 0.0
+    for index, vstars in zip(members, found, strict=True):
+        nothing[index] = vstars
+    return nothing, (time.perf_counter() - start) / max(1, len(edits))
+
+
+def _task_request(
+    model, tokenizer, record, task, config, pre,
+    co_requests_for: Callable[[EditTask], tuple[EditRequest, ...]] | None = None,
+) -> tuple[EditRequest, tuple[EditRequest, ...]]:
+    """The task's request (the problem's target and input) and its co-edited requests."""
+    problem = get_problem(task.problem)
+    target = edit_target(problem, record, pre.o_noise)
+    noise = noise_for_request(model, tokenizer, record, config.noise) if problem.noised_input else None
+    request = EditRequest(record.prompt, record.subject, target, problem.direction, noise)
+    co_requests = co_requests_for(task) if co_requests_for and task.co_facts else ()
+    return request, co_requests
 
 
 def _run_task(
     model, tokenizer, covariance, record, task, hparams, config, pre, probes, reference=None,
     co_requests_for: Callable[[EditTask], tuple[EditRequest, ...]] | None = None,
+    vstars: tuple = (), shared_seconds: float = 0.0,
 ) -> dict[str, Any]:
+    """One task's row. ``vstars``: its v*/z* from a batched run, ``shared_seconds`` its share
+    of that run's time (added to the row's ``seconds``)."""
     row = _base_row(task, record)
     row["hparams"] = json.dumps(hparams.to_dict(), sort_keys=True, default=str)
     problem = get_problem(task.problem)
     try:
-        target = edit_target(problem, record, pre.o_noise)
-        row["target"] = target
-        noise = noise_for_request(model, tokenizer, record, config.noise) if problem.noised_input else None
-        request = EditRequest(record.prompt, record.subject, target, problem.direction, noise)
-        co_requests = co_requests_for(task) if co_requests_for and task.co_facts else ()
+        row["target"] = edit_target(problem, record, pre.o_noise)
+        request, co_requests = _task_request(
+            model, tokenizer, record, task, config, pre, co_requests_for
+        )
         torch.manual_seed(fact_seed(config.seed, task.seed_key))
         with edited(
-            model, tokenizer, task.method, request, task.layer, hparams, covariance, co_requests
+            model, tokenizer, task.method, request, task.layer, hparams, covariance, co_requests,
+            vstars,
         ) as result:
             post = probe_probabilities(model, probes, record, config.noise)
             ppl_after = (
@@ -305,7 +385,7 @@ def _run_task(
         if kl is not None:
             row["neighborhood_kl"] = kl
         row.update(
-            status="ok", seconds=result.seconds, edit_layers=json.dumps(result.layers),
+            status="ok", seconds=result.seconds + shared_seconds, edit_layers=json.dumps(result.layers),
             diagnostics=json.dumps(result.to_record()["diagnostics"]), flags=",".join(result.flags),
         )
     except RestorationError:
