@@ -10,7 +10,8 @@ which takes the precomputed v*/z* through its ``vstars`` argument.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,9 @@ from locedit.editing.editor import prepared
 from locedit.editing.hparams import HParams
 from locedit.editing.types import EditFailed, EditRequest
 from locedit.editing.vstar import VStar, optimise_vstars
+from locedit.models.architecture import as_out_in, down_proj_name, get_module, n_layers
 from locedit.models.device import model_device
+from locedit.models.hooks import edited_from_inputs
 
 
 @dataclass(frozen=True)
@@ -104,3 +107,41 @@ def group_size_from(setting: int | None, model: nn.Module) -> int:
     if int(setting) < 1:
         raise ValueError(f"edit.group_size must be >= 1 or null, got {setting}")
     return int(setting)
+
+
+@contextmanager
+def weight_deltas_by_group(
+    model: nn.Module, deltas: Sequence[Mapping[str, torch.Tensor]]
+) -> Iterator[None]:
+    """Forward batches of G equal blocks of rows, block g as if ``deltas[g]`` (parameter name
+    -> change, in storage layout) were added to the weights: G edited models without editing
+    the model (issue 28), for measuring G edits of one fact in one batch.
+
+    Only down-projection weights (what ROME, MEMIT, EMMET and AlphaEdit change) are supported;
+    each adds x dW_g^T to its module's output for block g's rows, in float32. Equal to writing
+    the update into the weights up to rounding.
+    """
+    groups = len(deltas)
+    names = sorted({name for delta in deltas for name in delta})
+    supported = {down_proj_name(model, layer) for layer in range(n_layers(model))}
+    modules, edits = {}, {}
+    for name in names:
+        if name not in supported:
+            raise ValueError(f"weight_deltas_by_group supports down-projections only, not {name}")
+        module = get_module(model, name.rpartition(".")[0])
+        zero = torch.zeros_like(module.weight, dtype=torch.float32)
+        stacked = torch.stack(
+            [as_out_in(model, d[name].float() if name in d else zero) for d in deltas]
+        )
+
+        def add(x, hidden, stacked=stacked):
+            size = int(x.shape[0])
+            if size % groups:
+                raise ValueError(f"a batch of {size} rows is not {groups} equal blocks")
+            blocks = x.reshape(groups, size // groups, *x.shape[1:]).float()
+            change = torch.einsum("gn...i,goi->gn...o", blocks, stacked)
+            return hidden + change.reshape(hidden.shape).to(hidden.dtype)
+
+        modules[name], edits[name] = module, add
+    with edited_from_inputs(modules, edits):
+        yield

@@ -94,17 +94,56 @@ def build_probes(
     return probes
 
 
+#: Rows per forward of the probes (per copy, see :func:`copied_log_probs`).
+PROBE_BATCH = 16
+
+
+def copied_log_probs(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    copies: int = 1,
+    batch_size: int = PROBE_BATCH,
+) -> torch.Tensor:
+    """:func:`~locedit.models.scoring.target_log_probs` of ``copies`` copies of the pairs,
+    [copies, n]: each forward holds ``copies`` equal blocks of the same chunk of at most
+    ``batch_size`` pairs, block g for copy g (how :func:`locedit.editing.grouped.
+    weight_deltas_by_group` measures G edits at once). One copy is target_log_probs itself."""
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        size = len(prompts[chunk])
+        log_p = target_log_probs(
+            model, list(prompts[chunk]) * copies, list(targets[chunk]) * copies,
+            batch_size=size * copies,
+        )
+        out.append(log_p.view(copies, size))
+    return torch.cat(out, 1) if out else torch.empty(copies, 0, device=model_device(model))
+
+
 def probe_probabilities(
     model: nn.Module, probes: Sequence[Probe], record: FactRecord, noise: NoiseConfig | None
 ) -> dict[str, float]:
     """Probabilities of all probes; noised probes average over noise samples drawn from the
     scoring stream (:data:`~locedit.models.noise.SCORING_STREAM`): independent of the noise
     Fact Forcing's edit was optimised on, the same draws before and after every edit."""
+    return copied_probe_probabilities(model, probes, record, noise, 1)[0]
+
+
+def copied_probe_probabilities(
+    model: nn.Module, probes: Sequence[Probe], record: FactRecord, noise: NoiseConfig | None,
+    copies: int,
+) -> list[dict[str, float]]:
+    """:func:`probe_probabilities` for ``copies`` copies in the same forwards (see
+    :func:`copied_log_probs`), one dict per copy."""
     clean = [p for p in probes if p.subject_span is None]
-    out: dict[str, float] = {}
+    out: list[dict[str, float]] = [{} for _ in range(copies)]
     if clean:
-        log_p = target_log_probs(model, [p.prompt_ids for p in clean], [p.target_ids for p in clean])
-        out.update({p.key: math.exp(v) for p, v in zip(clean, log_p.tolist(), strict=True)})
+        log_p = copied_log_probs(
+            model, [p.prompt_ids for p in clean], [p.target_ids for p in clean], copies
+        )
+        for values, row in zip(out, log_p.tolist(), strict=True):
+            values.update({p.key: math.exp(v) for p, v in zip(clean, row, strict=True)})
     for probe in probes:
         if probe.subject_span is None:
             continue
@@ -115,11 +154,12 @@ def probe_probabilities(
             record.fact_id, end - start, d_model(model), noise, SCORING_STREAM
         ).to(model_device(model))
         with noised_subject(model, start, end, tensor):
-            log_p = target_log_probs(
+            log_p = copied_log_probs(
                 model, [probe.prompt_ids] * noise.n_samples, [probe.target_ids] * noise.n_samples,
-                batch_size=noise.n_samples,
+                copies, batch_size=noise.n_samples,
             )
-        out[probe.key] = float(log_p.exp().mean())
+        for values, mean in zip(out, log_p.exp().mean(1).tolist(), strict=True):
+            values[probe.key] = mean
     return out
 
 
@@ -242,16 +282,25 @@ ESSENCE_SPANS = ("continuation", "whole_text")
 def essence_perplexity(model: nn.Module, texts: EssenceTexts, span: str = "continuation") -> float:
     """Mean over samples of exp(mean NLL of the sampled continuation given the prompt), or with
     ``span="whole_text"`` of every token after the first (prompt included)."""
+    return copied_essence_perplexity(model, texts, span, 1)[0]
+
+
+def copied_essence_perplexity(
+    model: nn.Module, texts: EssenceTexts, span: str, copies: int
+) -> list[float]:
+    """:func:`essence_perplexity` for ``copies`` copies in the same forwards, one per copy."""
     if span not in ESSENCE_SPANS:
         raise ValueError(f"essence span {span!r} not among {ESSENCE_SPANS}")
     if not texts.sequences:
-        return math.nan
+        return [math.nan] * copies
     cut = texts.prompt_length if span == "continuation" else 1
     prompts = [seq[:cut] for seq in texts.sequences]
     continuations = [seq[cut:] for seq in texts.sequences]
-    log_p = target_log_probs(model, prompts, continuations)
-    ppl = [math.exp(-lp / len(c)) for lp, c in zip(log_p.tolist(), continuations, strict=True)]
-    return sum(ppl) / len(ppl)
+    out = []
+    for row in copied_log_probs(model, prompts, continuations, copies).tolist():
+        ppl = [math.exp(-lp / len(c)) for lp, c in zip(row, continuations, strict=True)]
+        out.append(sum(ppl) / len(ppl))
+    return out
 
 
 def target_probe_name(problem: ProblemSpec) -> str:

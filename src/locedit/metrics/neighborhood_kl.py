@@ -114,11 +114,21 @@ def next_token_distributions(
     """log P(w | prompt) over the whole vocabulary at each prompt's last position, float32 on
     the CPU: [n_prompts, vocab]. Batches are fixed by ``batch_size`` alone, so the same model
     gives bit-identical values before and after (an unedited model has KL exactly 0)."""
-    chunks = [
-        next_token_log_probs(model, prompts[start : start + batch_size]).float().cpu()
-        for start in range(0, len(prompts), batch_size)
-    ]
-    return torch.cat(chunks) if chunks else torch.empty(0, 0, device="cpu")
+    return copied_next_token_distributions(model, prompts, batch_size, 1)[0]
+
+
+def copied_next_token_distributions(
+    model: nn.Module, prompts: Sequence[Sequence[int]], batch_size: int, copies: int
+) -> torch.Tensor:
+    """:func:`next_token_distributions` of ``copies`` copies, [copies, n_prompts, vocab]: each
+    forward holds ``copies`` equal blocks of the same chunk (copy g in block g; see
+    :func:`locedit.editing.grouped.weight_deltas_by_group`)."""
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        log_p = next_token_log_probs(model, chunk * copies).float().cpu()
+        chunks.append(log_p.view(copies, len(chunk), -1))
+    return torch.cat(chunks, 1) if chunks else torch.empty(copies, 0, 0, device="cpu")
 
 
 def kl_divergences(

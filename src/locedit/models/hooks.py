@@ -10,6 +10,7 @@ functions, so the same module outputs change in the same way everywhere.
 
 * :func:`recorded`, :func:`watched`: read a module's first output (or every call) during the body;
 * :func:`edited_output`, :func:`edited_outputs`: replace or edit a module's hidden-state output;
+* :func:`edited_from_inputs`: edit it from the module's input too (a weight change in the forward);
 * :func:`run_until`: run a forward only as far as a module (the rest is never computed);
 * :func:`replaced_forward`: stand-in ``forward`` methods, the previous ones restored on exit;
 * :func:`frozen_layers`: compute the layers below a point once, then replay their outputs;
@@ -159,6 +160,28 @@ def edited_outputs(modules: Mapping[K, nn.Module], edits: Mapping[K, Edit]) -> I
 
     def hook(edit, _module, _inputs, output):
         return map_hidden(output, edit)
+
+    def register():
+        return [
+            modules[key].register_forward_hook(functools.partial(hook, edit))
+            for key, edit in edits.items()
+        ]
+
+    with _hooks(register):
+        yield
+
+
+@contextmanager
+def edited_from_inputs(
+    modules: Mapping[K, nn.Module],
+    edits: Mapping[K, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+) -> Iterator[None]:
+    """Replace the hidden-state output ``h`` of ``modules[k]`` by ``edits[k](x, h)``, ``x``
+    the module's first positional input, at every forward call in the body (a weight change
+    applied in the forward: ``h + x dW^T``)."""
+
+    def hook(edit, _module, inputs, output):
+        return map_hidden(output, lambda hidden: edit(inputs[0], hidden))
 
     def register():
         return [

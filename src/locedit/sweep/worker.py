@@ -10,7 +10,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,14 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import FactRecord
 from locedit.editing import EditFailed, EditRequest, edited
-from locedit.editing.grouped import GroupedEdit, grouped_vstars
+from locedit.editing.grouped import GroupedEdit, grouped_vstars, weight_deltas_by_group
 from locedit.editing.methods import get_method
 from locedit.metrics import neighborhood_kl as nkl
 from locedit.metrics.evaluation import (
     EssenceTexts,
     build_probes,
+    copied_essence_perplexity,
+    copied_probe_probabilities,
     essence_perplexity,
     noise_for_request,
     probe_probabilities,
@@ -35,7 +38,7 @@ from locedit.metrics.evaluation import (
     target_probe_name,
 )
 from locedit.models.noise import fact_seed
-from locedit.models.snapshot import RestorationError
+from locedit.models.snapshot import RestorationError, preserved_weights
 from locedit.models.tokens import TokenizationError
 from locedit.problems import (
     NoiseConfig,
@@ -269,10 +272,14 @@ def run_fact(
         given, shared = _group_vstars(
             model, tokenizer, covariance, record, group, hparams, config, pre, co_requests_for
         )
-        for task, vstars in zip(group, given, strict=True):
-            on_row(_run_task(model, tokenizer, covariance, record, task,
-                             hparams[(task.method, task.problem)], config, pre, probes, reference,
-                             co_requests_for, vstars=vstars, shared_seconds=shared))
+        if len(group) > 1:
+            for row in _run_group(model, tokenizer, covariance, record, group, hparams, config,
+                                  pre, probes, reference, co_requests_for, given, shared):
+                on_row(row)
+            continue
+        on_row(_run_task(model, tokenizer, covariance, record, group[0],
+                         hparams[(group[0].method, group[0].problem)], config, pre, probes,
+                         reference, co_requests_for))
 
 
 def task_groups(tasks: Sequence[EditTask], size: int) -> list[list[EditTask]]:
@@ -345,49 +352,75 @@ def _run_task(
     co_requests_for: Callable[[EditTask], tuple[EditRequest, ...]] | None = None,
     vstars: tuple = (), shared_seconds: float = 0.0,
 ) -> dict[str, Any]:
-    """One task's row. ``vstars``: its v*/z* from a batched run, ``shared_seconds`` its share
-    of that run's time (added to the row's ``seconds``)."""
+    """One task's row: the edit, measured on the edited model. ``vstars``: its v*/z* from a
+    batched run, ``shared_seconds`` its share of that run's time (added to ``seconds``)."""
+    row = _begin_row(task, record, hparams)
+    with _outcome(row, task):
+        with _task_edit(
+            model, tokenizer, covariance, record, task, hparams, config, pre, co_requests_for,
+            vstars, row,
+        ) as result:
+            measured = _measure(model, probes, record, config, pre, reference)[0]
+        _finish_row(row, task, pre, measured, result, config, shared_seconds)
+    return row
+
+
+def _run_group(
+    model, tokenizer, covariance, record, tasks, hparams, config, pre, probes, reference,
+    co_requests_for, vstars: Sequence[tuple], shared_seconds: float,
+) -> list[dict[str, Any]]:
+    """A group's rows (issue 28): each edit made and restored in turn from its batched v*/z*,
+    then all of them measured in the same forwards, each through its weight change applied
+    in the forward (:func:`locedit.editing.grouped.weight_deltas_by_group`) instead of written
+    into the weights. Should that fail (memory), each is measured with its weights written."""
+    rows, made = [], []
+    for task, given in zip(tasks, vstars, strict=True):
+        row = _begin_row(task, record, hparams[(task.method, task.problem)])
+        rows.append(row)
+        with _outcome(row, task):
+            with _task_edit(
+                model, tokenizer, covariance, record, task, hparams[(task.method, task.problem)],
+                config, pre, co_requests_for, given, row,
+            ) as result:
+                weights = {
+                    name: p.detach().clone()
+                    for name, p in model.named_parameters() if name in result.changed
+                }
+            made.append((row, task, result, weights))
+    params = dict(model.named_parameters())
+    try:
+        deltas = [
+            {name: w - params[name].detach() for name, w in weights.items()}
+            for *_, weights in made
+        ]
+        with weight_deltas_by_group(model, deltas):
+            measured = _measure(model, probes, record, config, pre, reference, len(made))
+    except (ValueError, RuntimeError) as err:
+        log.warning("measuring %d edits together failed (%s): one at a time", len(made), err)
+        measured = []
+        for *_, weights in made:
+            with preserved_weights(model, list(weights)), torch.no_grad():
+                for name, weight in weights.items():
+                    params[name].copy_(weight)
+                measured.append(_measure(model, probes, record, config, pre, reference)[0])
+    for (row, task, result, _), values in zip(made, measured, strict=True):
+        with _outcome(row, task):
+            _finish_row(row, task, pre, values, result, config, shared_seconds)
+    return rows
+
+
+def _begin_row(task: EditTask, record: FactRecord, hparams: Any) -> dict[str, Any]:
     row = _base_row(task, record)
     row["hparams"] = json.dumps(hparams.to_dict(), sort_keys=True, default=str)
-    problem = get_problem(task.problem)
+    return row
+
+
+@contextmanager
+def _outcome(row: dict[str, Any], task: EditTask) -> Iterator[None]:
+    """Turn what goes wrong in the body into the row's status: ``skipped`` for a problem that
+    does not apply, ``failed`` with the reason; only a failed restoration propagates."""
     try:
-        row["target"] = edit_target(problem, record, pre.o_noise)
-        request, co_requests = _task_request(
-            model, tokenizer, record, task, config, pre, co_requests_for
-        )
-        torch.manual_seed(fact_seed(config.seed, task.seed_key))
-        with edited(
-            model, tokenizer, task.method, request, task.layer, hparams, covariance, co_requests,
-            vstars,
-        ) as result:
-            post = probe_probabilities(model, probes, record, config.noise)
-            ppl_after = (
-                essence_perplexity(model, pre.essence, config.essence_span)
-                if pre.essence is not None else None
-            )
-            kl = (
-                nkl.neighborhood_kl(
-                    reference.log_probs,
-                    nkl.next_token_distributions(
-                        model, reference.prompts, config.neighborhood_kl.batch_size
-                    ),
-                    config.neighborhood_kl,
-                )
-                if reference is not None else None
-            )
-        scores = score_edit(
-            problem, target_probe_name(problem), pre.probs, post, pre.ppl_before, ppl_after,
-            config.neighborhood_target,
-        )
-        if math.isnan(scores["p_target_post"]):
-            raise EditFailed(task.method, "NaN target probability after the edit")
-        row.update(scores)
-        if kl is not None:
-            row["neighborhood_kl"] = kl
-        row.update(
-            status="ok", seconds=result.seconds + shared_seconds, edit_layers=json.dumps(result.layers),
-            diagnostics=json.dumps(result.to_record()["diagnostics"]), flags=",".join(result.flags),
-        )
+        yield
     except RestorationError:
         raise
     except ProblemNotApplicable as err:
@@ -395,4 +428,69 @@ def _run_task(
     except (EditFailed, TokenizationError, ValueError, RuntimeError, FloatingPointError) as err:
         log.warning("edit %s failed: %s", task.key, err)
         row.update(status="failed", reason=str(err))
-    return row
+
+
+@contextmanager
+def _task_edit(
+    model, tokenizer, covariance, record, task, hparams, config, pre, co_requests_for, vstars,
+    row: dict[str, Any],
+) -> Iterator[Any]:
+    """The task's edit, in place for the body (:func:`locedit.editing.edited`); the row gets
+    its target."""
+    row["target"] = edit_target(get_problem(task.problem), record, pre.o_noise)
+    request, co_requests = _task_request(
+        model, tokenizer, record, task, config, pre, co_requests_for
+    )
+    torch.manual_seed(fact_seed(config.seed, task.seed_key))
+    with edited(
+        model, tokenizer, task.method, request, task.layer, hparams, covariance, co_requests,
+        vstars,
+    ) as result:
+        yield result
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """What an edited model is judged on: the probes, the essence perplexity, the NKL."""
+
+    post: dict[str, float]
+    ppl_after: float | None
+    kl: float | None
+
+
+def _measure(model, probes, record, config, pre, reference, copies: int = 1) -> list[_Measured]:
+    """The post-edit measurements, for ``copies`` edited models in the same forwards (one:
+    the model as it is; more: see :func:`_run_group`)."""
+    posts = copied_probe_probabilities(model, probes, record, config.noise, copies)
+    ppls = (
+        copied_essence_perplexity(model, pre.essence, config.essence_span, copies)
+        if pre.essence is not None else [None] * copies
+    )
+    kls = (
+        [
+            nkl.neighborhood_kl(reference.log_probs, log_probs, config.neighborhood_kl)
+            for log_probs in nkl.copied_next_token_distributions(
+                model, reference.prompts, config.neighborhood_kl.batch_size, copies
+            )
+        ]
+        if reference is not None else [None] * copies
+    )
+    return [_Measured(*values) for values in zip(posts, ppls, kls, strict=True)]
+
+
+def _finish_row(row, task, pre, measured: _Measured, result, config, shared_seconds) -> None:
+    """The row's scores (Sec. 3.4, App. C) and the edit's record."""
+    problem = get_problem(task.problem)
+    scores = score_edit(
+        problem, target_probe_name(problem), pre.probs, measured.post, pre.ppl_before,
+        measured.ppl_after, config.neighborhood_target,
+    )
+    if math.isnan(scores["p_target_post"]):
+        raise EditFailed(task.method, "NaN target probability after the edit")
+    row.update(scores)
+    if measured.kl is not None:
+        row["neighborhood_kl"] = measured.kl
+    row.update(
+        status="ok", seconds=result.seconds + shared_seconds, edit_layers=json.dumps(result.layers),
+        diagnostics=json.dumps(result.to_record()["diagnostics"]), flags=",".join(result.flags),
+    )
