@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -180,7 +181,15 @@ def test_sweep_rows_with_grouped_edits_equal_one_at_a_time(tmp_path, monkeypatch
     grouped run finds every row done."""
     from test_sweep import make_params
 
-    sizes, refused = [], []
+    sizes, refused, together = [], [], []
+
+    @contextmanager
+    def measured_together(model, deltas):
+        with grouped.weight_deltas_by_group(model, deltas):
+            yield
+        together.append(len(deltas))  # reached only when the measurement did not fail
+
+    monkeypatch.setattr(sweep_worker, "weight_deltas_by_group", measured_together)
 
     def counted(model, jobs):
         sizes.append(len(jobs))
@@ -215,7 +224,7 @@ def test_sweep_rows_with_grouped_edits_equal_one_at_a_time(tmp_path, monkeypatch
         table = results_table(ResultStore(spec.out_dir).rows(), [t.key for t in spec.tasks])
         tables.append(table.sort_values("key").reset_index(drop=True))
         shutil.rmtree(spec.out_dir)  # the second run computes everything again
-    assert refused == [2] * 12
+    assert refused == [2] * 12 and together == [2] * 12
     one = tables[0]
     assert (one["status"] == "ok").all() and one["neighborhood_kl"].notna().all()
     for other in tables[1:]:
@@ -244,3 +253,65 @@ def _assert_same_rows(one: pd.DataFrame, grouped: pd.DataFrame) -> None:
                                        err_msg=column)
         else:
             assert list(grouped[column]) == list(one[column]), column
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # Conv1D (in x out) and Linear weights
+def test_edits_measured_together_equal_each_measured_in_place(family, tok, store):
+    """G ROME/MEMIT edits of one fact measured in the same forwards through
+    weight_deltas_by_group: every probe, the essence perplexity and the next-token
+    distributions equal those of each edit written into the weights."""
+    from locedit.data.records import FactRecord
+    from locedit.editing.grouped import weight_deltas_by_group
+    from locedit.metrics import neighborhood_kl as nkl
+    from locedit.metrics.evaluation import (
+        EssenceTexts,
+        build_probes,
+        copied_essence_perplexity,
+        copied_probe_probabilities,
+        essence_perplexity,
+        probe_probabilities,
+    )
+    from locedit.models.noise import NoiseConfig
+
+    model = editable_tiny_model(family, n_layers=4)
+    record = FactRecord("f1", "Eiffel Tower", EIFFEL.prompt, "Paris", "Rome",
+                        ("Where is the Eiffel Tower? It is in",), ("The Louvre is located in",))
+    noise = NoiseConfig(0.5, 3, 0)
+    probes = build_probes(tok, record, None, noised=True)
+    essence = EssenceTexts(3, (tuple(tok("Eiffel Tower is a big tower")["input_ids"]),
+                               tuple(tok("Eiffel Tower is a thing")["input_ids"])))
+    prompts = nkl.kl_prompts(tok, record)
+    rome, memit = hparams_for("rome", overrides=FAST), hparams_for(
+        "memit", overrides={**FAST, "n_layers": 2})
+    want, deltas = [], []
+    for method, layer, hp in (("rome", 1, rome), ("rome", 2, rome), ("memit", 2, memit)):
+        originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with edited(model, tok, method, EIFFEL, layer, hp, store) as result:
+            want.append((probe_probabilities(model, probes, record, noise),
+                         essence_perplexity(model, essence),
+                         nkl.next_token_distributions(model, prompts, 2)))
+            deltas.append({n: p.detach() - originals[n]
+                           for n, p in model.named_parameters() if n in result.changed})
+    with weight_deltas_by_group(model, deltas):
+        posts = copied_probe_probabilities(model, probes, record, noise, 3)
+        ppls = copied_essence_perplexity(model, essence, "continuation", 3)
+        dists = nkl.copied_next_token_distributions(model, prompts, 2, 3)
+    for (post, ppl, dist), got in zip(want, zip(posts, ppls, dists, strict=True), strict=True):
+        assert got[0].keys() == post.keys()
+        for key, value in post.items():
+            assert got[0][key] == pytest.approx(value, rel=REL), key
+        assert got[1] == pytest.approx(ppl, rel=REL)
+        _close(got[2], dist)
+    # and without the hooks the model is the unedited one
+    assert copied_probe_probabilities(model, probes, record, noise, 1)[0] == probe_probabilities(
+        model, probes, record, noise)
+
+
+def test_measuring_together_supports_down_projections_only():
+    from locedit.editing.grouped import weight_deltas_by_group
+
+    model = editable_tiny_model("gpt2", n_layers=2)
+    name, param = next((n, p) for n, p in model.named_parameters() if "attn" in n)
+    with pytest.raises(ValueError, match="down-projections only"):
+        with weight_deltas_by_group(model, [{name: torch.zeros_like(param)}]):
+            pass

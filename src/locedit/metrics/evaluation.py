@@ -153,7 +153,7 @@ def copied_probe_probabilities(
         tensor = fact_noise(
             record.fact_id, end - start, d_model(model), noise, SCORING_STREAM
         ).to(model_device(model))
-        with noised_subject(model, start, end, tensor):
+        with noised_subject(model, start, end, tensor.repeat(copies, 1, 1)):  # sample per row
             log_p = copied_log_probs(
                 model, [probe.prompt_ids] * noise.n_samples, [probe.target_ids] * noise.n_samples,
                 copies, batch_size=noise.n_samples,

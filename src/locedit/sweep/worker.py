@@ -459,22 +459,30 @@ class _Measured:
 
 
 def _measure(model, probes, record, config, pre, reference, copies: int = 1) -> list[_Measured]:
-    """The post-edit measurements, for ``copies`` edited models in the same forwards (one:
-    the model as it is; more: see :func:`_run_group`)."""
-    posts = copied_probe_probabilities(model, probes, record, config.noise, copies)
-    ppls = (
-        copied_essence_perplexity(model, pre.essence, config.essence_span, copies)
-        if pre.essence is not None else [None] * copies
+    """The post-edit measurements of the model as it is, or of ``copies`` edited models in
+    the same forwards (see :func:`_run_group`)."""
+    one = copies == 1
+    posts = (
+        [probe_probabilities(model, probes, record, config.noise)] if one
+        else copied_probe_probabilities(model, probes, record, config.noise, copies)
     )
-    kls = (
-        [
+    ppls: list[float | None] = [None] * copies
+    if pre.essence is not None:
+        ppls = (
+            [essence_perplexity(model, pre.essence, config.essence_span)] if one
+            else copied_essence_perplexity(model, pre.essence, config.essence_span, copies)
+        )
+    kls: list[float | None] = [None] * copies
+    if reference is not None:
+        batch = config.neighborhood_kl.batch_size
+        distributions = (
+            [nkl.next_token_distributions(model, reference.prompts, batch)] if one
+            else nkl.copied_next_token_distributions(model, reference.prompts, batch, copies)
+        )
+        kls = [
             nkl.neighborhood_kl(reference.log_probs, log_probs, config.neighborhood_kl)
-            for log_probs in nkl.copied_next_token_distributions(
-                model, reference.prompts, config.neighborhood_kl.batch_size, copies
-            )
+            for log_probs in distributions
         ]
-        if reference is not None else [None] * copies
-    )
     return [_Measured(*values) for values in zip(posts, ppls, kls, strict=True)]
 
 
