@@ -157,31 +157,27 @@ def recorded_inputs(modules: Mapping[K, nn.Module]) -> Iterator[dict[K, torch.Te
 def edited_outputs(modules: Mapping[K, nn.Module], edits: Mapping[K, Edit]) -> Iterator[None]:
     """Replace the hidden-state output ``h`` of ``modules[k]`` by ``edits[k](h)`` for every
     key of ``edits``, at every forward call in the body."""
-
-    def hook(edit, _module, _inputs, output):
-        return map_hidden(output, edit)
-
-    def register():
-        return [
-            modules[key].register_forward_hook(functools.partial(hook, edit))
-            for key, edit in edits.items()
-        ]
-
-    with _hooks(register):
+    from_inputs = {key: functools.partial(_output_only, edit) for key, edit in edits.items()}
+    with edited_from_inputs(modules, from_inputs):
         yield
+
+
+def _output_only(edit: Edit, _inputs: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+    return edit(hidden)
 
 
 @contextmanager
 def edited_from_inputs(
     modules: Mapping[K, nn.Module],
-    edits: Mapping[K, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+    edits: Mapping[K, Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]],
 ) -> Iterator[None]:
     """Replace the hidden-state output ``h`` of ``modules[k]`` by ``edits[k](x, h)``, ``x``
     the module's first positional input, at every forward call in the body (a weight change
     applied in the forward: ``h + x dW^T``)."""
 
     def hook(edit, _module, inputs, output):
-        return map_hidden(output, lambda hidden: edit(inputs[0], hidden))
+        first = inputs[0] if inputs else None  # None: called with keyword arguments only
+        return map_hidden(output, lambda hidden: edit(first, hidden))
 
     def register():
         return [
