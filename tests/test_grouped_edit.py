@@ -315,3 +315,30 @@ def test_measuring_together_supports_down_projections_only():
     with pytest.raises(ValueError, match="down-projections only"):
         with weight_deltas_by_group(model, [{name: torch.zeros_like(param)}]):
             pass
+
+
+def test_task_groups_keep_order_and_group_only_vstar_methods_of_one_problem():
+    from locedit.sweep.plan import EditTask
+    from locedit.sweep.worker import task_groups
+
+    tasks = [EditTask("f1", layer, method, problem, "h")
+             for method, problem in (("rome", "a"), ("rome", "b"), ("ft1", "a"), ("memit", "a"))
+             for layer in (0, 1, 2)]
+    groups = task_groups(tasks, 2)
+    assert [t for g in groups for t in g] == tasks
+    assert [(g[0].method, g[0].problem, len(g)) for g in groups] == [
+        ("rome", "a", 2), ("rome", "a", 1), ("rome", "b", 2), ("rome", "b", 1),
+        ("ft1", "a", 1), ("ft1", "a", 1), ("ft1", "a", 1), ("memit", "a", 2), ("memit", "a", 1),
+    ]
+    assert all(len(g) == 1 for g in task_groups(tasks, 1))
+
+
+def test_group_size_setting():
+    from locedit.editing.grouped import group_size_from, job_bytes
+
+    model = editable_tiny_model("gpt2", n_layers=2)
+    assert group_size_from(None, model) == 1  # CPU default
+    assert group_size_from(8, model) == 8
+    with pytest.raises(ValueError, match="group_size"):
+        group_size_from(0, model)
+    assert job_bytes(model) > 24 * 4 * model.config.vocab_size * 4  # the logits at least
