@@ -202,6 +202,61 @@ def grouped_throughput(
     return out
 
 
+def sweep_throughput(
+    model, tokenizer, store, records: list, layers: list[int], hparams: dict,
+    sizes: tuple[int, ...], problem: str = "error_injection",
+) -> dict:
+    """Edits per second of the sweep's own worker (:func:`locedit.sweep.worker.run_fact`:
+    every edit with all its metrics, essence included) at each ``edit.group_size`` in
+    ``sizes``, over ``records`` x ``layers`` x the methods of ``hparams`` (a group holds one
+    fact's layers, so sizes above ``len(layers)`` change nothing). Also the largest difference
+    of any number in the rows to the first size's, relative to max(|value|, 1e-6)."""
+    import tempfile
+
+    from locedit.models.device import model_device
+    from locedit.models.noise import NoiseConfig
+    from locedit.sweep.plan import EditTask
+    from locedit.sweep.worker import EvaluationConfig, run_fact
+
+    device = model_device(model)
+    config = EvaluationConfig(NoiseConfig(0.1, 3, 0), essence_samples=3)
+    pairs = {(m, problem): hp for m, hp in hparams.items()}
+    out, first = {}, None
+    with tempfile.TemporaryDirectory() as cache:
+        for size in sizes:
+            rows: list[dict] = []
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            for record in records:
+                tasks = [EditTask(record.fact_id, layer, m, problem, "bench")
+                         for m in hparams for layer in layers]
+                run_fact(model, tokenizer, store, record, tasks, pairs, config, rows.append,
+                         Path(cache), "bench", group_size=size)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+            values = {
+                (r["key"], k): v for r in rows for k, v in r.items()
+                if isinstance(v, float) and k != "seconds" and not math.isnan(v)
+            }
+            first = first if first is not None else values
+            # relative, but to at least 1e-6: a score of an edit that changed nothing is rounding
+            diffs = [abs(v - first[k]) / max(abs(first[k]), 1e-6)
+                     for k, v in values.items() if k in first]
+            out[str(size)] = {
+                "edits": len(rows),
+                "ok": sum(r["status"] == "ok" for r in rows),
+                "seconds": round(seconds, 3),
+                "edits_per_second": len(rows) / seconds,
+                "peak_mb": round(_peak_mb(device), 1),
+                "max_relative_metric_difference_to_first_size": max(diffs, default=None),
+            }
+            log.info("sweep group_size=%d: %.2f edits/s", size, out[str(size)]["edits_per_second"])
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -242,6 +297,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--group-sizes", type=int, nargs="*", default=[],
         help="also measure edits per second with G independent edits' v*/z* batched, at each "
         "G (issue 28), e.g. 1 4 16 64; the edits cycle through the facts at --group-layers",
+    )
+    parser.add_argument(
+        "--sweep-group-sizes", type=int, nargs="*", default=[],
+        help="also run the sweep's worker (every metric, essence included) on the facts at "
+        "--group-layers with each edit.group_size, e.g. 1 3 (the CPU default's measurement)",
     )
     parser.add_argument(
         "--group-layers", type=int, nargs="*", default=None,
@@ -382,9 +442,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     grouped = None
+    group_layers = args.group_layers or [x for x in (layer - 1, layer, layer + 1)
+                                         if 0 <= x < depth]
     if args.group_sizes:
-        group_layers = args.group_layers or [x for x in (layer - 1, layer, layer + 1)
-                                             if 0 <= x < depth]
         requests = [EditRequest(r.prompt, r.subject, r.target_new) for r, _, _ in facts]
         grouped = {
             "layers": group_layers,
@@ -392,6 +452,17 @@ def main(argv: list[str] | None = None) -> dict:
             "methods": grouped_throughput(
                 model, tokenizer, store, requests, group_layers,
                 {m: hparams[m] for m in args.methods}, tuple(args.group_sizes),
+            ),
+        }
+
+    sweep_grouped = None
+    if args.sweep_group_sizes:
+        sweep_grouped = {
+            "layers": group_layers,
+            "methods": list(args.methods),
+            "sizes": sweep_throughput(
+                model, tokenizer, store, [r for r, _, _ in facts], group_layers,
+                {m: hparams[m] for m in args.methods}, tuple(args.sweep_group_sizes),
             ),
         }
 
@@ -406,6 +477,7 @@ def main(argv: list[str] | None = None) -> dict:
         "methods": per_method,
         "rome_vstar_vs_reference": reference,
         "grouped": grouped,
+        "sweep_grouped": sweep_grouped,
         "one_time": {
             "model_fingerprint_s": fingerprint_s,
             "key_statistics_s": stats_s,
