@@ -7,6 +7,9 @@ KL(edited || unedited) on "{subject} is a" + weight_decay x ||delta|| / ||v_init
 last of ``v_steps`` forward passes only reports the final loss. ``v_lr_relative`` scales the
 step to the size of v_init (models whose residual norms dwarf GPT-J's), ``early_stop_prob``
 stops once the target is likely enough.
+
+:func:`optimise_vstars` runs independent edits' optimisations as one batch, each equal to its
+own :func:`optimise_vstar` run (the reference) up to rounding (issue 28).
 """
 
 from __future__ import annotations
