@@ -387,6 +387,8 @@ def _run_group(
                     for name, p in model.named_parameters() if name in result.changed
                 }
             made.append((row, task, result, weights))
+    if not made:
+        return rows
     params = dict(model.named_parameters())
     try:
         deltas = [
