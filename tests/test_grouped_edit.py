@@ -342,3 +342,29 @@ def test_group_size_setting():
     with pytest.raises(ValueError, match="group_size"):
         group_size_from(0, model)
     assert job_bytes(model) > 24 * 4 * model.config.vocab_size * 4  # the logits at least
+
+
+def test_a_group_whose_edits_all_fail_gives_the_sequential_failure_rows(tok, store):
+    """Non-finite v* in every edit of a group: each row fails with the reason the sequential
+    run gives, and nothing is measured."""
+    from locedit.data.records import FactRecord
+    from locedit.models.noise import NoiseConfig
+    from locedit.sweep.plan import EditTask
+    from locedit.sweep.worker import EvaluationConfig, run_fact
+
+    model = editable_tiny_model("gpt2", n_layers=4)
+    record = FactRecord("f1", "Eiffel Tower", EIFFEL.prompt, "Paris", "Rome", (),
+                        ("The Louvre is located in",))
+    broken = hparams_for("rome", overrides={**FAST, "v_lr": 1e37,
+                                            "clamp_norm_factor": float("inf")})
+    tasks = [EditTask("f1", layer, "rome", "error_injection", "h") for layer in (0, 1)]
+    config = EvaluationConfig(NoiseConfig(0.5, 2, 0), essence=False)
+    runs = []
+    for size in (1, 2):
+        rows: list[dict] = []
+        run_fact(model, tok, store, record, tasks, {("rome", "error_injection"): broken},
+                 config, rows.append, group_size=size)
+        runs.append(rows)
+    assert [r["status"] for r in runs[1]] == ["failed", "failed"]
+    assert [r["reason"] for r in runs[1]] == [r["reason"] for r in runs[0]]
+    assert "non-finite v*" in runs[1][0]["reason"]
