@@ -5,10 +5,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.locedit-installed
+# `dvc plots show`'s page with vega inline (.dvc/config: plots.html_template), so it renders offline
+PLOTS_PAGE := .dvc/plots/offline.html
 
 .PHONY: setup repro beyond test test-all lint bench gpu-check gpu-check-dry clean-outputs
 
-setup: $(STAMP)
+setup: $(STAMP) $(PLOTS_PAGE)
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +19,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+$(PLOTS_PAGE): $(STAMP)
+	$(BIN)/python -m locedit.analysis.plots_page $@
 
 repro: setup
 	test -d .dvc || $(BIN)/dvc init --no-scm -q
