@@ -140,15 +140,14 @@ def stage_run(
     top = pipeline is not None and parent_run_id is None
     if top:
         experiment = mlflow.get_experiment_by_name(cfg.get("experiment") or DEFAULT_EXPERIMENT)
-        parent_run_id = tree.pipeline_parent(client, experiment.experiment_id, pipeline)
+        start_ms = tree.take_stage_start()
+        parent_run_id = tree.pipeline_parent(client, experiment.experiment_id, pipeline, start_ms)
         tree.stage_started(client, parent_run_id)
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     opened = {"run_name": run_name or stage, "tags": tags}
     if top:  # the run starts when the `locedit run` process did, not after loading the model
-        created = client.create_run(
-            experiment.experiment_id, start_time=tree.take_stage_start(), **opened
-        )
+        created = client.create_run(experiment.experiment_id, start_time=start_ms, **opened)
         opened = {"run_id": created.info.run_id}
     with mlflow.start_run(nested=parent_run_id is not None, **opened) as run:
         if params:

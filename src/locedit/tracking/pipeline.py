@@ -142,9 +142,11 @@ def _run_name(key: str) -> str:
     return f"locedit {stamp}"
 
 
-def pipeline_parent(client, experiment_id: str, params: Mapping[str, Any]) -> str:
-    """The id of this invocation's parent run, created (with its tags, a few params and
-    params.yaml as an artifact) by the first stage that asks."""
+def pipeline_parent(
+    client, experiment_id: str, params: Mapping[str, Any], start_ms: int | None = None
+) -> str:
+    """The id of this invocation's parent run, created (starting at ``start_ms``, with its tags,
+    a few params and params.yaml as an artifact) by the first stage that asks."""
     from omegaconf import DictConfig, OmegaConf
 
     from locedit.tracking import flatten, run_tags
@@ -157,7 +159,7 @@ def pipeline_parent(client, experiment_id: str, params: Mapping[str, Any]) -> st
         return found[0].info.run_id
     tags = {STAGE_TAG: PIPELINE_STAGE, KEY_TAG: key, **run_tags()}
     tags.pop("dvc.stage", None)
-    run = client.create_run(experiment_id, tags=tags, run_name=_run_name(key))
+    run = client.create_run(experiment_id, start_time=start_ms, tags=tags, run_name=_run_name(key))
     run_id = run.info.run_id
     picked = {k: _pick(params, k) for k in PIPELINE_PARAMS}
     for name, value in flatten({k: v for k, v in picked.items() if v is not None}).items():
