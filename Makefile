@@ -24,8 +24,10 @@ $(PLOTS_PAGE): $(STAMP)
 	$(BIN)/python -m locedit.analysis.plots_page $@
 
 repro: setup
-	test -d .dvc || $(BIN)/dvc init --no-scm -q
+	@# .dvc/ is in git; a copy without .git runs `dvc repro` without SCM (no `dvc exp` there)
+	git rev-parse --git-dir >/dev/null 2>&1 || $(BIN)/dvc config --local core.no_scm true
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	@echo "Commit dvc.lock to make this run the baseline of dvc exp show / dvc metrics diff: git add dvc.lock && git commit -m 'Baseline run'"
 	@echo "Reports in reports/ (dvc exp show, dvc plots show); MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db, then http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
 
 # Issue 21's additions on the default facts (conf/experiment/beyond.yaml), into outputs/beyond
@@ -35,6 +37,7 @@ beyond: setup
 	mkdir -p outputs/beyond
 	$(BIN)/locedit compose experiment=beyond paths.outputs=outputs/beyond \
 		paths.reports=reports/beyond --output $(BEYOND)
+	export LOCEDIT_PIPELINE_ID=beyond-$$(date +%Y%m%dT%H%M%S); \
 	for stage in prepare filter stats trace edit analyze; do \
 		$(BIN)/locedit run $$stage --params $(BEYOND) || exit 1; done
 
