@@ -155,6 +155,8 @@ def test_stage_writes_reports_and_logs_the_headline_in_its_pipeline_run(
     assert run.data.metrics == pytest.approx({**headline, "analysis.seconds": run.data.metrics[
         "analysis.seconds"]})
     assert parent.data.metrics == pytest.approx(headline)
+    view = client.get_experiment(run.info.experiment_id).tags["mlflow.sharedViewState.headline"]
+    assert json.loads(view)["selectedColumns"] == [f"metrics.`{k}`" for k in headline]
     assert run.data.metrics["error_injection.rome.r2_layer"] == pytest.approx(rome["r2_layer"])
     detail = json.loads((reports / "metrics_detail.json").read_text())
     assert set(detail["seconds"]) == {"analyze"}

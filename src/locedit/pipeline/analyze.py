@@ -26,7 +26,7 @@ from locedit.analysis.metrics_file import (
 )
 from locedit.pipeline.common import to_container
 from locedit.storage import remove_outputs
-from locedit.tracking.pipeline import write_run_file
+from locedit.tracking.pipeline import save_headline_view, write_run_file
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +96,14 @@ def log_to_mlflow(params: DictConfig, reports: Path, seconds: float, headline: d
     with tracking.stage_run("analyze", logged, mlflow_cfg, pipeline=params) as run:
         metrics = flat_metrics(headline)
         tracking.log_metrics({**metrics, "analysis.seconds": seconds})
+        client = mlflow.MlflowClient()
         parent = run.data.tags.get("mlflow.parentRunId")
         if parent:
-            client = mlflow.MlflowClient()
             stamp = int(time.time() * 1000)
             client.log_batch(
                 parent, metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()]
             )
+        save_headline_view(client, run.info.experiment_id, list(metrics))
         tracking.log_artifacts(
             [reports / name for name in ("summary.md", "tables.md", METRICS_FILE, DETAIL_FILE)],
             artifact_path="analysis",

@@ -37,6 +37,9 @@ PIPELINE_STAGE = "pipeline"
 KEY_TAG = "locedit.pipeline_key"
 STAGE_TAG = "locedit.stage"
 PIPELINE_ENV = "LOCEDIT_PIPELINE_ID"
+#: An MLflow 3 shared view of the runs table (experiment tag ``mlflow.sharedViewState.<key>``,
+#: opened by ``#/experiments/<id>/runs?viewStateShareKey=headline``): the headline columns.
+HEADLINE_VIEW = "headline"
 #: Processes between DVC and a stage command (DVC runs ``$SHELL -c "<cmd>"``).
 SHELLS = frozenset({"sh", "bash", "dash", "zsh", "fish", "ksh"})
 #: Params logged on the parent (the stages log their own sections; the whole params.yaml is an
@@ -200,4 +203,13 @@ def stage_finished(
                 client.set_tag(parent_id, f"locedit.reused.{earlier}", producer)
     client.set_terminated(
         parent_id, status="FAILED" if failed else "FINISHED", end_time=int(time.time() * 1000)
+    )
+
+
+def save_headline_view(client, experiment_id: str, metric_keys: list[str]) -> None:
+    """The runs table with the headline metrics as its columns (MLflow 3.17 shows no metric
+    column by default): a shared view, the JSON MLflow's UI reads from the experiment tag."""
+    columns = [f"metrics.`{key}`" for key in metric_keys]
+    client.set_experiment_tag(
+        experiment_id, f"mlflow.sharedViewState.{HEADLINE_VIEW}", json.dumps({"selectedColumns": columns})
     )
