@@ -265,6 +265,7 @@ def test_an_interrupted_study_resumes_from_its_storage(tmp_path, shared, monkeyp
     before = optuna.load_study(study_name=names[0], storage=params.tune.storage)
     assert [t.state for t in before.trials] == [TrialState.COMPLETE, TrialState.FAIL]
     first = before.trials[0]
+    first_run = before.user_attrs["mlflow_run_id"]  # read now: the study object reads storage
 
     calls["n"] = 10
     result = tune_stage.run_single(params, method="ft1", problem="error_injection")
@@ -278,8 +279,8 @@ def test_an_interrupted_study_resumes_from_its_storage(tmp_path, shared, monkeyp
     import mlflow
 
     resumed = mlflow.get_run(after.user_attrs["mlflow_run_id"])
-    assert resumed.info.run_id != before.user_attrs["mlflow_run_id"]
-    assert resumed.data.tags["locedit.resumed_from"] == before.user_attrs["mlflow_run_id"]
+    assert resumed.info.run_id != first_run
+    assert resumed.data.tags["locedit.resumed_from"] == first_run
 
     # nothing left to do: a third run evaluates nothing and chooses the same value
     again = tune_stage.run_single(params, method="ft1", problem="error_injection")
