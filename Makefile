@@ -28,7 +28,7 @@ repro: setup
 	git rev-parse --git-dir >/dev/null 2>&1 || $(BIN)/dvc config --local core.no_scm true
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@echo "Commit dvc.lock to make this run the baseline of dvc exp show / dvc metrics diff: git add dvc.lock && git commit -m 'Baseline run'"
-	@echo "Reports in reports/ (dvc exp show, dvc plots show); MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db, then http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+	@echo "Reports in reports/ (dvc exp show, dvc plots show); MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db, then http://127.0.0.1:5000/#/experiments/1/runs?viewStateShareKey=headline&workflowType=machine_learning"
 
 # Issue 21's additions on the default facts (conf/experiment/beyond.yaml), into outputs/beyond
 # and reports/beyond so that the default pipeline's results stay as they are.
