@@ -4,6 +4,7 @@ Tracking goes to ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/``
 so ``mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`` shows every run. The experiment
 is marked as model development (MLflow 3 otherwise opens it on its GenAI overview), and every
 run carries the code it ran (git commit, code version) and the DVC experiment that started it.
+Each pipeline run is one run tree (:mod:`locedit.tracking.pipeline`).
 """
 
 from __future__ import annotations
