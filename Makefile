@@ -5,10 +5,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.locedit-installed
+# `dvc plots show`'s page with vega inline (.dvc/config: plots.html_template), so it renders offline
+PLOTS_PAGE := .dvc/plots/offline.html
 
 .PHONY: setup repro beyond test test-all lint bench gpu-check gpu-check-dry clean-outputs
 
-setup: $(STAMP)
+setup: $(STAMP) $(PLOTS_PAGE)
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +20,15 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+$(PLOTS_PAGE): $(STAMP)
+	$(BIN)/python -m locedit.analysis.plots_page $@
+
 repro: setup
-	test -d .dvc || $(BIN)/dvc init --no-scm -q
+	@# .dvc/ is in git; a copy without .git runs `dvc repro` without SCM (no `dvc exp` there)
+	git rev-parse --git-dir >/dev/null 2>&1 || $(BIN)/dvc config --local core.no_scm true
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	@echo "Reports in reports/ (dvc exp show, dvc plots show); MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db, then http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+	@echo "Commit dvc.lock to make this run the baseline of dvc exp show / dvc metrics diff: git add dvc.lock && git commit -m 'Baseline run'"
+	@echo "Reports in reports/ (dvc exp show, dvc plots show); MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db, then http://127.0.0.1:5000/#/experiments/1/runs?viewStateShareKey=headline&workflowType=machine_learning"
 
 # Issue 21's additions on the default facts (conf/experiment/beyond.yaml), into outputs/beyond
 # and reports/beyond so that the default pipeline's results stay as they are.
@@ -30,6 +37,7 @@ beyond: setup
 	mkdir -p outputs/beyond
 	$(BIN)/locedit compose experiment=beyond paths.outputs=outputs/beyond \
 		paths.reports=reports/beyond --output $(BEYOND)
+	export LOCEDIT_PIPELINE_ID=beyond-$$(date +%Y%m%dT%H%M%S); \
 	for stage in prepare filter stats trace edit analyze; do \
 		$(BIN)/locedit run $$stage --params $(BEYOND) || exit 1; done
 

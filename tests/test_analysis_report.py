@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from locedit.analysis import AnalysisConfig, analyze, fit_regressions, mlflow_metrics, write_report
+from locedit.analysis import AnalysisConfig, analyze, fit_regressions, write_report
+from locedit.analysis.metrics_file import flat_metrics
 from locedit.analysis.synthetic import synthetic_effects, synthetic_results
 from locedit.analysis.tables import all_tables
 
@@ -59,11 +60,13 @@ def params_for(root: Path, tracking_uri: str, **analysis) -> OmegaConf:
     )
 
 
-def test_stage_writes_reports_and_logs_them_into_the_sweep_run(tmp_path, tables, tracking_uri):
+def test_stage_writes_reports_and_logs_the_headline_in_its_pipeline_run(
+    tmp_path, tables, tracking_uri
+):
     import mlflow
 
-    from locedit import tracking
     from locedit.pipeline import analyze as stage
+    from locedit.tracking.pipeline import read_run_file
 
     effects, results = tables
     (tmp_path / "outputs" / "trace").mkdir(parents=True)
@@ -75,12 +78,6 @@ def test_stage_writes_reports_and_logs_them_into_the_sweep_run(tmp_path, tables,
         tracking_uri,
         metrics=["rewrite_score", "overall_score"],
         variants=["last_subject", "windows"],
-    )
-    tracking.configure(params.mlflow.tracking_uri, params.mlflow.experiment)
-    with mlflow.start_run(run_name="sweep") as parent:
-        mlflow.log_param("edit.methods", "rome,ft5")
-    (tmp_path / "outputs" / "edit" / "mlflow_run.json").write_text(
-        json.dumps({"run_id": parent.info.run_id})
     )
 
     stage.run(params)
@@ -124,15 +121,22 @@ def test_stage_writes_reports_and_logs_them_into_the_sweep_run(tmp_path, tables,
     assert row["n"] < 10 * len(EDIT_LAYERS)  # the low-denominator fact and failed edits are out
     assert math.isfinite(row["mixed_lr_pvalue"]) and math.isfinite(row["added_r2_lo"])
 
-    run = mlflow.get_run(parent.info.run_id)
-    key = "main.counterfact.error_injection.rome.rewrite_score.r2_layer"
-    assert run.data.metrics[key] == pytest.approx(row["r2_layer"])
-    assert "zsre" in " ".join(run.data.metrics)
-    assert run.data.params["edit.methods"] == "rome,ft5"  # the sweep's run, not a new one
+    # MLflow: the analyze run, nested in this process's pipeline run, with the reports
+    written = read_run_file(tmp_path / "outputs", "analyze")
+    run = mlflow.get_run(written["run_id"])
+    parent = mlflow.get_run(written["pipeline_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert run.data.tags["locedit.stage"] == "analyze" and "locedit.code_version" in run.data.tags
+    assert parent.data.tags["locedit.stage"] == "pipeline"
+    assert parent.data.tags["locedit.run.analyze"] == run.info.run_id
+    assert run.data.params["analysis.bootstrap_samples"] == "20"
     client = mlflow.MlflowClient()
-    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "analysis")}
-    assert {"analysis/summary.md", "analysis/tables", "analysis/figures"} <= logged
-    figs = [a.path for a in client.list_artifacts(parent.info.run_id, "analysis/figures")]
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "analysis")}
+    assert {
+        "analysis/summary.md", "analysis/tables", "analysis/figures",
+        "analysis/metrics.json", "analysis/metrics_detail.json",
+    } <= logged
+    figs = [a.path for a in client.list_artifacts(run.info.run_id, "analysis/figures")]
     assert any(p.endswith(".png") for p in figs)
 
     # reports/metrics.json (DVC metrics): Table 3's numbers, counts, and the same as MLflow metrics
@@ -144,9 +148,19 @@ def test_stage_writes_reports_and_logs_them_into_the_sweep_run(tmp_path, tables,
     rome = metrics["error_injection"]["rome"]
     for stat in ("r2_layer", "r2_trace", "r2_both", "added_r2", "added_r2_lo", "added_r2_hi"):
         assert rome[stat] == pytest.approx(row[stat], abs=1e-6), stat
-    assert set(metrics) >= {"fact_forcing", "seconds"} and "zsre" not in json.dumps(metrics)
+    assert set(metrics) == {"edits", "facts", "failed", "error_injection", "fact_forcing"}
+    assert "zsre" not in json.dumps(metrics)
+    # the headline is the analyze run's metrics and the pipeline run's, and nothing else there
+    headline = {k: v for k, v in flat_metrics(metrics).items()}
+    assert run.data.metrics == pytest.approx({**headline, "analysis.seconds": run.data.metrics[
+        "analysis.seconds"]})
+    assert parent.data.metrics == pytest.approx(headline)
+    view = client.get_experiment(run.info.experiment_id).tags["mlflow.sharedViewState.headline"]
+    assert json.loads(view)["selectedColumns"] == [f"metrics.`{k}`" for k in headline]
     assert run.data.metrics["error_injection.rome.r2_layer"] == pytest.approx(rome["r2_layer"])
-    assert "analyze.locedit.code_version" in run.data.tags
+    detail = json.loads((reports / "metrics_detail.json").read_text())
+    assert set(detail["seconds"]) == {"analyze"}
+    by_layer = detail["rewrite_by_layer"]["fact_forcing"]["ft5"]["4"]
 
     # reports/plots/*.csv (DVC plots): means by layer, computed here by hand
     curve = pd.read_csv(reports / "plots" / "rewrite_by_layer.csv")
@@ -159,6 +173,7 @@ def test_stage_writes_reports_and_logs_them_into_the_sweep_run(tmp_path, tables,
     ]
     point = curve[(curve["series"] == "ft5 / fact_forcing") & (curve["layer"] == 4)].iloc[0]
     assert point["rewrite_score"] == pytest.approx(np.mean(ok["rewrite_score"]), rel=1e-5)
+    assert by_layer == pytest.approx(np.mean(ok["rewrite_score"]), rel=1e-5)
     assert point["n"] == len(ok)
     trace = pd.read_csv(reports / "plots" / "trace_by_layer.csv")
     sel = effects[
@@ -174,7 +189,7 @@ def test_stage_writes_reports_and_logs_them_into_the_sweep_run(tmp_path, tables,
     assert len(baseline) == 2 * 2 * 2  # methods x problems x metrics, main dataset only
     assert (reports / "figures" / "random_baseline.png").exists()
     assert "## Random-location baseline" in summary
-    rb = metrics["random_baseline"]["error_injection"]["rome"]["rewrite_score"]
+    rb = detail["random_baseline"]["error_injection"]["rome"]["rewrite_score"]
     rome_ei = baseline[
         (baseline["Method"] == "ROME (1 layer)")
         & (baseline["Editing Problem"] == "Error Injection")
@@ -182,29 +197,34 @@ def test_stage_writes_reports_and_logs_them_into_the_sweep_run(tmp_path, tables,
     ].iloc[0]
     assert rb["diff"] == pytest.approx(rome_ei["Tracing − random"], abs=1e-6)
     assert rb["n_facts"] == rome_ei["Facts"] <= 9  # the low-denominator fact is out
-    key = "random_baseline.counterfact.error_injection.rome.rewrite_score"
-    assert run.data.metrics[f"{key}.tracing"] == pytest.approx(rome_ei["Tracing-chosen"])
-    assert run.data.metrics["random_baseline.error_injection.rome.rewrite_score.p_random"] == (
-        pytest.approx(rb["p_random"], abs=1e-6)
-    )
 
 
-def test_without_a_sweep_run_file_the_analysis_gets_a_fresh_run(tmp_path, tables, tracking_uri):
+def test_each_pipeline_invocation_gets_its_own_parent_run(
+    tmp_path, tables, tracking_uri, monkeypatch
+):
+    """Two pipeline runs (keyed by LOCEDIT_PIPELINE_ID here, by the DVC process under DVC) give
+    two parent runs, each with its own analyze run and the headline on the parent."""
     import mlflow
 
     from locedit.pipeline.analyze import log_to_mlflow
+    from locedit.tracking.pipeline import PIPELINE_ENV
 
-    effects, results = tables
-    cfg = AnalysisConfig(bootstrap_samples=0, mixed_effects=False, variants=())
-    an = analyze(effects, results, cfg)
     reports = tmp_path / "reports"
     reports.mkdir()
     (reports / "summary.md").write_text("# summary\n")
     params = params_for(tmp_path, tracking_uri)
-    run_id = log_to_mlflow(params, an, reports, tmp_path / "missing.json", seconds=1.0)
-    run = mlflow.get_run(run_id)
-    assert run.info.run_name == "analyze"
-    assert run.data.metrics == pytest.approx({**mlflow_metrics(an), "analysis.seconds": 1.0})
+    runs = {}
+    for key, r2 in (("first", 0.25), ("second", 0.5)):
+        monkeypatch.setenv(PIPELINE_ENV, f"{tmp_path.name}-{key}")
+        headline = {"edits": 4, "error_injection": {"rome": {"r2_layer": r2, "f_pvalue": None}}}
+        runs[key] = mlflow.get_run(log_to_mlflow(params, reports, 1.0, headline))
+    parents = {k: mlflow.get_run(r.data.tags["mlflow.parentRunId"]) for k, r in runs.items()}
+    assert parents["first"].info.run_id != parents["second"].info.run_id
+    for key, r2 in (("first", 0.25), ("second", 0.5)):
+        assert parents[key].data.metrics == {"edits": 4.0, "error_injection.rome.r2_layer": r2}
+        assert parents[key].data.tags["locedit.pipeline_key"] == f"env:{tmp_path.name}-{key}"
+        assert parents[key].info.status == "FINISHED"
+        assert parents[key].info.end_time >= runs[key].info.end_time
 
 
 def test_tables_follow_the_paper_layout_and_skip_with_notes(tables):

@@ -1,9 +1,13 @@
 """`dvc repro` of a tiny config in a temporary git copy of the repository: runs, then does
 nothing; `dvc metrics show` / `dvc plots show` read what dvc.yaml declares; `dvc exp run -S ...`
-composes params.yaml through Hydra and reruns only the stage whose params changed."""
+composes params.yaml through Hydra and reruns only the stage whose params changed; the committed
+dvc.lock is the baseline `dvc exp show` / `dvc metrics diff` compare with; every pipeline run is
+its own MLflow run tree (issue 27)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -83,9 +87,11 @@ def test_dvc_repro_metrics_plots_and_hydra_exp_run(tmp_path):
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert metrics["edits"] == 4 and metrics["facts"] == 2 and metrics["failed"] == 0
     assert set(metrics["error_injection"]["ft1"]) >= {"r2_layer", "r2_trace", "r2_both", "added_r2"}
-    assert set(metrics["seconds"]) == {"trace", "edit", "analyze"}
+    assert set(metrics) == {"edits", "facts", "failed", "error_injection"}  # the headline only
+    detail = json.loads(_dvc(repo, "metrics", "show", "--json", "reports/metrics_detail.json"))
+    assert "random_baseline" in json.dumps(detail) and '"seconds"' in json.dumps(detail)
     shown = json.loads(_dvc(repo, "metrics", "show", "--json"))
-    assert "r2_layer" in json.dumps(shown)
+    assert "r2_layer" in json.dumps(shown) and "random_baseline" not in json.dumps(shown)
     plots = json.loads(_dvc(repo, "plots", "show", "--json"))["data"]
     for name, y in (("rewrite_by_layer.csv", "rewrite_score"), ("trace_by_layer.csv", "effect")):
         (plot,) = plots[f"reports/plots/{name}"]
@@ -96,8 +102,9 @@ def test_dvc_repro_metrics_plots_and_hydra_exp_run(tmp_path):
 
     second = _dvc(repo, "repro")
     assert "Running stage" not in second
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "tiny run")
+    # the README's baseline: commit dvc.lock after the run
+    _git(repo, "add", "dvc.lock")
+    _git(repo, "commit", "-q", "-m", "baseline run")
 
     # DVC composes params.yaml from conf/ itself (.dvc/config: hydra enabled)
     third = _dvc(repo, "exp", "run", "-n", "boot7",
@@ -107,17 +114,72 @@ def test_dvc_repro_metrics_plots_and_hydra_exp_run(tmp_path):
     composed = yaml.safe_load((repo / "params.yaml").read_text())
     assert composed["analysis"]["bootstrap_samples"] == 7
     assert composed["model"]["name"] == params.model.name
-    table = _dvc(repo, "exp", "show", "--csv")
-    header = table.splitlines()[0].split(",")
-    assert "error_injection.ft1.r2_layer" in header and "error_injection.ft1.added_r2" in header
-    assert any(line.startswith("boot7,") for line in table.splitlines())
+    fourth = _dvc(repo, "exp", "run", "-n", "boot9",
+                  "-S", "experiment=tiny", "-S", "analysis.bootstrap_samples=9")
+    assert "Running stage 'analyze'" in fourth
 
+    rows = list(csv.DictReader(io.StringIO(_dvc(repo, "exp", "show", "--csv"))))
+    assert not any(name.startswith("random_baseline") for name in rows[0])
+    by_name = {row["Experiment"]: row for row in rows}
+    assert {"boot7", "boot9"} <= set(by_name)
+    (baseline,) = [r for r in rows if r["typ"] == "baseline" and r["rev"] != "workspace"]
+    for row in (baseline, by_name["boot7"], by_name["boot9"]):
+        assert row["error_injection.ft1.r2_layer"] not in ("", "!")
+        assert row["error_injection.ft1.added_r2_lo"] not in ("", "!")
+    diff = json.loads(_dvc(repo, "metrics", "diff", "HEAD", "boot7", "--json", "--all"))
+    assert "error_injection.ft1.added_r2_lo" in diff["reports/metrics.json"]
+    plots_diff = json.loads(_dvc(repo, "plots", "diff", "HEAD", "boot7", "--json"))["data"]
+    (curves,) = plots_diff["reports/plots/rewrite_by_layer.csv"]
+    assert curves["revisions"] == ["HEAD", "boot7"]
+
+    _check_run_trees(repo)
+
+
+def _check_run_trees(repo: Path) -> None:
+    """`dvc repro` and each `dvc exp run` made its own parent run: nested runs for the stages
+    that ran, tags linking the skipped ones to the runs that produced their outputs, and the
+    headline metrics on the parent."""
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("locedit")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    runs = client.search_runs([experiment.experiment_id])
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
     assert all("locedit.code_version" in r.data.tags for r in runs)
-    analysed = [r for r in runs if r.data.tags.get("analyze.dvc.exp_name") == "boot7"]
-    assert analysed and "error_injection.ft1.r2_layer" in analysed[0].data.metrics
+    parents = [r for r in runs if r.data.tags["locedit.stage"] == "pipeline"]
+    assert len(parents) == 3  # repro, boot7, boot9 (the second `dvc repro` ran nothing)
+    children = {
+        p.info.run_id: {
+            r.data.tags["locedit.stage"]: r
+            for r in runs
+            if r.data.tags.get("mlflow.parentRunId") == p.info.run_id
+        }
+        for p in parents
+    }
+    (repro,) = [p for p in parents if "dvc.exp_name" not in p.data.tags]
+    assert set(children[repro.info.run_id]) == {
+        "prepare", "filter", "stats", "trace", "tune", "edit", "analyze"
+    }
+    repro_edit = children[repro.info.run_id]["edit"]
+    sweep = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == repro_edit.info.run_id]
+    assert [r.info.run_name for r in sweep] == ["ft1/error_injection"]
+    assert sweep[0].data.metrics["edits_ok"] == 4
+    assert repro_edit.info.start_time <= sweep[0].info.start_time <= sweep[0].info.end_time
+    assert sweep[0].info.end_time <= repro_edit.info.end_time
+    for name in ("boot7", "boot9"):
+        (parent,) = [p for p in parents if p.data.tags.get("dvc.exp_name") == name]
+        tags, metrics = parent.data.tags, parent.data.metrics
+        assert tags["dvc.exp_baseline_rev"] and tags["mlflow.source.git.commit"]
+        assert set(children[parent.info.run_id]) == {"analyze"}
+        assert tags["locedit.stages_ran"] == "analyze"
+        assert tags["locedit.reused.edit"] == repro_edit.info.run_id
+        assert tags["locedit.reused.trace"] == children[repro.info.run_id]["trace"].info.run_id
+        analyze = children[parent.info.run_id]["analyze"]
+        assert analyze.data.params["analysis.bootstrap_samples"] == name[-1]
+        assert metrics["edits"] == 4 and "error_injection.ft1.r2_layer" in metrics
+        assert metrics["error_injection.ft1.r2_layer"] == analyze.data.metrics[
+            "error_injection.ft1.r2_layer"
+        ]
+        assert len(metrics) <= 12  # the headline only: the runs table stays readable
+        assert parent.info.start_time <= analyze.info.start_time
+        assert analyze.info.end_time <= parent.info.end_time

@@ -218,9 +218,9 @@ def test_stage_writes_outputs_and_logs_to_mlflow(tmp_path, monkeypatch):
     runs = mlflow.search_runs(
         experiment_names=[str(params.mlflow.experiment)], output_format="list"
     )
-    assert len(runs) == 1
-    run = runs[0]
-    assert run.data.tags["locedit.stage"] == "trace"
+    (run,) = [r for r in runs if r.data.tags["locedit.stage"] == "trace"]
+    (parent,) = [r for r in runs if r.data.tags["locedit.stage"] == "pipeline"]
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert run.data.params["trace.windows"] == "[3, 1]"
     assert run.data.metrics["n_traced"] == 3
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "figures")]

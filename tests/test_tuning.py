@@ -214,7 +214,7 @@ def test_no_feasible_value_is_reported_and_falls_back(tmp_path, shared, caplog):
 
     # MLflow: stage run > study run > one nested run per trial with the scores and the constraint
     client = mlflow.tracking.MlflowClient(shared["tracking_uri"])
-    stage_id = json.loads((out / "studies" / "mlflow_run.json").read_text())["run_id"]
+    stage_id = json.loads((out.parent / "runs" / "tune.json").read_text())["run_id"]
     study_run = client.get_run(study["mlflow_run_id"])
     assert study_run.data.tags["mlflow.parentRunId"] == stage_id
     assert study_run.data.tags["selection.rule"] == "least_violation"
@@ -265,6 +265,7 @@ def test_an_interrupted_study_resumes_from_its_storage(tmp_path, shared, monkeyp
     before = optuna.load_study(study_name=names[0], storage=params.tune.storage)
     assert [t.state for t in before.trials] == [TrialState.COMPLETE, TrialState.FAIL]
     first = before.trials[0]
+    first_run = before.user_attrs["mlflow_run_id"]  # read now: the study object reads storage
 
     calls["n"] = 10
     result = tune_stage.run_single(params, method="ft1", problem="error_injection")
@@ -274,7 +275,12 @@ def test_an_interrupted_study_resumes_from_its_storage(tmp_path, shared, monkeyp
     assert after.trials[0].value == first.value and after.trials[0].params == first.params
     done = [t for t in after.trials if t.state == TrialState.COMPLETE]
     assert len(done) == 4 and {t.params["linf_eps"] for t in done} == EPS_GRID
-    assert after.user_attrs["mlflow_run_id"] == before.user_attrs["mlflow_run_id"]
+    # this run's trials have their own MLflow run, which names the interrupted one
+    import mlflow
+
+    resumed = mlflow.get_run(after.user_attrs["mlflow_run_id"])
+    assert resumed.info.run_id != first_run
+    assert resumed.data.tags["locedit.resumed_from"] == first_run
 
     # nothing left to do: a third run evaluates nothing and chooses the same value
     again = tune_stage.run_single(params, method="ft1", problem="error_injection")

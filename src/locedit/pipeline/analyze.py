@@ -1,9 +1,10 @@
 """Stage `analyze`: regressions, tables, figures and summary from the tracing and edit tables.
 
 Reads outputs/trace/effects.parquet and outputs/edit/results.parquet, writes reports/ (with
-reports/metrics.json and reports/plots/*.csv, the files dvc.yaml declares as metrics and plots),
-and logs the reports (every R² and the values of metrics.json as metrics) into the sweep's MLflow
-run named in outputs/edit/mlflow_run.json, or into a fresh run when that file is absent.
+reports/metrics.json, the headline dvc.yaml declares as metrics, metrics_detail.json and
+reports/plots/*.csv), and logs them as the `analyze` run of the pipeline's MLflow run tree: the
+headline as metrics of that run and of the pipeline run (so the runs table and the compare view
+show it), the reports (tables, figures, metrics_detail.json) as artifacts.
 """
 
 from __future__ import annotations
@@ -15,18 +16,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from locedit.analysis import (
-    Analysis,
-    AnalysisConfig,
-    analyze,
-    mlflow_metrics,
-    read_effects,
-    read_results,
-    write_report,
+from locedit.analysis import AnalysisConfig, analyze, read_effects, read_results, write_report
+from locedit.analysis.metrics_file import (
+    DETAIL_FILE,
+    METRICS_FILE,
+    PLOTS_DIR,
+    flat_metrics,
+    write_dvc_files,
 )
-from locedit.analysis.metrics_file import flat_metrics, write_dvc_files
 from locedit.pipeline.common import to_container
 from locedit.storage import remove_outputs
+from locedit.tracking.pipeline import save_headline_view, write_run_file
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +45,13 @@ def _stage_seconds(outputs: Path) -> dict[str, float]:
     return seconds
 
 
-def _inputs(params: DictConfig) -> tuple[Path, Path, Path]:
+def _inputs(params: DictConfig) -> tuple[Path, Path]:
     outputs = Path(params.paths.outputs)
-    return (
-        outputs / "trace" / "effects.parquet",
-        outputs / "edit" / "results.parquet",
-        outputs / "edit" / "mlflow_run.json",
-    )
+    return outputs / "trace" / "effects.parquet", outputs / "edit" / "results.parquet"
 
 
 def run(params: DictConfig) -> None:
-    effects_path, results_path, run_file = _inputs(params)
+    effects_path, results_path = _inputs(params)
     reports = Path(params.paths.get("reports", "reports"))
     # An interrupted analysis must not leave the previous run's summary looking current.
     remove_outputs([reports / "summary.md", reports / "tables.md"])
@@ -80,77 +76,39 @@ def run(params: DictConfig) -> None:
     )
 
     if cfg.log_mlflow:
-        log_to_mlflow(params, an, reports, run_file, seconds, dvc_metrics)
+        log_to_mlflow(params, reports, seconds, dvc_metrics)
     else:
         log.info("analysis.log_mlflow is false: not logging to MLflow")
+        write_run_file(params.paths.outputs, "analyze", None, None)
 
 
-def _parent_run_id(run_file: Path) -> str | None:
-    if not run_file.exists():
-        return None
-    try:
-        return json.loads(run_file.read_text()).get("run_id") or None
-    except (json.JSONDecodeError, AttributeError) as err:
-        log.warning("%s unreadable (%s); logging the analysis to a fresh MLflow run", run_file, err)
-        return None
-
-
-def log_to_mlflow(
-    params: DictConfig,
-    an: Analysis,
-    reports: Path,
-    run_file: Path,
-    seconds: float,
-    dvc_metrics: dict | None = None,
-) -> str:
-    """Log reports/ and the R² metrics into the sweep's run (or a fresh one); returns the run id.
-
-    ``dvc_metrics`` (reports/metrics.json) is logged flat, ``<problem>.<method>.<stat>``.
-    """
+def log_to_mlflow(params: DictConfig, reports: Path, seconds: float, headline: dict) -> str:
+    """The analyze run of this pipeline run: the analysis params, the headline (metrics.json,
+    flat ``<problem>.<method>.<stat>``) as metrics here and on the pipeline run, the reports as
+    artifacts. Returns the analyze run's id."""
     import mlflow
-    from mlflow.exceptions import MlflowException
+    from mlflow.entities import Metric
 
     from locedit import tracking
 
+    logged = {"analysis": to_container(params.get("analysis", {}))}
     mlflow_cfg = to_container(params.get("mlflow", {}))
-    tracking.configure(mlflow_cfg.get("tracking_uri"), mlflow_cfg.get("experiment"))
-    run_id = _parent_run_id(run_file)
-    try:
-        active = mlflow.start_run(run_id=run_id) if run_id else None
-    except MlflowException as err:
-        log.warning(
-            "MLflow run %s from %s not found in this store (%s); using a fresh run",
-            run_id,
-            run_file,
-            err,
-        )
-        active = None
-    if active is None:
-        active = mlflow.start_run(
-            run_name="analyze", tags={"locedit.stage": "analyze", **tracking.run_tags()}
-        )
-        log.info("logging the analysis to a new MLflow run %s", active.info.run_id)
-    else:  # the sweep's run has its own tags; say what code and experiment analysed it
-        mlflow.set_tags({f"analyze.{k}": v for k, v in tracking.run_tags().items()})
-    with active:
-        analysis_params = tracking.flatten(
-            to_container(params.get("analysis", {})), prefix="analysis."
-        )
-        try:
-            mlflow.log_params(analysis_params)
-        except MlflowException as err:  # the sweep's run may hold other values of these params
-            log.warning("analysis params not logged to run %s: %s", active.info.run_id, err)
-        metrics = mlflow_metrics(an)
-        metrics["analysis.seconds"] = seconds
-        metrics.update(flat_metrics(dvc_metrics or {}))
-        items = list(metrics.items())
-        for i in range(0, len(items), 500):
-            tracking.log_metrics(dict(items[i : i + 500]))
+    with tracking.stage_run("analyze", logged, mlflow_cfg, pipeline=params) as run:
+        metrics = flat_metrics(headline)
+        tracking.log_metrics({**metrics, "analysis.seconds": seconds})
+        client = mlflow.MlflowClient()
+        parent = run.data.tags.get("mlflow.parentRunId")
+        if parent:
+            stamp = int(time.time() * 1000)
+            client.log_batch(
+                parent, metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()]
+            )
+        save_headline_view(client, run.info.experiment_id, list(metrics))
         tracking.log_artifacts(
-            [reports / "summary.md", reports / "tables.md"], artifact_path="analysis"
+            [reports / name for name in ("summary.md", "tables.md", METRICS_FILE, DETAIL_FILE)],
+            artifact_path="analysis",
         )
-        for sub in ("tables", "figures"):
+        for sub in ("tables", "figures", PLOTS_DIR):
             if (reports / sub).is_dir():
                 tracking.log_artifacts(reports / sub, artifact_path=f"analysis/{sub}")
-        mlflow.set_tag("locedit.analysis", "done")
-        return active.info.run_id
+        return run.info.run_id

@@ -1,4 +1,5 @@
-"""Stage `edit`: the resumable sweep over facts x layers x methods x problems, in MLflow."""
+"""Stage `edit`: the resumable sweep over facts x layers x methods x problems, in MLflow (the
+stage's run, with a nested run per (method, problem) timed as its edits ran)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from locedit.sweep import (
     sweep_layers,
 )
 from locedit.sweep.plan import content_id
-from locedit.tracking import log_artifacts, log_metrics, stage_run
+from locedit.tracking import log_artifacts, log_metrics, stage_run, timed_child_run
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +111,32 @@ def build_spec(params: DictConfig) -> SweepSpec:
     )
 
 
-def log_sweep(table: pd.DataFrame, spec: SweepSpec, parent_id: str, mlflow_cfg) -> None:
-    """A nested run per (method, problem): hyperparameters and mean metrics per layer."""
+class SweepClock:
+    """When each (method, problem)'s edits ran, from the rows as the driver stores them: a
+    batch (one fact x method job) ended on arrival and began its edits' seconds earlier."""
+
+    def __init__(self) -> None:
+        self.spans: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def record(self, rows: list[dict]) -> None:
+        now = int(time.time() * 1000)
+        began = now - int(1000 * sum(float(r.get("seconds") or 0.0) for r in rows))
+        for row in rows:
+            pair = (str(row.get("method")), str(row.get("problem")))
+            start, end = self.spans.get(pair, (began, now))
+            self.spans[pair] = (min(start, began), max(end, now))
+
+
+def log_sweep(
+    table: pd.DataFrame, spec: SweepSpec, parent_id: str, clock: SweepClock, idle_ms: int
+) -> None:
+    """A nested run per (method, problem) spanning its edits that ran now (``idle_ms`` for
+    both ends when none ran): hyperparameters and mean metrics per layer."""
     ok = table[table["status"] == "ok"] if "status" in table else table
     for (method, problem), hparams in spec.hparams.items():
-        with stage_run("edit", {"method": method, "problem": problem, **hparams.to_dict()},
-                       mlflow_cfg, parent_run_id=parent_id, run_name=f"{method}/{problem}"):
+        start, end = clock.spans.get((method, problem), (idle_ms, idle_ms))
+        logged = {"method": method, "problem": problem, **hparams.to_dict()}
+        with timed_child_run(parent_id, "edit", f"{method}/{problem}", logged, start, end):
             subset = ok[(ok["method"] == method) & (ok["problem"] == problem)]
             for layer, group in subset.groupby("layer"):
                 means = {c: group[c].mean() for c in METRIC_COLUMNS if c in group}
@@ -146,12 +167,12 @@ def _run_locked(params: DictConfig) -> None:
     cfg = params.edit
     out = spec.out_dir
     logged = {k: to_container(params[k]) for k in ("model", "edit", "method", "problem", "trace")}
-    with stage_run("edit", logged, params.mlflow, run_name="edit sweep") as parent:
-        atomic_write_text(out / "mlflow_run.json", json.dumps({"run_id": parent.info.run_id}) + "\n")
+    with stage_run("edit", logged, params.mlflow, pipeline=params) as parent:
         start = time.perf_counter()
+        clock = SweepClock()
         ran = run_sweep(
             spec, cfg.get("executor", "local"), int(cfg.get("workers", 1)), cfg.get("ray_address"),
-            gpus_per_worker=float(cfg.get("gpus_per_worker", 1.0)),
+            gpus_per_worker=float(cfg.get("gpus_per_worker", 1.0)), on_rows=clock.record,
         )
         elapsed = time.perf_counter() - start
         table = with_optional_columns(results_table(ResultStore(out).rows(), [t.key for t in spec.tasks]))
@@ -167,7 +188,7 @@ def _run_locked(params: DictConfig) -> None:
         summary = {"edits": len(table), "ran_now": ran, "seconds": elapsed, **{f"status_{k}": v for k, v in counts.items()}}
         log_metrics({k: float(v) for k, v in summary.items()})
         log_artifacts([out / "results.csv"], "edit")
-        log_sweep(table, spec, parent.info.run_id, params.mlflow)
+        log_sweep(table, spec, parent.info.run_id, clock, int(time.time() * 1000))
         # Last: the summary says the stage finished.
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         log_artifacts([out / "summary.json"], "edit")

@@ -46,7 +46,8 @@ def run(params: DictConfig) -> None:
         "dropped": dict(result.dropped),
     }
     atomic_write_text(out / "report.json", json.dumps(summary, indent=2) + "\n")
-    with stage_run("filter", {"model": to_container(params.model), "data": to_container(params.data)}, params.mlflow):
+    logged = {"model": to_container(params.model), "data": to_container(params.data)}
+    with stage_run("filter", logged, params.mlflow, pipeline=params):
         log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
         log_metrics({f"dropped.{k}": v for k, v in result.dropped.items()})
     print(

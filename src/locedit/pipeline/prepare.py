@@ -10,13 +10,21 @@ from omegaconf import DictConfig
 
 from locedit.data.loaders import load_dataset
 from locedit.data.records import write_records
-from locedit.pipeline.common import output_dir
+from locedit.pipeline.common import output_dir, to_container
 from locedit.storage import atomic_write_text, remove_outputs
+from locedit.tracking import log_metrics, stage_run
 
 log = logging.getLogger(__name__)
 
 
 def run(params: DictConfig) -> None:
+    logged = {"data": to_container(params.data)}
+    with stage_run("prepare", logged, params.get("mlflow"), pipeline=params):
+        report = _prepare(params)
+        log_metrics({"valid_records": report["valid_records"], "written": report["written"]})
+
+
+def _prepare(params: DictConfig) -> dict:
     cfg = params.data
     out = output_dir(params, "prepare")
     remove_outputs([out / "report.json"])  # an interrupted run leaves no previous report
@@ -38,3 +46,4 @@ def run(params: DictConfig) -> None:
         "prepare: %d records from %s (slice %d:%s; %d invalid records skipped: %s)",
         len(records), cfg.dataset, start, stop, result.n_skipped, dict(result.skipped),
     )
+    return report

@@ -55,7 +55,7 @@ def run(params: DictConfig) -> None:
     layers = stats_layers(params, model)
     started = time.perf_counter()
     config = {"model": to_container(params.model), "stats": to_container(params.stats)}
-    with stage_run("stats", config, to_container(params.get("mlflow", {}))):
+    with stage_run("stats", config, to_container(params.get("mlflow", {})), pipeline=params):
         paths = store.ensure(model, layers) if layers else []
         templates = {}
         for method in key_stats_methods(params.edit.methods):

@@ -78,7 +78,7 @@ def run(params: DictConfig) -> None:
         "seed": int(params.seed),
     }
     pool = str_pool(params, settings, tokenizer, records) if settings.uses_str else None
-    with stage_run("trace", logged, params.mlflow):
+    with stage_run("trace", logged, params.mlflow, pipeline=params):
         result = trace_records(
             model,
             tokenizer,

@@ -224,8 +224,16 @@ def _run_locked(params: DictConfig) -> None:
     out = _prepare_dirs(params)
     config = tune_config(params)
     pins = pinned_hparams(params)
-    path = out / TUNED_FILE
     if not config.enabled:
+        _write_disabled(params, out, pins)
+        return
+    _run_studies(params, out, config, pins)
+
+
+def _write_disabled(params: DictConfig, out: Path, pins: dict) -> None:
+    """``tune.enabled: false``: the file says so at once (a short run of the pipeline tree)."""
+    path = out / TUNED_FILE
+    with stage_run("tune", {"tune.enabled": False}, params.mlflow, pipeline=params):
         _write(
             path,
             {
@@ -237,8 +245,11 @@ def _run_locked(params: DictConfig) -> None:
             },
         )
         (out / "studies" / "index.json").write_text(json.dumps({"studies": []}) + "\n")
-        print(f"tune: disabled; wrote {path} (edit uses the conf/problem values)")
-        return
+    print(f"tune: disabled; wrote {path} (edit uses the conf/problem values)")
+
+
+def _run_studies(params: DictConfig, out: Path, config: TuneConfig, pins: dict) -> None:
+    path = out / TUNED_FILE
     pairs = [
         (m, p)
         for p in params.edit.problems
@@ -252,10 +263,7 @@ def _run_locked(params: DictConfig) -> None:
         "methods": list(params.edit.methods),
         "problems": list(params.edit.problems),
     }
-    with stage_run("tune", logged, params.mlflow, run_name="tune") as parent:
-        (out / "studies" / "mlflow_run.json").write_text(
-            json.dumps({"run_id": parent.info.run_id}) + "\n"
-        )
+    with stage_run("tune", logged, params.mlflow, pipeline=params) as parent:
         for method, problem in pairs:
             results[f"{method}/{problem}"] = tune_pair(
                 params, method, problem, config, parent.info.run_id

@@ -90,8 +90,10 @@ def pending_jobs(tasks: Sequence[EditTask], done: set[str]) -> dict[tuple[str, s
 def run_sweep(
     spec: SweepSpec, executor: str = "local", workers: int = 1, ray_address: str | None = None,
     progress: bool = True, gpus_per_worker: float = 1.0,
+    on_rows: Callable[[list[dict]], None] | None = None,
 ) -> int:
-    """Run every task not yet in the store; returns how many edits ran now.
+    """Run every task not yet in the store; returns how many edits ran now. ``on_rows`` sees
+    each batch of finished rows as the driver stores it (the edit stage times its MLflow runs).
 
     With GPUs, each local worker process sees its own GPU(s) (:func:`worker_gpu_plan`) and
     Ray runs one actor per worker with ``gpus_per_worker`` GPUs (Ray's ``num_gpus``), each
@@ -111,6 +113,8 @@ def run_sweep(
     def record(rows: list[dict]) -> None:
         store.append(rows)
         bar.update(len(rows))
+        if on_rows is not None:
+            on_rows(rows)
 
     try:
         if executor == "local" and workers <= 1:

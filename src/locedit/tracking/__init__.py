@@ -4,6 +4,7 @@ Tracking goes to ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/``
 so ``mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`` shows every run. The experiment
 is marked as model development (MLflow 3 otherwise opens it on its GenAI overview), and every
 run carries the code it ran (git commit, code version) and the DVC experiment that started it.
+Each pipeline run is one run tree (:mod:`locedit.tracking.pipeline`).
 """
 
 from __future__ import annotations
@@ -74,7 +75,6 @@ def _git(*args: str) -> str | None:
 
 
 @functools.cache
-@functools.cache
 def _git_tags() -> dict[str, str]:
     commit = _git("rev-parse", "HEAD")
     if not commit:
@@ -122,19 +122,71 @@ def stage_run(
     mlflow_cfg: Mapping[str, Any] | None = None,
     parent_run_id: str | None = None,
     run_name: str | None = None,
+    pipeline: Mapping[str, Any] | None = None,
 ) -> Iterator[Any]:
-    """An MLflow run for one stage (nested under ``parent_run_id`` when given)."""
+    """An MLflow run for one stage, nested under ``parent_run_id`` when given.
+
+    With ``pipeline`` (the whole composed params) and no ``parent_run_id``, the run is a stage
+    of its pipeline run (:mod:`locedit.tracking.pipeline`): nested under that invocation's
+    parent, which ends with it, and named in ``<paths.outputs>/runs/<stage>.json`` at the end.
+    """
     import mlflow
+
+    from locedit.tracking import pipeline as tree
 
     cfg = dict(mlflow_cfg or {})
     configure(cfg.get("tracking_uri"), cfg.get("experiment"))
     tags = {"locedit.stage": stage, **run_tags()}
+    client = mlflow.MlflowClient()
+    top = pipeline is not None and parent_run_id is None
+    if top:
+        experiment = mlflow.get_experiment_by_name(cfg.get("experiment") or DEFAULT_EXPERIMENT)
+        start_ms = tree.take_stage_start()
+        parent_run_id = tree.pipeline_parent(client, experiment.experiment_id, pipeline, start_ms)
+        tree.stage_started(client, parent_run_id)
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    with mlflow.start_run(run_name=run_name or stage, tags=tags, nested=parent_run_id is not None) as run:
+    opened = {"run_name": run_name or stage, "tags": tags}
+    if top:  # the run starts when the `locedit run` process did, not after loading the model
+        created = client.create_run(experiment.experiment_id, start_time=start_ms, **opened)
+        opened = {"run_id": created.info.run_id}
+    with mlflow.start_run(nested=parent_run_id is not None, **opened) as run:
         if params:
             mlflow.log_params(flatten(params))
+        if not top:
+            yield run
+            return
+        outputs = Path(str(pipeline["paths"]["outputs"]))
+        try:
+            yield run
+        except BaseException:
+            tree.stage_finished(client, parent_run_id, stage, run.info.run_id, outputs, failed=True)
+            raise
+        tree.write_run_file(outputs, stage, run.info.run_id, parent_run_id)
+    tree.stage_finished(client, parent_run_id, stage, run.info.run_id, outputs, failed=False)
+
+
+@contextmanager
+def timed_child_run(
+    parent_run_id: str,
+    stage: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    start_ms: int,
+    end_ms: int,
+) -> Iterator[Any]:
+    """A nested run with the given start and end (ms since the epoch): work timed while it
+    happened and logged afterwards shows its real duration, not the logging's."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    tags = {"locedit.stage": stage, "mlflow.parentRunId": parent_run_id, **run_tags()}
+    run = client.create_run(experiment_id, start_time=start_ms, tags=tags, run_name=run_name)
+    with mlflow.start_run(run_id=run.info.run_id, nested=True):
+        mlflow.log_params(flatten(params))
         yield run
+    client.set_terminated(run.info.run_id, "FINISHED", end_time=max(end_ms, start_ms))
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:

@@ -1,7 +1,7 @@
 """MLflow runs of a study: one run per study, one nested run per trial.
 
-A resumed study reopens its own MLflow run (its id is kept in the study's user attributes),
-so every trial of a study sits under one run however often it was interrupted.
+Each pipeline run gets its own study run; a resumed study's run names the earlier one (its id is
+kept in the study's user attributes) in the tag ``locedit.resumed_from``.
 """
 
 from __future__ import annotations
@@ -41,27 +41,27 @@ def study_run(
     mlflow_cfg: Mapping[str, Any] | None,
     parent_run_id: str | None = None,
 ) -> Iterator[Any]:
-    """The study's MLflow run, reopened when the study is resumed."""
+    """The study's MLflow run in this pipeline run; a resumed study's earlier run (from an
+    earlier pipeline run) is named in the tag ``locedit.resumed_from``, not written into."""
     import mlflow
 
     cfg = dict(mlflow_cfg or {})
     configure(cfg.get("tracking_uri"), cfg.get("experiment"))
     previous = _existing_run(study.user_attrs.get(RUN_ID_ATTR))
     nested = mlflow.active_run() is not None
+    tags = {"locedit.stage": "tune", "optuna.study_name": study.study_name, **run_tags()}
     if previous:
-        log.info("study %s: resuming MLflow run %s", study.study_name, previous)
-        run = mlflow.start_run(run_id=previous, nested=nested)
-    else:
-        tags = {"locedit.stage": "tune", "optuna.study_name": study.study_name, **run_tags()}
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
-        run = mlflow.start_run(
-            run_name=f"study {params.get('method')}/{params.get('problem')}",
-            tags=tags,
-            nested=nested or parent_run_id is not None,
-        )
-        mlflow.log_params(flatten(params))
-        study.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+        log.info("study %s: resumed (its earlier MLflow run: %s)", study.study_name, previous)
+        tags["locedit.resumed_from"] = previous
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = mlflow.start_run(
+        run_name=f"study {params.get('method')}/{params.get('problem')}",
+        tags=tags,
+        nested=nested or parent_run_id is not None,
+    )
+    mlflow.log_params(flatten(params))
+    study.set_user_attr(RUN_ID_ATTR, run.info.run_id)
     try:
         yield run
     except BaseException:
