@@ -324,7 +324,10 @@ def test_a_co_edit_with_the_same_key_needs_emmets_ridge(tok, store):
     model = editable_tiny_model("gpt2", n_layers=4)
     originals = {name: p.detach().clone() for name, p in model.named_parameters()}
     exact = hparams_for("emmet", overrides={**FAST, "emmet_lambda": 0.0, "batch_size": 2})
-    with pytest.raises(EditFailed, match="nearly singular"):
+    # Which of the two refusals fires depends on the last bits of the key products (this
+    # CPU's float64 kernels): the Cholesky factorisation fails, or it succeeds and the
+    # eigenvalue-ratio check refuses. Either way the edit fails and the weights are restored.
+    with pytest.raises(EditFailed, match="nearly singular|not positive definite"):
         with edited(model, tok, "emmet", focal, 1, exact, store, same):
             pass
     for name, p in model.named_parameters():

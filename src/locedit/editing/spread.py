@@ -133,7 +133,10 @@ def mlp_change_for(
         current = current + step
     change = current - point
     with torch.no_grad():
-        realised = float((normed(current) - start) @ wanted) / scale**2
+        moved = float((normed(current) - start) @ wanted)
+    # Nothing wanted (z* equal to the current output, as half precision can round it): all of
+    # nothing is realised, as in ``realised_share``. ``scale**2`` underflows long before 0.
+    realised = moved / scale**2 if scale**2 > 0 else 1.0
     return change, realised
 
 
@@ -229,7 +232,8 @@ def _z_realised(previous: tuple[int, torch.Tensor, torch.Tensor], z_after: torch
     """``z_realised_l{layer}``: the part of the layer's share r that z moved by,
     (z_after - z_before) . r / ||r||^2, for ``previous`` = (layer, z_before, r)."""
     layer, z_before, share = previous
-    moved = float((z_after - z_before) @ share / share.norm().clamp_min(1e-300) ** 2)
+    wanted = float(share.square().sum())
+    moved = float((z_after - z_before) @ share) / wanted if wanted > 0 else 1.0
     return {f"z_realised_l{layer}": moved}
 
 
