@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -137,6 +138,10 @@ def remove_outputs(paths: Iterable[Path]) -> None:
         Path(path).unlink(missing_ok=True)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the one line that says what was kept (the CLI prints it, no traceback)."""
+
+
 # -- one writer --------------------------------------------------------------------------------
 
 
@@ -237,3 +242,22 @@ def _acquire(path: Path, what: str, directory: Path) -> int:
             return fd
         os.close(fd)  # the previous holder removed the file as we opened it: take the new one
     raise LockHeld(f"{what}: could not take the lock {path} (another run keeps taking it)")
+
+
+# -- ids in file names -------------------------------------------------------------------------
+
+#: Characters of an id kept as they are in its file name; anything else becomes ``_``.
+_NAME_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def id_filename(record_id: str, suffix: str = "", max_readable: int = 40) -> str:
+    """A file name for a record id that cannot choose where it is written.
+
+    Data files come from other people: an id with ``/``, ``..``, an absolute path, NUL or 300
+    characters must never become a path. The name is a sanitised, length-limited prefix (for
+    people) and a hash of the whole id (so ``a/b`` and ``a_b`` never share a file); the id itself
+    is kept inside the file by its writer.
+    """
+    readable = "".join(c if c in _NAME_SAFE else "_" for c in str(record_id)[:max_readable])
+    digest = hashlib.sha256(str(record_id).encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{readable}-{digest}{suffix}"
