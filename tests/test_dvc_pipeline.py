@@ -83,7 +83,7 @@ def test_dvc_repro_metrics_plots_and_hydra_exp_run(tmp_path):
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert metrics["edits"] == 4 and metrics["facts"] == 2 and metrics["failed"] == 0
     assert set(metrics["error_injection"]["ft1"]) >= {"r2_layer", "r2_trace", "r2_both", "added_r2"}
-    assert set(metrics["seconds"]) == {"trace", "edit", "analyze"}
+    assert set(metrics["seconds"]) == {"trace_last_run", "edit_last_run", "analyze"}
     shown = json.loads(_dvc(repo, "metrics", "show", "--json"))
     assert "r2_layer" in json.dumps(shown)
     plots = json.loads(_dvc(repo, "plots", "show", "--json"))["data"]

@@ -124,8 +124,15 @@ def write_jsonl(path: Path, rows: Iterable[dict], kind: str) -> int:
 
 
 def read_jsonl(path: Path, kind: str) -> list[dict]:
-    """Read a file written by :func:`write_jsonl`, checking kind and schema version."""
-    with Path(path).open() as handle:
+    """Read a file written by :func:`write_jsonl`, checking kind and schema version. A missing
+    file names the stage that writes it (``outputs/<stage>/...``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: run the stage that writes it first "
+            f"(`locedit run {path.parent.name}`, or `dvc repro`)"
+        )
+    with path.open() as handle:
         header = json.loads(handle.readline())
         if header.get("schema_version") != SCHEMA_VERSION or header.get("kind") != kind:
             raise ValueError(

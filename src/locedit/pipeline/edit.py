@@ -14,7 +14,12 @@ from locedit.data.records import read_records
 from locedit.metrics.neighborhood_kl import NeighborhoodKLConfig
 from locedit.models.architecture import n_layers
 from locedit.models.snapshot import model_fingerprint
-from locedit.pipeline.common import model_from_params, output_dir, to_container
+from locedit.pipeline.common import (
+    mark_reports_stale,
+    model_from_params,
+    output_dir,
+    to_container,
+)
 from locedit.problems import NoiseConfig
 from locedit.storage import (
     Interrupted,
@@ -137,6 +142,7 @@ FINAL_OUTPUTS = ("results.parquet", "results.csv", "summary.json")
 def run(params: DictConfig) -> None:
     out = output_dir(params, "edit")
     with output_lock(out, "edit"):
+        mark_reports_stale(params, "edit")
         clean_temporary(out)
         remove_outputs(out / name for name in FINAL_OUTPUTS)
         _end_killed_run(out, params.mlflow)

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from locedit.data.loaders import load_dataset
 from locedit.data.records import write_records
-from locedit.pipeline.common import output_dir
+from locedit.pipeline.common import mark_reports_stale, output_dir
 from locedit.storage import atomic_write_text, remove_outputs
 
 log = logging.getLogger(__name__)
@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 def run(params: DictConfig) -> None:
     cfg = params.data
     out = output_dir(params, "prepare")
+    mark_reports_stale(params, "prepare")
     remove_outputs([out / "report.json"])  # an interrupted run leaves no previous report
     result = load_dataset(cfg.dataset, Path(cfg.root), float(cfg.max_bad_fraction))
     start = int(cfg.start)

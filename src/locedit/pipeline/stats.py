@@ -23,7 +23,12 @@ from locedit.editing import (
     sweep_layers,
 )
 from locedit.models.architecture import n_layers
-from locedit.pipeline.common import model_from_params, output_dir, to_container
+from locedit.pipeline.common import (
+    mark_reports_stale,
+    model_from_params,
+    output_dir,
+    to_container,
+)
 from locedit.storage import output_lock
 
 log = logging.getLogger(__name__)
@@ -50,6 +55,7 @@ def stats_layers(params: DictConfig, model) -> list[int]:
 def run(params: DictConfig) -> None:
     out = output_dir(params, "stats")
     with output_lock(out, "stats"):  # one writer, as for edit and tune
+        mark_reports_stale(params, "stats")
         _run_locked(params, out)
 
 

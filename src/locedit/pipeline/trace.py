@@ -23,7 +23,12 @@ from omegaconf import DictConfig
 from locedit.data.records import read_records
 from locedit.models.architecture import n_layers
 from locedit.models.snapshot import model_fingerprint
-from locedit.pipeline.common import model_from_params, output_dir, to_container
+from locedit.pipeline.common import (
+    mark_reports_stale,
+    model_from_params,
+    output_dir,
+    to_container,
+)
 from locedit.storage import (
     atomic_write_text,
     atomic_write_with,
@@ -51,6 +56,7 @@ def cache_dir(params: DictConfig) -> Path:
 def run(params: DictConfig) -> None:
     out = output_dir(params, "trace")
     with output_lock(out, "trace"):  # one writer, as for edit and tune
+        mark_reports_stale(params, "trace")
         _run_locked(params, out)
 
 
