@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -246,18 +247,22 @@ def _acquire(path: Path, what: str, directory: Path) -> int:
 
 # -- ids in file names -------------------------------------------------------------------------
 
-#: Characters of an id kept as they are in its file name; anything else becomes ``_``.
-_NAME_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+#: An id used as its own file name: lower case (one file per id on case-insensitive disks too),
+#: digits, ``_`` and ``-``, not longer than 64 and not ending like a hashed name.
+_PLAIN_ID = re.compile(r"(?![-_a-z0-9]*-[0-9a-f]{12}$)[-_a-z0-9]{1,64}")
 
 
 def id_filename(record_id: str, suffix: str = "", max_readable: int = 40) -> str:
     """A file name for a record id that cannot choose where it is written.
 
     Data files come from other people: an id with ``/``, ``..``, an absolute path, NUL or 300
-    characters must never become a path. The name is a sanitised, length-limited prefix (for
-    people) and a hash of the whole id (so ``a/b`` and ``a_b`` never share a file); the id itself
-    is kept inside the file by its writer.
+    characters must never become a path. A plain id (``cf-12``) is its own name; any other
+    gets a sanitised, length-limited prefix (for people) and a hash of the whole id (so ``a/b``
+    and ``a_b`` never share a file). The writer keeps the id itself inside the file.
     """
-    readable = "".join(c if c in _NAME_SAFE else "_" for c in str(record_id)[:max_readable])
-    digest = hashlib.sha256(str(record_id).encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    record_id = str(record_id)
+    if _PLAIN_ID.fullmatch(record_id):
+        return f"{record_id}{suffix}"
+    readable = re.sub(r"[^-_a-z0-9]", "_", record_id[:max_readable].lower())
+    digest = hashlib.sha256(record_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{readable}-{digest}{suffix}"
