@@ -232,9 +232,11 @@ def test_kill_9_of_a_two_worker_sweep_leaves_no_process_and_no_running_mlflow_ru
     script, pids_file = tmp_path / "sweep.py", tmp_path / "pids.json"
     script.write_text(KILLED_SWEEP)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, str(script), str(params_file), str(pids_file)],
-                          env=env, timeout=600, capture_output=True, text=True)
-    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    log = tmp_path / "sweep.log"  # a file, not a pipe: an orphan would hold a pipe open
+    with log.open("w") as handle:
+        done = subprocess.run([sys.executable, str(script), str(params_file), str(pids_file)],
+                              env=env, timeout=600, stdout=handle, stderr=subprocess.STDOUT)
+    assert done.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     pids = json.loads(pids_file.read_text())
     workers = [p for p in pids if _is_pool_worker(p)]
     assert len(workers) >= 2
