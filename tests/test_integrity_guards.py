@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from locedit import versioning
 from locedit.cli import main as cli_main
-from locedit.data.loaders import DatasetError, load_counterfact, load_known
+from locedit.data.loaders import DatasetError, load_counterfact, load_known, load_zsre
 from locedit.data.records import FactRecord, RecordError, read_records, write_records
 from locedit.pipeline import analyze as analyze_stage
 from locedit.pipeline import edit as edit_stage
@@ -331,7 +331,7 @@ def test_ft_flags_an_exploding_step(tmp_path, monkeypatch):
 
 def test_a_missing_data_root_names_it_and_a_command_that_works(tmp_path, monkeypatch):
     root = tmp_path / "nowhere"
-    for load in (load_counterfact, load_known):
+    for load in (load_counterfact, load_known, load_zsre):
         with pytest.raises(FileNotFoundError) as err:
             load(root)
         message = str(err.value)

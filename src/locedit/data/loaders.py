@@ -284,6 +284,8 @@ def load_zsre(root: Path, max_bad_fraction: float = 0.5) -> LoadResult:
     """ROME's ``zsre_mem_eval.json`` if present, else EasyEdit's portability subset."""
     root = Path(root)
     name = "zsre" if (root / SOURCES["zsre"].relative_path).exists() else "zsre_easyedit"
+    if not (root / SOURCES[name].relative_path).exists():
+        raise FileNotFoundError(SOURCES["zsre"].missing_message(root))  # the canonical one
     rows = _read_json(_require(name, root), SOURCES[name].refetch_hint(root))
     for item in rows:
         if isinstance(item.row, dict):
