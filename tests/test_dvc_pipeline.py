@@ -90,6 +90,8 @@ def test_dvc_repro_metrics_plots_and_hydra_exp_run(tmp_path):
     assert set(metrics) == {"edits", "facts", "failed", "error_injection"}  # the headline only
     detail = json.loads(_dvc(repo, "metrics", "show", "--json", "reports/metrics_detail.json"))
     assert "random_baseline" in json.dumps(detail) and '"seconds"' in json.dumps(detail)
+    seconds = json.loads((repo / "reports" / "metrics_detail.json").read_text())["seconds"]
+    assert set(seconds) == {"trace_last_run", "edit_last_run", "analyze"}
     shown = json.loads(_dvc(repo, "metrics", "show", "--json"))
     assert "r2_layer" in json.dumps(shown) and "random_baseline" not in json.dumps(shown)
     plots = json.loads(_dvc(repo, "plots", "show", "--json"))["data"]

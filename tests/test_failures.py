@@ -24,7 +24,7 @@ def test_missing_data_file_through_the_cli(tmp_path, monkeypatch, caplog):
     assert main(["compose", "--conf", str(_conf()), "--output", "params.yaml"]) == 0
     code = main(["run", "prepare", "--set", f"data.root={tmp_path / 'nowhere'}"])
     assert code == 2
-    assert "dvc import-url" in caplog.text and "counterfact" in caplog.text
+    assert "curl -fL" in caplog.text and "counterfact" in caplog.text
 
 
 def test_layer_beyond_the_model_is_named():

@@ -131,7 +131,7 @@ def test_missing_file_names_source_and_import_command(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         load_known(tmp_path)
     message = str(err.value)
-    assert "known_1000.json" in message and "dvc import-url" in message and "rome.baulab.info" in message
+    assert "known_1000.json" in message and "curl -fL" in message and "rome.baulab.info" in message
 
 
 def test_zsre_record_maps_question_answers_and_locality(tmp_path):

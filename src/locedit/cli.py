@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
+    except KeyboardInterrupt as err:  # Ctrl-C: what was kept, not a traceback
+        print(str(err) or "interrupted", file=sys.stderr)
+        return 130
     except (FileNotFoundError, ValueError, RuntimeError, IndexError) as err:
         logging.getLogger("locedit").error("%s", err)
         return 2

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -137,6 +139,10 @@ def remove_outputs(paths: Iterable[Path]) -> None:
         Path(path).unlink(missing_ok=True)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the one line that says what was kept (the CLI prints it, no traceback)."""
+
+
 # -- one writer --------------------------------------------------------------------------------
 
 
@@ -237,3 +243,26 @@ def _acquire(path: Path, what: str, directory: Path) -> int:
             return fd
         os.close(fd)  # the previous holder removed the file as we opened it: take the new one
     raise LockHeld(f"{what}: could not take the lock {path} (another run keeps taking it)")
+
+
+# -- ids in file names -------------------------------------------------------------------------
+
+#: An id used as its own file name: lower case (one file per id on case-insensitive disks too),
+#: digits, ``_`` and ``-``, not longer than 64 and not ending like a hashed name.
+_PLAIN_ID = re.compile(r"(?![-_a-z0-9]*-[0-9a-f]{12}$)[-_a-z0-9]{1,64}")
+
+
+def id_filename(record_id: str, suffix: str = "", max_readable: int = 40) -> str:
+    """A file name for a record id that cannot choose where it is written.
+
+    Data files come from other people: an id with ``/``, ``..``, an absolute path, NUL or 300
+    characters must never become a path. A plain id (``cf-12``) is its own name; any other
+    gets a sanitised, length-limited prefix (for people) and a hash of the whole id (so ``a/b``
+    and ``a_b`` never share a file). The writer keeps the id itself inside the file.
+    """
+    record_id = str(record_id)
+    if _PLAIN_ID.fullmatch(record_id):
+        return f"{record_id}{suffix}"
+    readable = re.sub(r"[^-_a-z0-9]", "_", record_id[:max_readable].lower())
+    digest = hashlib.sha256(record_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{readable}-{digest}{suffix}"

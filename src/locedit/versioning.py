@@ -96,9 +96,11 @@ def _imports(name: str, root: str) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
-def module_closure(*modules: ModuleType | str) -> list[str]:
+def module_closure(*modules: ModuleType | str, exclude: Iterable[str] = ()) -> list[str]:
     """The given modules (a package counts with every module under it) and, transitively, the
-    modules of the same top-level package they import."""
+    modules of the same top-level package they import; an ``exclude``d module is neither
+    counted nor followed (e.g. the other methods a registry names, see
+    :func:`locedit.sweep.plan.row_code_version`)."""
     pending: list[str] = []
     for module in modules:
         name = _name(module)
@@ -113,9 +115,10 @@ def module_closure(*modules: ModuleType | str) -> list[str]:
                 if parts:
                     pending.append(".".join([name, *parts]))
     seen: set[str] = set()
+    skip = {_name(m) for m in exclude}
     while pending:
         name = pending.pop()
-        if name in seen:
+        if name in seen or name in skip:
             continue
         seen.add(name)
         pending.extend(_imports(name, name.partition(".")[0]))
@@ -128,18 +131,20 @@ def read_source(name: str) -> bytes:
 
 
 @cache
-def _code_version(names: tuple[str, ...]) -> str:
+def _code_version(names: tuple[str, ...], exclude: tuple[str, ...] = ()) -> str:
     digest = hashlib.sha256()
-    for name in module_closure(*names):
+    for name in module_closure(*names, exclude=exclude):
         digest.update(name.encode() + b"\0")
         digest.update(read_source(name) + b"\0")
     return digest.hexdigest()[:12]
 
 
-def code_version(*modules: ModuleType | str) -> str:
+def code_version(*modules: ModuleType | str, exclude: Iterable[ModuleType | str] = ()) -> str:
     """Hash of the source of ``modules`` (module objects or dotted names) and of the modules
-    they import from their own top-level package."""
-    return _code_version(tuple(sorted({_name(m) for m in modules})))
+    they import from their own top-level package, leaving out (and not following) ``exclude``."""
+    return _code_version(
+        tuple(sorted({_name(m) for m in modules})), tuple(sorted({_name(m) for m in exclude}))
+    )
 
 
 def package_version(package: ModuleType | str = "locedit") -> str:

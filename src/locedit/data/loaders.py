@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from locedit.data.records import FactRecord, RecordError
+from locedit.data.records import FactRecord, RecordError, duplicate_ids
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +29,27 @@ class DatasetSource:
     note: str = ""
 
     def missing_message(self, root: Path) -> str:
-        return (
-            f"data file {root / self.relative_path} is missing. It is published at "
-            f"{self.published}{(' (' + self.note + ')') if self.note else ''}. Fetch it with:\n"
-            f"  dvc import-url {self.published} {root / self.relative_path}\n"
-            "or set data.root in params.yaml to the folder that holds it."
+        """One line: what is missing (the root itself, or the file in it) and a command that
+        fetches it (DVC's ``import-url`` refuses a destination outside the repository, which
+        the default ``../shared/data`` is)."""
+        target = root / self.relative_path
+        what = (
+            f"the data root {root} (data.root) does not exist" if not root.is_dir()
+            else f"data file {target} is missing"
         )
+        if self.published.startswith("https://") and " " not in self.published:
+            fetch = f"fetch it with `mkdir -p {target.parent} && curl -fL -o {target} {self.published}`"
+        else:
+            note = f" ({self.note})" if self.note else ""
+            fetch = f"download it from {self.published}{note} to {target}"
+        return (
+            f"{what}: {fetch}, or point data.root at the folder that holds it "
+            "(params.yaml, or `--set data.root=FOLDER`)"
+        )
+
+    def refetch_hint(self, root: Path) -> str:
+        """What fixes a damaged copy: fetching the published file again."""
+        return f"fetch {root / self.relative_path} again from {self.published}"
 
 
 SOURCES: dict[str, DatasetSource] = {
@@ -86,12 +101,14 @@ def _convert_all(
 ) -> LoadResult:
     result = LoadResult(records=[])
     total = 0
+    where: list[str] = []
     for item in raw:
         total += 1
         try:
             if not isinstance(item.row, dict):
                 raise RecordError(f"not a JSON object (a {type(item.row).__name__})")
             result.records.append(convert(item.row).validate())
+            where.append(item.where())
             continue
         except RecordError as err:
             reason = str(err)
@@ -110,20 +127,41 @@ def _convert_all(
             "%s: skipped %d of %d records: %s (first: %s)",
             name, result.n_skipped, total, dict(result.skipped), result.problems[0],
         )
+    repeated = duplicate_ids(zip((r.fact_id for r in result.records), where, strict=True))
+    if repeated:
+        raise DatasetError(
+            f"{name}: records {repeated[1]} and {repeated[2]} have the same id {repeated[0]!r}; "
+            "each record is edited, traced and cached by its id, so ids must be unique: "
+            "fix the data file"
+        )
     return result
 
 
-def _read_json(path: Path) -> list[RawRow]:
-    """The records of a JSON list file; a parse error names the file, line and column."""
+def _read_json(path: Path, fix: str = "") -> list[RawRow]:
+    """The records of a JSON list file; a parse error names the file, line and column, and what
+    fixes it (``fix``: e.g. fetching the published file again)."""
+    fix = fix or "replace it with the data set's published file"
     try:
         with path.open() as handle:
             data = json.load(handle)
     except json.JSONDecodeError as err:
-        raise DatasetError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+        shape = (
+            "; it looks like JSON lines (one record a line): write the records as one JSON list"
+            if err.msg == "Extra data" else ""
+        )
+        raise DatasetError(
+            f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
+            f"expected one JSON list of records{shape}, or {fix}"
+        ) from None
     except UnicodeDecodeError as err:
-        raise DatasetError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise DatasetError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start}): the file is damaged or "
+            f"not a data set; {fix}"
+        ) from None
     if not isinstance(data, list):
-        raise DatasetError(f"{path}: expected a JSON list of records, found a {type(data).__name__}")
+        raise DatasetError(
+            f"{path}: expected a JSON list of records, found a {type(data).__name__}; {fix}"
+        )
     return [RawRow(str(path), index, row) for index, row in enumerate(data)]
 
 
@@ -224,25 +262,31 @@ def _zsre(row: dict) -> FactRecord:
 def load_counterfact(root: Path, max_bad_fraction: float = 0.5) -> LoadResult:
     """CounterFact in ROME's format if present, else EasyEdit's split files, in case_id order."""
     root = Path(root)
-    if (root / SOURCES["counterfact"].relative_path).exists():
-        return _convert_all(
-            _read_json(root / "counterfact.json"), _rome_counterfact, "counterfact", max_bad_fraction
-        )
-    folder = _require("counterfact_easyedit", root)
-    rows = [row for file in sorted(folder.glob("*.json")) for row in _read_json(file)]
+    path = root / SOURCES["counterfact"].relative_path
+    if path.exists():
+        rows = _read_json(path, SOURCES["counterfact"].refetch_hint(root))
+        return _convert_all(rows, _rome_counterfact, "counterfact", max_bad_fraction)
+    if not (root / SOURCES["counterfact_easyedit"].relative_path).exists():
+        raise FileNotFoundError(SOURCES["counterfact"].missing_message(root))  # the canonical one
+    folder = root / SOURCES["counterfact_easyedit"].relative_path
+    fix = SOURCES["counterfact_easyedit"].refetch_hint(root)
+    rows = [row for file in sorted(folder.glob("*.json")) for row in _read_json(file, fix)]
     rows.sort(key=_case_order)
     return _convert_all(rows, _easyedit_counterfact, "counterfact_easyedit", max_bad_fraction)
 
 
 def load_known(root: Path, max_bad_fraction: float = 0.5) -> LoadResult:
-    return _convert_all(_read_json(_require("known_1000", Path(root))), _known, "known_1000", max_bad_fraction)
+    fix = SOURCES["known_1000"].refetch_hint(Path(root))
+    return _convert_all(_read_json(_require("known_1000", Path(root)), fix), _known, "known_1000", max_bad_fraction)
 
 
 def load_zsre(root: Path, max_bad_fraction: float = 0.5) -> LoadResult:
     """ROME's ``zsre_mem_eval.json`` if present, else EasyEdit's portability subset."""
     root = Path(root)
     name = "zsre" if (root / SOURCES["zsre"].relative_path).exists() else "zsre_easyedit"
-    rows = _read_json(_require(name, root))
+    if not (root / SOURCES[name].relative_path).exists():
+        raise FileNotFoundError(SOURCES["zsre"].missing_message(root))  # the canonical one
+    rows = _read_json(_require(name, root), SOURCES[name].refetch_hint(root))
     for item in rows:
         if isinstance(item.row, dict):
             item.row.setdefault("_index", item.index)

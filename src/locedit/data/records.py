@@ -21,6 +21,34 @@ class RecordError(ValueError):
     """A record that cannot be used, with the reason it is skipped."""
 
 
+#: Longest fact id accepted (ids become rows, keys and, hashed, file names).
+MAX_ID_LENGTH = 512
+
+
+def check_fact_id(fact_id: str) -> str:
+    """Raise :class:`RecordError` for an id that is empty, too long or holds a control
+    character (NUL, newline: they would break rows, logs and tables); else return it. Ids never
+    name files directly (:func:`locedit.storage.id_filename`), so ``/`` or ``..`` are allowed."""
+    if not isinstance(fact_id, str) or not fact_id.strip():
+        raise RecordError(f"empty or non-string fact id {fact_id!r}")
+    if len(fact_id) > MAX_ID_LENGTH:
+        raise RecordError(f"fact id longer than {MAX_ID_LENGTH} characters ({fact_id[:40]!r}...)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in fact_id):
+        raise RecordError(f"fact id {fact_id!r} contains a control character")
+    return fact_id
+
+
+def duplicate_ids(ids: Iterable[tuple[str, str]]) -> tuple[str, str, str] | None:
+    """The first repeated id among ``(fact_id, where)`` pairs: ``(id, first where, second
+    where)``, or None. Two records with one id would be edited, traced and cached as one."""
+    seen: dict[str, str] = {}
+    for fact_id, where in ids:
+        if fact_id in seen:
+            return fact_id, seen[fact_id], where
+        seen[fact_id] = where
+    return None
+
+
 @dataclass(frozen=True)
 class FactRecord:
     """One fact (s, r, o_true) with its counterfactual o_false and evaluation prompts.
@@ -46,6 +74,7 @@ class FactRecord:
 
     def validate(self) -> FactRecord:
         """Raise :class:`RecordError` naming the first problem, else return ``self``."""
+        check_fact_id(self.fact_id)
         if not self.subject.strip():
             raise RecordError("empty subject")
         if not self.prompt.strip():
@@ -95,8 +124,15 @@ def write_jsonl(path: Path, rows: Iterable[dict], kind: str) -> int:
 
 
 def read_jsonl(path: Path, kind: str) -> list[dict]:
-    """Read a file written by :func:`write_jsonl`, checking kind and schema version."""
-    with Path(path).open() as handle:
+    """Read a file written by :func:`write_jsonl`, checking kind and schema version. A missing
+    file names the stage that writes it (``outputs/<stage>/...``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: run the stage that writes it first "
+            f"(`locedit run {path.parent.name}`, or `dvc repro`)"
+        )
+    with path.open() as handle:
         header = json.loads(handle.readline())
         if header.get("schema_version") != SCHEMA_VERSION or header.get("kind") != kind:
             raise ValueError(
@@ -111,4 +147,12 @@ def write_records(path: Path, records: Iterable[FactRecord]) -> int:
 
 
 def read_records(path: Path) -> list[FactRecord]:
-    return [FactRecord.from_json(row) for row in read_jsonl(path, kind="facts")]
+    """The records of ``path``; a repeated fact id (a hand-edited file) is refused."""
+    records = [FactRecord.from_json(row) for row in read_jsonl(path, kind="facts")]
+    repeated = duplicate_ids((r.fact_id, f"{path}[{i}]") for i, r in enumerate(records))
+    if repeated:
+        raise ValueError(
+            f"fact id {repeated[0]!r} is used by two records, {repeated[1]} and {repeated[2]}; "
+            "every record needs its own id (rerun the prepare stage)"
+        )
+    return records

@@ -115,6 +115,8 @@ class ConstrainedFinetune(pl.LightningModule):
         self.losses: list[float] = []
         self.nlls: list[float] = []
         self.converged = False
+        #: the farthest an optimiser step left the ball, in units of its radius
+        self.max_overshoot = 0.0
 
     def configure_optimizers(self):
         params = [p if m is None else m for p, m in zip(self.trained, self.masters, strict=True)]
@@ -165,6 +167,10 @@ class ConstrainedFinetune(pl.LightningModule):
     @torch.no_grad()
     def project_to_linf_ball(self) -> None:
         """Clamp every trained weight back into [original - eps, original + eps]."""
+        for param, master, (lo, hi) in zip(self.trained, self.masters, self.bounds, strict=True):
+            stepped = (param if master is None else master).float()
+            outside = torch.maximum(stepped - hi.float(), lo.float() - stepped).max()
+            self.max_overshoot = max(self.max_overshoot, float(outside) / self.eps)
         for param, master, master_bounds in zip(
             self.trained, self.masters, self.master_bounds, strict=True
         ):
@@ -242,7 +248,7 @@ def apply_finetune(edit: EditCall) -> EditResult:
             param.grad = None
     with torch.no_grad():
         hidden = hidden_states(model, batch)
-        _, nll_after = objective(
+        loss_after, nll_after = objective(
             batch_target_log_probs(model, hidden, batch), batch.n_target, request.direction
         )
     diagnostics: dict[str, float] = {
@@ -252,6 +258,7 @@ def apply_finetune(edit: EditCall) -> EditResult:
         "ft_target_prob_first": math.exp(-module.nlls[0]) if module.nlls else math.nan,
         "ft_target_prob_after": math.exp(-float(nll_after)),
         "linf_eps": module.eps,
+        "ft_max_overshoot": module.max_overshoot,
     }
     max_change, change_sq, original_sq = 0.0, 0.0, 0.0
     for name in names:
@@ -270,4 +277,22 @@ def apply_finetune(edit: EditCall) -> EditResult:
         layers=list(layers),
         diagnostics=diagnostics,
         hparams=hp.to_dict(),
+        flags=finetune_flags(module.max_overshoot, module.losses, float(loss_after)),
     )
+
+
+#: An optimiser step that leaves the ball by this many radii is an exploding step (a huge
+#: learning rate): the projection, not the gradient, then decides the edit.
+EXPLODING_OVERSHOOT = 1e3
+
+
+def finetune_flags(max_overshoot: float, losses: list[float], loss_after: float) -> list[str]:
+    """Like ROME's ``v_step_zeroed`` / ``v_no_progress``: ``ft_step_exploded`` when a step left
+    the L-infinity ball by more than :data:`EXPLODING_OVERSHOOT` radii (or not finitely);
+    ``ft_no_progress`` when the edit did not lower the objective below its first value."""
+    flags = []
+    if not max_overshoot <= EXPLODING_OVERSHOOT:
+        flags.append("ft_step_exploded")
+    if len(losses) > 1 and not loss_after < losses[0]:
+        flags.append("ft_no_progress")
+    return flags

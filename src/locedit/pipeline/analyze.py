@@ -24,7 +24,7 @@ from locedit.analysis.metrics_file import (
     flat_metrics,
     write_dvc_files,
 )
-from locedit.pipeline.common import to_container
+from locedit.pipeline.common import mark_reports_stale, reports_current, to_container
 from locedit.storage import remove_outputs
 from locedit.tracking.pipeline import save_headline_view, write_run_file
 
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 
 def _stage_seconds(outputs: Path) -> dict[str, float]:
-    """Wall time of the last trace and edit runs, from their summary.json (when present)."""
+    """Wall time of the last trace and edit invocations, from their summary.json (when
+    present), named ``<stage>_last_run``: a resumed stage's earlier invocations are not in it."""
     seconds: dict[str, float] = {}
     for stage in ("trace", "edit"):
         path = outputs / stage / "summary.json"
@@ -41,7 +42,7 @@ def _stage_seconds(outputs: Path) -> dict[str, float]:
         except (OSError, json.JSONDecodeError, AttributeError):
             continue
         if isinstance(value, int | float):
-            seconds[stage] = float(value)
+            seconds[f"{stage}_last_run"] = float(value)
     return seconds
 
 
@@ -53,7 +54,8 @@ def _inputs(params: DictConfig) -> tuple[Path, Path]:
 def run(params: DictConfig) -> None:
     effects_path, results_path = _inputs(params)
     reports = Path(params.paths.get("reports", "reports"))
-    # An interrupted analysis must not leave the previous run's summary looking current.
+    # An interrupted analysis must not leave the previous run's reports looking current.
+    mark_reports_stale(params, "analyze")
     remove_outputs([reports / "summary.md", reports / "tables.md"])
     for path, stage in ((effects_path, "trace"), (results_path, "edit")):
         if not path.exists():
@@ -71,6 +73,7 @@ def run(params: DictConfig) -> None:
     seconds = time.perf_counter() - start
     timings = {**_stage_seconds(Path(params.paths.outputs)), "analyze": seconds}
     dvc_metrics = write_dvc_files(an, reports, timings)
+    reports_current(params)
     log.info(
         "analysis of %d regressions written to %s in %.1f s", len(an.regressions), reports, seconds
     )

@@ -15,9 +15,15 @@ from locedit.data.records import read_records
 from locedit.metrics.neighborhood_kl import NeighborhoodKLConfig
 from locedit.models.architecture import n_layers
 from locedit.models.snapshot import model_fingerprint
-from locedit.pipeline.common import model_from_params, output_dir, to_container
+from locedit.pipeline.common import (
+    mark_reports_stale,
+    model_from_params,
+    output_dir,
+    to_container,
+)
 from locedit.problems import NoiseConfig
 from locedit.storage import (
+    Interrupted,
     atomic_write_text,
     atomic_write_with,
     clean_temporary,
@@ -35,7 +41,13 @@ from locedit.sweep import (
     sweep_layers,
 )
 from locedit.sweep.plan import content_id
-from locedit.tracking import log_artifacts, log_metrics, stage_run, timed_child_run
+from locedit.tracking import (
+    end_abandoned_run,
+    log_artifacts,
+    log_metrics,
+    stage_run,
+    timed_child_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +169,24 @@ FINAL_OUTPUTS = ("results.parquet", "results.csv", "summary.json")
 def run(params: DictConfig) -> None:
     out = output_dir(params, "edit")
     with output_lock(out, "edit"):
+        mark_reports_stale(params, "edit")
         clean_temporary(out)
         remove_outputs(out / name for name in FINAL_OUTPUTS)
-        _run_locked(params)
+        _end_killed_run(out, params.mlflow)
+        try:
+            _run_locked(params)
+        except KeyboardInterrupt:
+            kept = len(ResultStore(out).done_keys())
+            raise Interrupted(f"interrupted: {kept} edits kept, rerun to resume") from None
+
+
+def _end_killed_run(out: Path, mlflow_cfg) -> None:
+    """The previous sweep's MLflow run, if a kill left it RUNNING, is ended as KILLED."""
+    try:
+        run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    end_abandoned_run(run_id, mlflow_cfg)
 
 
 def _run_locked(params: DictConfig) -> None:

@@ -10,7 +10,12 @@ from omegaconf import DictConfig
 from locedit.data.filter import FilterConfig, filter_known_facts
 from locedit.data.records import read_records, write_records
 from locedit.models.snapshot import model_fingerprint
-from locedit.pipeline.common import model_from_params, output_dir, to_container
+from locedit.pipeline.common import (
+    mark_reports_stale,
+    model_from_params,
+    output_dir,
+    to_container,
+)
 from locedit.storage import atomic_write_text, remove_outputs
 from locedit.tracking import log_metrics, stage_run
 
@@ -19,6 +24,7 @@ log = logging.getLogger(__name__)
 
 def run(params: DictConfig) -> None:
     out = output_dir(params, "filter")
+    mark_reports_stale(params, "filter")
     remove_outputs([out / "report.json"])  # an interrupted run leaves no previous report
     records = read_records(output_dir(params, "prepare") / "facts.jsonl")
     model, tokenizer = model_from_params(params)

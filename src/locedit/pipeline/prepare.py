@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from locedit.data.loaders import load_dataset
 from locedit.data.records import write_records
-from locedit.pipeline.common import output_dir, to_container
+from locedit.pipeline.common import mark_reports_stale, output_dir, to_container
 from locedit.storage import atomic_write_text, remove_outputs
 from locedit.tracking import log_metrics, stage_run
 
@@ -27,6 +27,7 @@ def run(params: DictConfig) -> None:
 def _prepare(params: DictConfig) -> dict:
     cfg = params.data
     out = output_dir(params, "prepare")
+    mark_reports_stale(params, "prepare")
     remove_outputs([out / "report.json"])  # an interrupted run leaves no previous report
     result = load_dataset(cfg.dataset, Path(cfg.root), float(cfg.max_bad_fraction))
     start = int(cfg.start)

@@ -23,7 +23,13 @@ from locedit.editing import (
     sweep_layers,
 )
 from locedit.models.architecture import n_layers
-from locedit.pipeline.common import model_from_params, output_dir, to_container
+from locedit.pipeline.common import (
+    mark_reports_stale,
+    model_from_params,
+    output_dir,
+    to_container,
+)
+from locedit.storage import output_lock
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +53,16 @@ def stats_layers(params: DictConfig, model) -> list[int]:
 
 
 def run(params: DictConfig) -> None:
+    out = output_dir(params, "stats")
+    with output_lock(out, "stats"):  # one writer, as for edit and tune
+        mark_reports_stale(params, "stats")
+        _run_locked(params, out)
+
+
+def _run_locked(params: DictConfig, out: Path) -> None:
     from locedit.tracking import log_metrics, stage_run
 
     model, tokenizer = model_from_params(params)
-    out = output_dir(params, "stats")
     store = CovarianceStore.from_params(params, tokenizer)
     layers = stats_layers(params, model)
     started = time.perf_counter()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +23,18 @@ from omegaconf import DictConfig
 from locedit.data.records import read_records
 from locedit.models.architecture import n_layers
 from locedit.models.snapshot import model_fingerprint
-from locedit.pipeline.common import model_from_params, output_dir, to_container
+from locedit.pipeline.common import (
+    mark_reports_stale,
+    model_from_params,
+    output_dir,
+    to_container,
+)
 from locedit.storage import (
     atomic_write_text,
     atomic_write_with,
     clean_temporary,
+    id_filename,
+    output_lock,
     remove_outputs,
 )
 from locedit.tracing import plots
@@ -48,10 +54,16 @@ def cache_dir(params: DictConfig) -> Path:
 
 
 def run(params: DictConfig) -> None:
+    out = output_dir(params, "trace")
+    with output_lock(out, "trace"):  # one writer, as for edit and tune
+        mark_reports_stale(params, "trace")
+        _run_locked(params, out)
+
+
+def _run_locked(params: DictConfig, out: Path) -> None:
     records = read_records(Path(params.paths.outputs) / "filter" / "facts.jsonl")
     model, tokenizer = model_from_params(params)
     settings = TraceSettings.from_config(params.trace)
-    out = output_dir(params, "trace")
     clean_temporary(out)
     clean_temporary(cache_dir(params), min_age_s=3600)  # shared by runs: spare live writers
     remove_outputs(
@@ -163,10 +175,6 @@ def _clear(path: Path) -> None:
             child.unlink()
 
 
-def safe_name(fact_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", fact_id)
-
-
 def write_grids(result: TraceRun, folder: Path) -> None:
     """One .npz per fact with every grid: ``{method}_{kind}_w{window}_{array}``."""
     per_fact: dict[str, dict[str, np.ndarray]] = {}
@@ -186,7 +194,7 @@ def write_grids(result: TraceRun, folder: Path) -> None:
         arrays[f"{prefix}_p_clean"] = np.array(res.p_clean)
     folder.mkdir(parents=True, exist_ok=True)
     for fact_id, arrays in per_fact.items():
-        np.savez_compressed(folder / f"{safe_name(fact_id)}.npz", **arrays)
+        np.savez_compressed(folder / id_filename(fact_id, ".npz"), **arrays)
 
 
 def _fact_header(res) -> dict[str, np.ndarray]:
@@ -213,7 +221,7 @@ def write_figures(
     for res in result.tracing:
         if res.fact_id in shown and res.window == default_window:
             swap = "_str" if res.method == STR_METHOD else ""
-            name = f"heatmap{swap}_{safe_name(res.fact_id)}_{res.kind}_w{res.window}.png"
+            name = f"heatmap{swap}_{id_filename(res.fact_id)}_{res.kind}_w{res.window}.png"
             paths.append(plots.plot_fact_heatmap(res, folder / name))
     methods = [m for m in ("tracing", STR_METHOD) if (table.method == m).any()]
     for kind in settings.kinds:

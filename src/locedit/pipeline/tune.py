@@ -28,7 +28,12 @@ from locedit.editing import CovarianceStore, default_layer, get_method, hparams_
 from locedit.metrics.neighborhood_kl import NeighborhoodKLConfig
 from locedit.models.architecture import n_layers
 from locedit.models.snapshot import model_fingerprint
-from locedit.pipeline.common import model_from_params, output_dir, to_container
+from locedit.pipeline.common import (
+    mark_reports_stale,
+    model_from_params,
+    output_dir,
+    to_container,
+)
 from locedit.pipeline.edit import evaluation_config
 from locedit.storage import atomic_write_text, clean_temporary, output_lock, remove_outputs
 from locedit.sweep import resolved_hparams
@@ -214,6 +219,7 @@ def _report(results: dict[str, StudyResult]) -> None:
 def run(params: DictConfig) -> None:
     out = output_dir(params, "tune")
     with output_lock(out, "tune"):
+        mark_reports_stale(params, "tune")
         clean_temporary(out)
         # An interrupted run must not leave the previous choice looking current.
         remove_outputs([out / TUNED_FILE, out / "studies" / "index.json"])

@@ -21,6 +21,10 @@ from locedit.versioning import code_version, content_key
 #: The modules that score an edit and build its target (every method shares them).
 EVALUATION_MODULES: tuple[str, ...] = ("locedit.metrics.evaluation", "locedit.problems")
 
+#: Where every edit row starts: the worker, whose imports reach the editor, the method
+#: registry, the metrics, the problems and the hooks (followed by :func:`shared_code_version`).
+ROW_MODULES: tuple[str, ...] = ("locedit.sweep.worker", "locedit.editing.methods", *EVALUATION_MODULES)
+
 
 @dataclass(frozen=True)
 class EditTask:
@@ -77,11 +81,20 @@ def fact_content(fact: FactRecord | str) -> Any:
     return str(fact)
 
 
+def shared_code_version() -> str:
+    """Code version of the path every edit row takes (:data:`ROW_MODULES` and, through their
+    imports, the editor, the registry, the metrics, the problems, the hooks), without the
+    methods' own modules: the registry names them all, but a row runs only its own."""
+    return code_version(*ROW_MODULES, exclude=sorted({m.code_module for m in REGISTRY.values()}))
+
+
 def method_code_version(method: str) -> str:
-    """Code version of what computes a ``method`` row: the method's module (from the registry;
-    the whole ``locedit.editing`` package for a name it does not know), the metrics."""
-    module = REGISTRY[method].code_module if method in REGISTRY else "locedit.editing"
-    return code_version(module, *EVALUATION_MODULES)
+    """Code version of what computes a ``method`` row: the shared path
+    (:func:`shared_code_version`) and the method's own module from the registry with its
+    imports (the whole ``locedit.editing`` package for a name it does not know). A change to
+    finetuning reruns FT rows, not ROME's; one to the editor or the worker reruns every row."""
+    own = REGISTRY[method].code_module if method in REGISTRY else "locedit.editing"
+    return f"{shared_code_version()}+{code_version(own)}"
 
 
 def edit_content_id(

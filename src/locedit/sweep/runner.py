@@ -6,7 +6,13 @@ pre-edit values are per fact, so the table does not depend on the executor or th
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
+import sys
+import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -125,18 +131,34 @@ def run_sweep(
             queue = context.Queue()
             for visible in worker_gpu_plan(spec.params, workers, gpus_per_worker):
                 queue.put(visible)
-            with ProcessPoolExecutor(
+            pool = ProcessPoolExecutor(
                 max_workers=workers, mp_context=context,
-                initializer=_claim_gpu, initargs=(queue,),
-            ) as pool:
+                initializer=_init_worker, initargs=(queue, os.getpid()),
+            )
+            try:
                 futures = [pool.submit(_run_fact_job, spec, f, t) for (f, _), t in pending.items()]
                 for future in as_completed(futures):
                     record(future.result())
+            except BaseException:
+                _stop_pool(pool)  # Ctrl-C or a failure: not after every queued job
+                raise
+            pool.shutdown()
         else:
             _run_ray(spec, pending, workers, ray_address, record, gpus_per_worker)
     finally:
         bar.close()
     return n_pending
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel the queued jobs and end the workers now (the executor's own shutdown would wait
+    for every running job); rows already recorded are kept."""
+    processes = list(getattr(pool, "_processes", {}).values())  # no public handle in 3.11
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(timeout=10)
 
 
 def worker_gpu_plan(params: Mapping, workers: int, gpus_per_worker: float = 1.0) -> list[str | None]:
@@ -149,13 +171,40 @@ def worker_gpu_plan(params: Mapping, workers: int, gpus_per_worker: float = 1.0)
     return assign_gpus(workers, visible_gpus(), gpus_per_worker)
 
 
-def _claim_gpu(queue) -> None:
-    """Worker initializer: take this process's GPU(s) before CUDA is initialised."""
-    import os
-
+def _init_worker(queue, parent: int) -> None:
+    """Worker initializer: exit with the driver, then take this process's GPU(s) before CUDA is
+    initialised."""
+    exit_with_parent(parent)
     visible = queue.get()
     if visible is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible
+
+
+#: Seconds between two checks that a worker's driver still lives (where no signal tells it).
+PARENT_POLL_S = 1.0
+
+
+def exit_with_parent(parent: int, poll_s: float = PARENT_POLL_S) -> None:
+    """End this process when ``parent`` dies (``kill -9`` of the driver): a pool worker must not
+    go on holding a model replica and a GPU. Linux's parent-death signal acts at once; a daemon
+    thread that polls the parent pid covers macOS (and a race with the prctl call)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the poll below still ends the worker
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)  # no cleanup to do: the driver alone writes rows
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+#: prctl option of the parent-death signal (linux/prctl.h).
+_PR_SET_PDEATHSIG = 1
 
 
 class _FactWorker:

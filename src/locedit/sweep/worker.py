@@ -47,8 +47,8 @@ from locedit.problems import (
     edit_target,
     get_problem,
 )
-from locedit.storage import atomic_write_text, atomic_write_with
-from locedit.sweep.plan import EVALUATION_MODULES, EditTask, fact_content
+from locedit.storage import atomic_write_text, atomic_write_with, id_filename
+from locedit.sweep.plan import EditTask, fact_content, shared_code_version
 from locedit.versioning import code_version, content_key
 
 log = logging.getLogger(__name__)
@@ -96,10 +96,11 @@ class PreEdit:
 
 def pre_edit_key(record: FactRecord, problems: Sequence[str], context: str) -> str:
     """The pre-edit cache key: the fact's content, the problems (they decide which probes
-    exist: o_noise, noised prompts), the evaluation context and the metrics' code version."""
+    exist: o_noise, noised prompts), the evaluation context and the code version of the
+    rows' shared path (this module computes the values, with the metrics)."""
     return content_key(
         "pre_edit", model=None, record=fact_content(record), params=[sorted(problems), context],
-        code=code_version(*EVALUATION_MODULES), length=24,
+        code=shared_code_version(), length=24,
     )
 
 
@@ -111,7 +112,8 @@ def _pre_edit(
     # version (noise.py, evaluation.py), which the key already carries.
     if config.essence_span != "continuation":
         context = f"{context}:essence-{config.essence_span}"
-    cache = cache_dir / f"{record.fact_id}-{pre_edit_key(record, problems, context)}.json" if cache_dir else None
+    key = pre_edit_key(record, problems, context)
+    cache = cache_dir / id_filename(record.fact_id, f"-{key}.json") if cache_dir else None
     if cache is not None and cache.exists():
         data = json.loads(cache.read_text())
         essence = data["essence"]
@@ -133,7 +135,7 @@ def _pre_edit(
     pre = PreEdit(probs, o_noise, essence, ppl)
     if cache is not None:
         payload = {
-            "probs": probs, "o_noise": o_noise, "ppl_before": ppl,
+            "fact_id": record.fact_id, "probs": probs, "o_noise": o_noise, "ppl_before": ppl,
             "essence": None if essence is None else {
                 "prompt_length": essence.prompt_length, "sequences": [list(s) for s in essence.sequences]
             },
@@ -168,7 +170,7 @@ def _kl_reference(
     """Computed once per fact and stored beside the pre-edit probabilities as one float32
     tensor file (n_prompts x vocab x 4 bytes: 10 MB for ten prompts of Gemma's 262k words)."""
     cache = (
-        cache_dir / f"{record.fact_id}-nkl-{kl_reference_key(record, config, context)}.pt"
+        cache_dir / id_filename(record.fact_id, f"-nkl-{kl_reference_key(record, config, context)}.pt")
         if cache_dir else None
     )
     if cache is not None and cache.exists():
@@ -178,7 +180,7 @@ def _kl_reference(
     log_probs = nkl.next_token_distributions(model, prompts, config.batch_size)
     reference = KLReference(tuple(prompts), log_probs)
     if cache is not None:
-        data = {"prompts": [list(p) for p in prompts], "log_probs": log_probs}
+        data = {"fact_id": record.fact_id, "prompts": [list(p) for p in prompts], "log_probs": log_probs}
         atomic_write_with(cache, lambda tmp: torch.save(data, tmp))
     return reference
 

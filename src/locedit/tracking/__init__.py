@@ -217,3 +217,22 @@ def log_artifacts(paths: list[Path] | Path, artifact_path: str | None = None) ->
             mlflow.log_artifacts(str(path), artifact_path=artifact_path)
         elif path.exists():
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def end_abandoned_run(run_id: str, mlflow_cfg: Mapping[str, Any] | None = None) -> bool:
+    """End as KILLED a run that a killed process (``kill -9``, a lost machine) left RUNNING;
+    returns whether it did. Call it under the stage's output lock, so its writer is gone."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    cfg = dict(mlflow_cfg or {})
+    configure(cfg.get("tracking_uri"), cfg.get("experiment"))
+    client = mlflow.MlflowClient()
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+    except MlflowException:
+        return False  # a run of another store, or deleted
+    client.set_terminated(run_id, status="KILLED")
+    log.warning("MLflow run %s of an interrupted stage was left RUNNING: ended as KILLED", run_id)
+    return True
