@@ -215,7 +215,7 @@ KILLED_SWEEP = textwrap.dedent("""
         original(self, rows)
         children = psutil.Process().children(recursive=True)
         with open(sys.argv[2], "w") as handle:
-            json.dump([c.pid for c in children], handle)
+            json.dump([[c.pid, c.cmdline()] for c in children], handle)  # before they exit
         os.kill(os.getpid(), signal.SIGKILL)  # kill -9 of the driver
 
     if __name__ == "__main__":  # spawned workers import this file too
@@ -237,9 +237,10 @@ def test_kill_9_of_a_two_worker_sweep_leaves_no_process_and_no_running_mlflow_ru
         done = subprocess.run([sys.executable, str(script), str(params_file), str(pids_file)],
                               env=env, timeout=600, stdout=handle, stderr=subprocess.STDOUT)
     assert done.returncode == -signal.SIGKILL, log.read_text()[-3000:]
-    pids = json.loads(pids_file.read_text())
-    workers = [p for p in pids if _is_pool_worker(p)]
-    assert len(workers) >= 2
+    children = json.loads(pids_file.read_text())
+    pids = [pid for pid, _ in children]
+    # pool workers, told by their command line when the driver died (by now they may be gone)
+    assert sum("spawn_main" in " ".join(cmdline) for _, cmdline in children) >= 2
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.2)
@@ -251,11 +252,13 @@ def test_kill_9_of_a_two_worker_sweep_leaves_no_process_and_no_running_mlflow_ru
     # the next start ends the killed sweep's MLflow run (it stayed RUNNING) as KILLED
     import mlflow
 
-    run_id = json.loads((tmp_path / "outputs" / "edit" / "mlflow_run.json").read_text())["run_id"]
+    running = json.loads((tmp_path / "outputs" / "runs" / "edit.running.json").read_text())
+    killed = [running["run_id"], running["pipeline_run_id"]]  # the stage's run and its parent
     client = mlflow.MlflowClient(str(params.mlflow.tracking_uri))
-    assert client.get_run(run_id).info.status == "RUNNING"
+    assert [client.get_run(r).info.status for r in killed] == ["RUNNING", "RUNNING"]
     edit_stage.run(OmegaConf.merge(params, {"edit": {"workers": 1, "max_facts": 1}}))
-    assert client.get_run(run_id).info.status == "KILLED"
+    assert [client.get_run(r).info.status for r in killed] == ["KILLED", "KILLED"]
+    assert not (tmp_path / "outputs" / "runs" / "edit.running.json").exists()
 
 
 def _alive(pid: int) -> bool:
@@ -263,13 +266,6 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def _is_pool_worker(pid: int) -> bool:
-    try:
-        return "spawn_main" in " ".join(psutil.Process(pid).cmdline())
-    except psutil.NoSuchProcess:
-        return True  # already gone: counted, and nothing is left behind
 
 
 def test_ctrl_c_prints_one_line_with_what_was_kept(tmp_path, monkeypatch, capsys):

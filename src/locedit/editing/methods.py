@@ -92,10 +92,14 @@ class EditMethod:
         return list(window_layers(layer, self.window_for(hparams), n_layers))
 
     @property
-    def code_module(self) -> str:
-        """The module that computes this method's edit (cache keys version its code)."""
-        apply = self.apply
-        return apply.partition(":")[0] if isinstance(apply, str) else apply.__module__
+    def code_modules(self) -> tuple[str, ...]:
+        """The modules that compute this method's edit (cache keys version their code): its
+        ``apply``, and for a method with v*/z* jobs those jobs and the batched optimisation
+        that runs them in grouped sweeps (``editing/grouped.py``)."""
+        modules = [_module_of(self.apply)]
+        if self.vstar_jobs is not None:
+            modules += [_module_of(self.vstar_jobs), "locedit.editing.grouped"]
+        return tuple(dict.fromkeys(modules))
 
     def run(
         self,
@@ -177,6 +181,11 @@ class EditMethod:
             merged.update((problem_overrides.get(problem) or {}).get(self.name) or {})
         merged.update(plain(dict(overrides or {})))
         return merge_overrides(self.hparams(), merged)
+
+
+def _module_of(function: Apply) -> str:
+    """The dotted module of a registry entry's function (``"module:name"`` or a callable)."""
+    return function.partition(":")[0] if isinstance(function, str) else function.__module__
 
 
 def _resolved(apply: Apply) -> Callable[..., Any]:

@@ -42,7 +42,6 @@ from locedit.sweep import (
 )
 from locedit.sweep.plan import content_id
 from locedit.tracking import (
-    end_abandoned_run,
     log_artifacts,
     log_metrics,
     stage_run,
@@ -172,21 +171,11 @@ def run(params: DictConfig) -> None:
         mark_reports_stale(params, "edit")
         clean_temporary(out)
         remove_outputs(out / name for name in FINAL_OUTPUTS)
-        _end_killed_run(out, params.mlflow)
         try:
             _run_locked(params)
         except KeyboardInterrupt:
             kept = len(ResultStore(out).done_keys())
             raise Interrupted(f"interrupted: {kept} edits kept, rerun to resume") from None
-
-
-def _end_killed_run(out: Path, mlflow_cfg) -> None:
-    """The previous sweep's MLflow run, if a kill left it RUNNING, is ended as KILLED."""
-    try:
-        run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    end_abandoned_run(run_id, mlflow_cfg)
 
 
 def _run_locked(params: DictConfig) -> None:

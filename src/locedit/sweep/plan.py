@@ -85,7 +85,8 @@ def shared_code_version() -> str:
     """Code version of the path every edit row takes (:data:`ROW_MODULES` and, through their
     imports, the editor, the registry, the metrics, the problems, the hooks), without the
     methods' own modules: the registry names them all, but a row runs only its own."""
-    return code_version(*ROW_MODULES, exclude=sorted({m.code_module for m in REGISTRY.values()}))
+    own = {module for method in REGISTRY.values() for module in method.code_modules}
+    return code_version(*ROW_MODULES, exclude=sorted(own))
 
 
 def method_code_version(method: str) -> str:
@@ -93,8 +94,8 @@ def method_code_version(method: str) -> str:
     (:func:`shared_code_version`) and the method's own module from the registry with its
     imports (the whole ``locedit.editing`` package for a name it does not know). A change to
     finetuning reruns FT rows, not ROME's; one to the editor or the worker reruns every row."""
-    own = REGISTRY[method].code_module if method in REGISTRY else "locedit.editing"
-    return f"{shared_code_version()}+{code_version(own)}"
+    own = REGISTRY[method].code_modules if method in REGISTRY else ("locedit.editing",)
+    return f"{shared_code_version()}+{code_version(*own)}"
 
 
 def edit_content_id(

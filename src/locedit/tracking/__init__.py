@@ -129,6 +129,9 @@ def stage_run(
     With ``pipeline`` (the whole composed params) and no ``parent_run_id``, the run is a stage
     of its pipeline run (:mod:`locedit.tracking.pipeline`): nested under that invocation's
     parent, which ends with it, and named in ``<paths.outputs>/runs/<stage>.json`` at the end.
+    While it runs, ``runs/<stage>.running.json`` names it and its parent: a process killed
+    with ``kill -9`` cannot end them, so the stage's next start ends them as KILLED (stages
+    call this under their output lock, so the named run's writer is gone).
     """
     import mlflow
 
@@ -140,6 +143,9 @@ def stage_run(
     client = mlflow.MlflowClient()
     top = pipeline is not None and parent_run_id is None
     if top:
+        outputs = Path(str(pipeline["paths"]["outputs"]))
+        for killed in tree.take_running(outputs, stage):  # a kill -9 left them RUNNING
+            end_abandoned_run(killed, cfg)
         experiment = mlflow.get_experiment_by_name(cfg.get("experiment") or DEFAULT_EXPERIMENT)
         start_ms = tree.take_stage_start()
         parent_run_id = tree.pipeline_parent(client, experiment.experiment_id, pipeline, start_ms)
@@ -156,13 +162,15 @@ def stage_run(
         if not top:
             yield run
             return
-        outputs = Path(str(pipeline["paths"]["outputs"]))
+        tree.mark_running(outputs, stage, run.info.run_id, parent_run_id)
         try:
             yield run
         except BaseException:
             tree.stage_finished(client, parent_run_id, stage, run.info.run_id, outputs, failed=True)
+            tree.take_running(outputs, stage)
             raise
         tree.write_run_file(outputs, stage, run.info.run_id, parent_run_id)
+        tree.take_running(outputs, stage)
     tree.stage_finished(client, parent_run_id, stage, run.info.run_id, outputs, failed=False)
 
 

@@ -126,6 +126,32 @@ def write_run_file(outputs: Path | str, stage: str, run_id: str | None, parent_i
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
+def _running_file(outputs: Path | str, stage: str) -> Path:
+    return Path(outputs) / "runs" / f"{stage}.running.json"
+
+
+def mark_running(outputs: Path | str, stage: str, run_id: str, parent_id: str | None) -> None:
+    """``runs/<stage>.running.json``: the stage's run and its pipeline run while it runs."""
+    from locedit.storage import atomic_write_text
+
+    path = _running_file(outputs, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"run_id": run_id, "pipeline_run_id": parent_id}) + "\n")
+
+
+def take_running(outputs: Path | str, stage: str) -> list[str]:
+    """Remove the stage's running marker; returns the run ids it named (none when absent)."""
+    path = _running_file(outputs, stage)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        record = {}
+    path.unlink(missing_ok=True)
+    if not isinstance(record, dict):
+        return []
+    return [str(record[k]) for k in ("run_id", "pipeline_run_id") if record.get(k)]
+
+
 def _pick(params: Mapping[str, Any], dotted_key: str) -> Any:
     value: Any = params
     for part in dotted_key.split("."):
