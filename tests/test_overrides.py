@@ -142,5 +142,5 @@ def test_field_checks_follow_the_dataclass_types_and_ranges():
     ]
     assert field_problems(RomeHParams, {"context_template_lengths": (5, 0), "early_stop_prob": 1.5}) == [
         "RomeHParams.context_template_lengths=(5, 0) (must be positive)",
-        "RomeHParams.early_stop_prob=1.5 (must be in (0, 1])",
+        "RomeHParams.early_stop_prob=1.5 (must be in [0, 1])",
     ]

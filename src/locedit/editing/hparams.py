@@ -197,16 +197,18 @@ def plain(value: Any) -> Any:
 #: count of zero or below makes an edit fail deep inside the optimiser or silently do nothing.
 POSITIVE = frozenset({
     "v_lr", "lr", "linf_eps", "clamp_norm_factor", "v_lr_relative", "flag_update_ratio",
-    "v_steps", "steps", "n_context_templates", "template_top_k", "noise_per_template", "n_layers",
+    "v_steps", "steps", "template_top_k", "noise_per_template", "n_layers",
     "post_norm_iterations", "batch_size", "mom2_weight_reference_d_mlp", "linf_reference_d_mlp",
     "context_template_lengths",
 })
+#: (``n_context_templates`` 0 and no lengths: the bare prompt alone.)
 NON_NEGATIVE = frozenset({
-    "kl_factor", "weight_decay", "early_stop_loss", "covariance_ridge", "mom2_weight",
+    "n_context_templates", "kl_factor", "weight_decay", "early_stop_loss", "covariance_ridge", "mom2_weight",
     "emmet_lambda", "nullspace_threshold", "L2", "seed",
 })
-#: Shares in (0, 1]: a target probability, the division-ratio flag's r of [r, 1/r].
-UNIT_INTERVAL = frozenset({"early_stop_prob", "flag_division_ratio"})
+#: Probabilities in [0, 1] (0: stop at once), and the division-ratio flag's r of [r, 1/r] in (0, 1].
+PROBABILITIES = frozenset({"early_stop_prob"})
+RATIOS = frozenset({"flag_division_ratio"})
 
 
 def _type_problem(value: Any, hint: Any) -> str | None:
@@ -222,8 +224,8 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     if origin is Literal:
         return None if value in args else f"must be one of {list(args)}"
     if origin is tuple:
-        if not isinstance(value, tuple | list) or not value:
-            return "must be a non-empty list"
+        if not isinstance(value, tuple | list):
+            return "must be a list"
         return next((f"item {v!r} {p}" for v in value if (p := _type_problem(v, args[0]))), None)
     if hint is bool:
         return None if isinstance(value, bool) else "must be true or false"
@@ -245,7 +247,9 @@ def _range_problem(name: str, value: Any) -> str | None:
         return "must be positive"
     if name in NON_NEGATIVE and any(v < 0 for v in numbers):
         return "must be zero or positive"
-    if name in UNIT_INTERVAL and any(not 0 < v <= 1 for v in numbers):
+    if name in PROBABILITIES and any(not 0 <= v <= 1 for v in numbers):
+        return "must be in [0, 1]"
+    if name in RATIOS and any(not 0 < v <= 1 for v in numbers):
         return "must be in (0, 1]"
     return None
 
