@@ -195,6 +195,20 @@ def _device_problems(params: Any) -> list[str]:
     return out
 
 
+def _trace_problems(params: Any) -> list[str]:
+    """Trace settings the trace stage would refuse (``trace.windows=[0]``), found at once."""
+    from locedit.tracing.runner import TraceSettings
+
+    trace = params.get("trace") if isinstance(params, DictConfig | dict) else None
+    if not trace:
+        return []
+    try:
+        TraceSettings.from_config(trace)
+    except (ValueError, TypeError) as err:
+        return [str(err)]
+    return []
+
+
 def check_params(params: Any) -> None:
     """Refuse negative or zero counts and sizes (``data.n_records=-5`` would otherwise be read
     as "all but the last 5") and method hyperparameters that do not fit their dataclass field
@@ -222,6 +236,7 @@ def check_params(params: Any) -> None:
 
     walk(params, "")
     problems.extend(_device_problems(params))
+    problems.extend(_trace_problems(params))
     problems.extend(method_problems(params))
     if problems:
         raise ValueError("invalid parameters: " + "; ".join(problems))
