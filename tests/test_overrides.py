@@ -10,6 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from locedit.cli import main
+from locedit.editing.cli import main as edit_main
 from locedit.editing.hparams import FTHParams, RomeHParams, field_problems
 from locedit.editing.methods import get_method
 from locedit.params import apply_overrides, compose_params
@@ -77,6 +78,11 @@ def test_edit_command_refuses_bad_hyperparameters_naming_the_key(project, caplog
 
 def test_edit_command_refuses_a_layer_beyond_the_model_from_its_config(project, caplog):
     assert "--layer 4 out of range: the model has layers 0..3" in _refused([*EDIT, "--layer", "4"], caplog)
+    # the same as `python -m locedit.editing`: one line, no traceback
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert edit_main([*EDIT[1:], "--layer", "-1"]) == 2
+    assert "--layer -1 out of range" in caplog.text
     # problem overrides never reach `locedit edit` (it edits without a problem)
     line = _refused([*EDIT, "--set", "problem.overrides.error_injection.rome.kl_factor=0.5"], caplog)
     assert "problem.overrides.error_injection.rome.kl_factor has no effect" in line

@@ -126,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return run_edit(args)
+    try:
+        return run_edit(args)
+    except (FileNotFoundError, ValueError, RuntimeError, IndexError) as err:
+        log.error("%s", err)  # one line, as `locedit edit` gives it
+        return 2
 
 
 if __name__ == "__main__":
