@@ -125,6 +125,17 @@ def test_partly_shadowed_override_is_reported_with_the_winning_key(caplog):
     assert get_method("memit").hparams_from(params, "tracing_reversal").v_lr == 0.2
 
 
+def test_a_model_default_shadows_the_method_section():
+    params = compose_params(ROOT / "conf", ["model=gemma-3-270m"])
+    with pytest.raises(ValueError, match=(
+        r"method.memit.v_lr_relative has no effect: "
+        r"method.per_model.gemma-3-270m.memit.v_lr_relative wins for memit/error_injection"
+    )):
+        apply_overrides(params, ["method.memit.v_lr_relative=0.05"])
+    apply_overrides(params, ["method.per_model.gemma-3-270m.memit.v_lr_relative=0.05"])
+    assert get_method("memit").hparams_from(params, "error_injection").v_lr_relative == 0.05
+
+
 def test_hparams_sources_name_the_key_that_wins():
     params = compose_params(ROOT / "conf", ["model=gemma-3-270m"])
     sources = get_method("ft1").config_sources(params, "error_injection", {"lr": 1e-3})
