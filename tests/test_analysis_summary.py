@@ -25,7 +25,7 @@ from locedit.analysis.synthetic import synthetic_effects, synthetic_results
 LAYERS = (0, 5, 9, 17)
 
 
-def _summary(n_facts: int, trace_effect: float, variants=("concentrated",)):
+def _summary(n_facts: int, trace_effect: float, variants=("concentrated",), bootstrap=100):
     effects = synthetic_effects(n_facts=n_facts, n_model_layers=18, seed=1, zeroing=False)
     results = synthetic_results(
         effects, LAYERS, methods=("rome", "ft1"), trace_effect=trace_effect, noise=0.1, seed=2
@@ -34,7 +34,10 @@ def _summary(n_facts: int, trace_effect: float, variants=("concentrated",)):
         effects,
         results,
         AnalysisConfig(
-            bootstrap_samples=100, metrics=("rewrite_score",), variants=variants, mixed_effects=False
+            bootstrap_samples=bootstrap,
+            metrics=("rewrite_score",),
+            variants=variants,
+            mixed_effects=False,
         ),
     )
     rows = an.regressions[(an.regressions["variant"] == MAIN)]
@@ -122,3 +125,11 @@ def test_the_robustness_table_states_a_difference_only_with_its_interval(n_facts
     main_row = next(line for line in text.splitlines() if line.startswith("| causal tracing"))
     assert "no difference shown" in main_row
     assert np.isfinite(rows["added_r2_lo"]).all()
+
+
+def test_without_intervals_no_difference_is_stated():
+    text, _ = _summary(40, trace_effect=1.0, bootstrap=0)
+    assert "Unlike the paper" not in text
+    assert "Without bootstrap intervals (analysis.bootstrap_samples is 0, or too few facts) no " \
+        "difference from the paper's GPT-J result is stated." in text
+    assert "(no interval; without an interval no difference from the paper's GPT-J value" in text
