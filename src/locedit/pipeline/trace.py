@@ -24,7 +24,6 @@ from omegaconf import DictConfig
 from locedit.data.records import read_records
 from locedit.models.architecture import n_layers
 from locedit.models.snapshot import model_fingerprint
-from locedit.params import model_depth
 from locedit.pipeline.common import model_from_params, output_dir, to_container
 from locedit.storage import (
     atomic_write_text,
@@ -50,7 +49,6 @@ def cache_dir(params: DictConfig) -> Path:
 
 def run(params: DictConfig) -> None:
     settings = TraceSettings.from_config(params.trace)  # refused before anything loads
-    settings.check_depth(model_depth(params))
     records = read_records(Path(params.paths.outputs) / "filter" / "facts.jsonl")
     model, tokenizer = model_from_params(params)
     out = output_dir(params, "trace")

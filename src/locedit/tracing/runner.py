@@ -65,12 +65,6 @@ class TraceSettings:
         if self.noise_samples < 1:
             raise ValueError("trace.noise_samples must be >= 1")
 
-    def check_depth(self, n_layers: int) -> None:
-        """Refuse windows wider than the model (every layer would restore them all)."""
-        wide = [int(w) for w in self.windows if int(w) > n_layers]
-        if wide:
-            raise ValueError(f"trace.windows {wide} exceed the model's {n_layers} layers")
-
     @classmethod
     def from_config(cls, cfg: Mapping) -> TraceSettings:
         raw = cfg.get("windows", (5,))
