@@ -52,16 +52,12 @@ def versus_paper(lo, hi, paper: float, what: str) -> str:
     return f"the interval includes the paper's {what} ({pct(paper)}): no difference shown"
 
 
-def differs(lo, hi, paper: float) -> bool:
-    """Whether the interval [lo, hi] excludes the paper's value."""
-    return finite(lo) and finite(hi) and (lo > paper or hi < paper)
-
-
 def adds_more_than_paper(lo, hi, f_pvalue) -> bool:
     """Tracing adds more than the paper's largest added R²: the interval lies above it and the
     F-test rejects that tracing adds nothing (:data:`ALPHA`)."""
-    return differs(lo, hi, PAPER_MAX_ADDED_R2) and lo > PAPER_MAX_ADDED_R2 and (
-        finite(f_pvalue) and f_pvalue < ALPHA
+    return (
+        finite(lo) and finite(hi) and lo > PAPER_MAX_ADDED_R2
+        and finite(f_pvalue) and f_pvalue < ALPHA
     )
 
 

@@ -84,11 +84,13 @@ def _verdict(rows: pd.DataFrame, level: float, common: str | None) -> str:
     none is claimed; small samples are named in the sentence."""
     lo = rows["added_r2_lo"] if "added_r2_lo" in rows else pd.Series(math.nan, index=rows.index)
     hi = rows["added_r2_hi"] if "added_r2_hi" in rows else pd.Series(math.nan, index=rows.index)
-    more = [
-        adds_more_than_paper(lo[i], hi[i], rows.at[i, "f_pvalue"]) for i in rows.index
-    ]
+    more = pd.Series(
+        [adds_more_than_paper(lo[i], hi[i], rows.at[i, "f_pvalue"]) for i in rows.index],
+        index=rows.index,
+    )
     above = rows[more]
-    unclear = rows[[finite(lo[i]) and lo[i] > PAPER_MAX_ADDED_R2 and not m for i, m in zip(rows.index, more, strict=True)]]
+    # interval above the paper's value, F-test not significant: named, but no difference claimed
+    unclear = rows[lo.map(finite) & (lo > PAPER_MAX_ADDED_R2) & ~more]
     few = int(rows["n_facts"].min())
     paper = f"the paper's largest added R² ({pct(PAPER_MAX_ADDED_R2)}, GPT-J Table 3)"
     if not above.empty:
