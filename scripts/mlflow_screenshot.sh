@@ -8,6 +8,8 @@
 #   Environment: MLFLOW (default .venv/bin/mlflow), CHROMIUM (default chromium; Debian:
 #   `apt-get install chromium`), EXPERIMENT (default locedit), PORT (default: a free one).
 #
+# Each page is screenshotted only once its DOM shows no loading spinner or skeleton (and, for
+# the chart pages, a drawn chart), doubling Chromium's virtual time budget until it does.
 # The server listens on 127.0.0.1 only and is stopped on exit. The committed screenshots in
 # docs/mlflow/ come from a tiny run (random 4-layer GPT-2, ROME and FT-1, layers 0-3; the
 # helpers in tests/e2e_support.py), so their numbers mean nothing: they show the layout.
@@ -51,15 +53,38 @@ RUN_IDS=$(curl -fsS -X POST "$URL/api/2.0/mlflow/runs/search" -H 'Content-Type: 
   | "$PYTHON" -c 'import json, sys; print(",".join(r["info"]["run_id"] for r in json.load(sys.stdin)["runs"]))')
 FIRST_RUN=${RUN_IDS%%,*}
 
-shot() {  # shot FILE URL
+browser() {  # browser BUDGET_MS ARGS...: one headless Chromium run with a fresh profile
+  local budget=$1
+  shift
   "$CHROMIUM" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
     --disable-background-networking --disable-component-update --disable-sync \
-    --user-data-dir="$WORK/profile-$1" --window-size=1400,900 --virtual-time-budget=20000 \
-    --screenshot="$OUT/$1" "$2" >/dev/null 2>&1
-  echo "$OUT/$1 <- $2"
+    --user-data-dir="$(mktemp -d "$WORK/profile.XXXX")" --window-size=1400,900 \
+    --virtual-time-budget="$budget" "$@" 2>/dev/null
+}
+
+rendered() {  # rendered BUDGET_MS URL CHART: after BUDGET_MS of virtual time the page shows no
+  # spinner (class *-spin-spinning) and no skeleton (aria-busy="true"), and, with CHART=1, a
+  # drawn plotly chart (svg.main-svg); MLflow loads runs and metric histories asynchronously
+  local dom
+  dom=$(browser "$1" --dump-dom "$2") || return 1
+  if grep -q -e '-spin-spinning' -e 'aria-busy="true"' <<<"$dom"; then return 1; fi
+  [ "$3" = 0 ] || grep -q 'class="main-svg"' <<<"$dom"
+}
+
+shot() {  # shot FILE URL [CHART]: waits (doubling the virtual time) until the page is rendered
+  local budget=20000
+  until rendered "$budget" "$2" "${3:-0}"; do
+    if [ "$budget" -ge 160000 ]; then
+      echo "$2 still loading after ${budget} ms: $OUT/$1 not taken" >&2
+      return 1
+    fi
+    budget=$((budget * 2))
+  done
+  browser "$budget" --screenshot="$OUT/$1" "$2" >/dev/null
+  echo "$OUT/$1 <- $2 (rendered within ${budget} ms)"
 }
 shot runs.png "$URL/#/experiments/$EXP_ID/runs?workflowType=machine_learning"
-shot run-metrics.png "$URL/#/experiments/$EXP_ID/runs/$FIRST_RUN/model-metrics?workflowType=machine_learning"
+shot run-metrics.png "$URL/#/experiments/$EXP_ID/runs/$FIRST_RUN/model-metrics?workflowType=machine_learning" 1
 METRIC_QUERY=$("$PYTHON" - "$RUN_IDS" "$EXP_ID" <<'PY'
 import json, sys
 from urllib.parse import quote
@@ -71,4 +96,4 @@ print(f"runs={json.dumps(runs)}&metric={quote(key)}&experiments={json.dumps([exp
       "&last_linear_y_axis_range=[]&workflowType=machine_learning")
 PY
 )
-shot metric-chart.png "$URL/#/metric/?$METRIC_QUERY"
+shot metric-chart.png "$URL/#/metric/?$METRIC_QUERY" 1

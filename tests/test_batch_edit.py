@@ -160,7 +160,7 @@ def test_co_edits_must_match_the_batch_size(tok, store, method, overrides, co, m
 
 
 def test_batch_size_must_be_positive():
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match=r"batch_size=0 \(must be positive\)"):
         hparams_for("emmet", overrides={"batch_size": 0})
 
 

@@ -38,7 +38,7 @@ def test_experiment_runs_end_to_end(experiment, tmp_path):
     summary = (Path(params.paths.reports) / "summary.md").read_text()
     assert "No rewrite-score regressions were fitted" not in summary
     # R² is a number, or the summary says why not (a tiny model's scores can be constant)
-    added = re.search(r"raises R² by (\S+?), F-test", summary)
+    added = re.search(r"raises R² by (\S+?) \(", summary)
     assert added, summary
     assert added[1] != "n/a" or re.search(r"Caveats: [^.]*R² undefined", summary), summary
-    assert re.search(r"correlate at r = -?\d\.\d\d", summary), summary
+    assert re.search(r"correlate at Pearson r = -?\d\.\d\d", summary), summary

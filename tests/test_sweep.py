@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
@@ -95,11 +97,17 @@ def test_sweep_rows_resume_and_ray_equality(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(comparable(table), comparable(ray_table))
 
 
-def test_bad_target_and_nan_edit_become_failure_rows(tmp_path):
+def test_bad_target_and_nan_edit_become_failure_rows(tmp_path, monkeypatch):
     params = make_params(tmp_path, methods=("ft1",), problems=("error_injection",))
     broken = FactRecord("bad", "Eiffel Tower", "The Eiffel Tower is in", "Paris", " ")
     write_records(tmp_path / "outputs" / "filter" / "facts.jsonl", [FACTS[0], broken])
-    params = OmegaConf.merge(params, {"method": {"ft": {"lr": float("nan")}}})
+    # the params refuse a NaN step (test_overrides.py): put it into the built hyperparameters
+    resolved = edit_stage.resolved_hparams
+    monkeypatch.setattr(
+        edit_stage,
+        "resolved_hparams",
+        lambda *args: {k: dataclasses.replace(h, lr=float("nan")) for k, h in resolved(*args).items()},
+    )
     spec = edit_stage.build_spec(params)
     run_sweep(spec, progress=False)
     table = results_table(ResultStore(spec.out_dir).rows())

@@ -5,20 +5,23 @@ without importing the stages."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from locedit.models.device import DTYPES, resolve_device
 from locedit.models.loading import load_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DTYPES", "compose_params", "load_params", "model_from_params", "to_container"]
+__all__ = [
+    "DTYPES", "compose_params", "load_params", "model_depth", "model_from_params", "to_container",
+]
 
 
 def load_params(path: Path | str = "params.yaml") -> DictConfig:
@@ -62,6 +65,24 @@ def model_from_params(params: DictConfig):
     )
 
 
+def model_depth(params: DictConfig) -> int:
+    """The number of layers of ``params.model`` from its config alone (no weights), so that
+    layer and window settings are checked in a second before a model loads."""
+    from transformers import AutoConfig
+
+    from locedit.models.discovery import config_n_layers
+    from locedit.models.loading import ModelLoadError, resolve_model_path
+
+    name = str(params.model.name)
+    cache_dir = params.model.get("cache_dir")
+    source = resolve_model_path(name, Path(cache_dir) if cache_dir else None)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read the config of model {name!r}: {err}") from None
+    return config_n_layers(SimpleNamespace(config=config))[1]
+
+
 def to_container(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
@@ -93,12 +114,51 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def apply_overrides(params: DictConfig, overrides: Iterable[str] | None) -> DictConfig:
-    """Apply ``--set`` overrides (typed, see :func:`parse_override`) and check the result."""
+#: Groups whose keys ``--set`` may add: checked field by field against the hyperparameter
+#: dataclasses (method, problem overrides) or the architecture spec (model.arch).
+OPEN_GROUPS = ("method.", "problem.overrides.", "model.arch.")
+_ABSENT = object()
+
+
+def _unknown_message(keys: list[str]) -> str:
+    return f"unknown key(s) {', '.join(keys)}: not in the params, so they would change nothing (a typo?)"
+
+
+def apply_overrides(
+    params: DictConfig,
+    overrides: Iterable[str] | None,
+    methods: Sequence[str] | None = None,
+    problems: Sequence[str | None] | None = None,
+) -> DictConfig:
+    """Apply ``--set`` overrides (typed, see :func:`parse_override`) and check the result, before
+    any model loads: values (:func:`check_params`), and that no override is shadowed by a more
+    specific key for the run's ``methods`` x ``problems`` (default ``edit.methods`` x
+    ``edit.problems``; ``[None]``: edits without a problem, as ``locedit edit``)."""
+    from locedit.editing.overrides import check_shadowing, leaf_keys
+
+    keys, unknown = [], []
     for override in overrides or []:
         key, value = parse_override(override)
-        OmegaConf.update(params, key, value, merge=True)
-    check_params(params)
+        if not key.startswith(OPEN_GROUPS) and OmegaConf.select(params, key, default=_ABSENT) is _ABSENT:
+            unknown.append(key)
+        with open_dict(params):
+            OmegaConf.update(params, key, value, merge=True)
+        keys += leaf_keys(key, value)
+    try:
+        check_params(params)
+    except ValueError as err:
+        if unknown:
+            raise ValueError(f"{err}; {_unknown_message(unknown)}") from None
+        raise
+    if unknown:
+        raise ValueError(f"invalid parameters: {_unknown_message(unknown)}")
+    edit = params.get("edit") or {}
+    check_shadowing(
+        params,
+        keys,
+        list(methods if methods is not None else edit.get("methods") or []),
+        list(problems if problems is not None else edit.get("problems") or []),
+    )
     return params
 
 
@@ -135,9 +195,26 @@ def _device_problems(params: Any) -> list[str]:
     return out
 
 
+def _trace_problems(params: Any) -> list[str]:
+    """Trace settings the trace stage would refuse (``trace.windows=[0]``), found at once."""
+    from locedit.tracing.runner import TraceSettings
+
+    trace = params.get("trace") if isinstance(params, DictConfig | dict) else None
+    if not trace:
+        return []
+    try:
+        TraceSettings.from_config(trace)
+    except (ValueError, TypeError) as err:
+        return [str(err)]
+    return []
+
+
 def check_params(params: Any) -> None:
     """Refuse negative or zero counts and sizes (``data.n_records=-5`` would otherwise be read
-    as "all but the last 5"), naming every offending key in one line."""
+    as "all but the last 5") and method hyperparameters that do not fit their dataclass field
+    (type, range, finite), naming every offending key in one line."""
+    from locedit.editing.overrides import method_problems
+
     problems: list[str] = []
 
     def walk(node: Any, prefix: str) -> None:
@@ -159,5 +236,7 @@ def check_params(params: Any) -> None:
 
     walk(params, "")
     problems.extend(_device_problems(params))
+    problems.extend(_trace_problems(params))
+    problems.extend(method_problems(params))
     if problems:
         raise ValueError("invalid parameters: " + "; ".join(problems))

@@ -52,7 +52,7 @@ def random_baseline_plot(frame: pd.DataFrame, path: Path, title: str, ci_level: 
             xs = np.arange(len(methods))
             draw_lo = part.reindex(methods)["random_draw_lo"].to_numpy(dtype=float)
             draw_hi = part.reindex(methods)["random_draw_hi"].to_numpy(dtype=float)
-            ax.bar(
+            band = ax.bar(
                 xs + POINTS[2][3],
                 np.nan_to_num(draw_hi - draw_lo),
                 bottom=np.nan_to_num(draw_lo),
@@ -61,6 +61,8 @@ def random_baseline_plot(frame: pd.DataFrame, path: Path, title: str, ci_level: 
                 alpha=0.2,
                 label=f"Random assignments, {ci_level:.0%} range",
             )
+            for patch in band:  # bars stick the axis to their base: the band's foot was cut
+                patch.sticky_edges.y.clear()
             for column, label, color, offset in POINTS:
                 rows = part.reindex(methods)
                 vals = rows[column].to_numpy(dtype=float)
@@ -72,21 +74,15 @@ def random_baseline_plot(frame: pd.DataFrame, path: Path, title: str, ci_level: 
                 ax.errorbar(
                     xs + offset, vals, yerr=err, fmt="o", ms=5, capsize=3, color=color, label=label
                 )
-            for x, method in zip(xs, methods, strict=True):
+            ticks = []
+            for method in methods:  # p below the method's name, clear of the data
                 p = float(part.loc[method, "p_random"])
+                label = method_label(method).replace(" (", "\n(")
                 if math.isfinite(p):
-                    text = "p<1e-3" if p < 1e-3 else f"p={p:.2g}"
-                    ax.text(
-                        x,
-                        0.03,
-                        text,
-                        ha="center",
-                        va="bottom",
-                        fontsize=7,
-                        transform=ax.get_xaxis_transform(),
-                    )
+                    label += "\np<1e-3" if p < 1e-3 else f"\np={p:.2g}"
+                ticks.append(label)
             ax.margins(y=0.12)
-            ax.set_xticks(xs, [method_label(m).replace(" (", "\n(") for m in methods], fontsize=8)
+            ax.set_xticks(xs, ticks, fontsize=8)
             ax.set_xlim(-0.6, len(methods) - 0.4)
             ax.grid(axis="y", alpha=0.3)
             if i == 0:
@@ -106,7 +102,7 @@ def random_baseline_plot(frame: pd.DataFrame, path: Path, title: str, ci_level: 
         bbox_to_anchor=(0.5, 1 - 0.55 / height),
     )
     fig.suptitle(title, fontsize=10)
-    _layout(fig, bottom=0.75, top=top + 0.25, hspace=0.45, wspace=0.08)
+    _layout(fig, bottom=0.9, top=top + 0.25, hspace=0.55, wspace=0.08)
     return _save(fig, path)
 
 

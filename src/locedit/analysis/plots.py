@@ -62,12 +62,13 @@ def _layout(
     )
 
 
-def _stat_text(x: np.ndarray, y: np.ndarray) -> str:
+def _stat_text(x: np.ndarray, y: np.ndarray, name: str = "r") -> str:
+    """Pearson's r, named as reports/summary.md names it (the paper's Fig. 4 writes ρ)."""
     r, p, why = pearson(x, y)
     if not math.isfinite(r):
-        return f"ρ n/a ({why})"
+        return f"{name} n/a ({why})"
     p_text = "p < 1e-4" if p < 1e-4 else f"p = {p:.3g}"
-    return f"ρ = {r:.2f}, {p_text}"
+    return f"{name} = {r:.2f}, {p_text}"
 
 
 def _perfect_line(ax, lo: float = 0.0, hi: float = 1.0) -> None:
@@ -92,7 +93,8 @@ def score_vs_trace(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric_label(metric))
     ax.set_title(
-        f"{title}\nlayer {layer}: {_stat_text(x, y)}, n = {np.isfinite(y).sum()}", fontsize=10
+        f"{title}\nlayer {layer}: {_stat_text(x, y, 'Pearson r')}, n = {np.isfinite(y).sum()}",
+        fontsize=10,
     )
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
@@ -229,6 +231,7 @@ def argmax_histogram(curves: pd.DataFrame, path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(6.0, 3.4))
     ax.bar(counts.index, counts.to_numpy(), color=LAYER_COLOR)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # a count of facts
     ax.set_xlabel("Layer of the peak tracing effect")
     ax.set_ylabel("Number of facts")
     ax.set_title(title, fontsize=10)

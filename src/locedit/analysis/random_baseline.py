@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from locedit.analysis.bootstrap import fact_counts
+from locedit.analysis.claims import SMALL_SAMPLE_FACTS
 from locedit.analysis.config import AnalysisConfig
 from locedit.analysis.labels import (
     method_label,
@@ -428,7 +429,8 @@ def summary_lines(rb: RandomBaseline | None, headline: str = "rewrite_score") ->
             f"{row['tracing']:.3f}, default layer {row['default']:.3f}, random layer "
             f"{row['random']:.3f}; tracing minus random {row['diff']:+.3f} "
             f"(CI {_fmt(row['diff_lo'])} to {_fmt(row['diff_hi'])}), "
-            f"share of random draws at least as good p = {p:.3g}, over {int(row['n_facts'])} facts."
+            f"share of random draws at least as good p = {p:.3g}, over {int(row['n_facts'])} facts"
+            + (", a small sample." if int(row["n_facts"]) < SMALL_SAMPLE_FACTS else ".")
         )
     return lines
 

@@ -61,11 +61,18 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _params(path: str, overrides: list[str]):
+def _params(path: str, overrides: list[str], methods: list[str]):
     from locedit.params import apply_overrides, compose_params, load_params
 
     params = load_params(path) if Path(path).exists() else compose_params("conf")
-    return apply_overrides(params, overrides)
+    # one edit without a problem: problem.overrides never apply here
+    return apply_overrides(params, overrides, methods=methods, problems=[None])
+
+
+def check_layer_arg(layer: int | None, depth: int) -> None:
+    """Refuse ``--layer`` outside the model's layers, from its config, before weights load."""
+    if layer is not None and not 0 <= layer < depth:
+        raise IndexError(f"--layer {layer} out of range: the model has layers 0..{depth - 1}")
 
 
 def run_edit(args: argparse.Namespace) -> int:
@@ -80,11 +87,12 @@ def run_edit(args: argparse.Namespace) -> int:
     from locedit.models.architecture import n_layers
     from locedit.models.scoring import target_log_probs
     from locedit.models.tokens import encode_prompt, encode_target
-    from locedit.params import model_from_params
+    from locedit.params import model_depth, model_from_params
 
-    params = _params(args.params, args.set)
-    model, tokenizer = model_from_params(params)
     methods = list(METHODS) if not args.method or "all" in args.method else args.method
+    params = _params(args.params, args.set, methods)
+    check_layer_arg(args.layer, model_depth(params))
+    model, tokenizer = model_from_params(params)
     store = CovarianceStore.from_params(params, tokenizer)
     request = EditRequest(args.prompt, args.subject, args.target, args.direction)
     prompt_ids = encode_prompt(tokenizer, args.prompt, args.subject).input_ids
@@ -118,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return run_edit(args)
+    try:
+        return run_edit(args)
+    except (FileNotFoundError, ValueError, RuntimeError, IndexError) as err:
+        log.error("%s", err)  # one line, as `locedit edit` gives it
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ users without a config get the same edit. Problems override single fields (Fact 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 KeyPolicy = Literal["original", "consistent"]
 FTParams = Literal["down_proj", "mlp"]
@@ -191,20 +193,104 @@ def plain(value: Any) -> Any:
     return value
 
 
-def merge_overrides(instance, overrides: Mapping[str, Any]):
+#: Ranges the fields must lie in (every value of the paper's App. A does): a step size, radius or
+#: count of zero or below makes an edit fail deep inside the optimiser or silently do nothing.
+POSITIVE = frozenset({
+    "v_lr", "lr", "linf_eps", "clamp_norm_factor", "v_lr_relative", "flag_update_ratio",
+    "v_steps", "steps", "template_top_k", "noise_per_template", "n_layers",
+    "post_norm_iterations", "batch_size", "mom2_weight_reference_d_mlp", "linf_reference_d_mlp",
+    "context_template_lengths",
+})
+#: (``n_context_templates`` 0 and no lengths: the bare prompt alone.)
+NON_NEGATIVE = frozenset({
+    "n_context_templates", "kl_factor", "weight_decay", "early_stop_loss", "covariance_ridge", "mom2_weight",
+    "emmet_lambda", "nullspace_threshold", "L2", "seed",
+})
+#: Probabilities in [0, 1] (0: stop at once), and the division-ratio flag's r of [r, 1/r] in (0, 1].
+PROBABILITIES = frozenset({"early_stop_prob"})
+RATIOS = frozenset({"flag_division_ratio"})
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """Why ``value`` does not fit the annotation ``hint`` (None: it fits)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _type_problem(value, inner[0]) if len(inner) == 1 else None
+    if value is None:
+        return "must not be null"
+    if origin is Literal:
+        return None if value in args else f"must be one of {list(args)}"
+    if origin is tuple:
+        if not isinstance(value, tuple | list):
+            return "must be a list"
+        return next((f"item {v!r} {p}" for v in value if (p := _type_problem(v, args[0]))), None)
+    if hint is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return "must be a number"
+        return None if math.isfinite(value) else "must be a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "must be a string"
+    return None
+
+
+def _range_problem(name: str, value: Any) -> str | None:
+    values = value if isinstance(value, tuple | list) else (value,)
+    numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    if name in POSITIVE and any(v <= 0 for v in numbers):
+        return "must be positive"
+    if name in NON_NEGATIVE and any(v < 0 for v in numbers):
+        return "must be zero or positive"
+    if name in PROBABILITIES and any(not 0 <= v <= 1 for v in numbers):
+        return "must be in [0, 1]"
+    if name in RATIOS and any(not 0 < v <= 1 for v in numbers):
+        return "must be in (0, 1]"
+    return None
+
+
+def field_problems(cls: type, values: Mapping[str, Any], keys: Mapping[str, str] | None = None) -> list[str]:
+    """``KEY=VALUE (why)`` for every value that does not fit its field's type or range; ``keys``
+    names each field's params key (default ``<Class>.<field>``)."""
+    hints = get_type_hints(cls)
+    out = []
+    for name, value in values.items():
+        if name not in hints:
+            continue
+        why = _type_problem(value, hints[name])
+        if why is None and value is not None:
+            why = _range_problem(name, value)
+        if why:
+            key = (keys or {}).get(name, f"{cls.__name__}.{name}")
+            out.append(f"{key}={value!r} ({why})")
+    return out
+
+
+def merge_overrides(instance, overrides: Mapping[str, Any], keys: Mapping[str, str] | None = None):
+    """``instance`` with ``overrides`` applied, refusing unknown fields and values of the wrong
+    type or range in one line that names each offending key (``keys``: field -> params key)."""
     known = {f.name for f in dataclasses.fields(instance)}
     unknown = sorted(set(overrides) - known)
     if unknown:
+        named = [(keys or {}).get(k, k) for k in unknown]
         raise ValueError(
-            f"unknown {type(instance).__name__} field(s) {unknown}; known: {sorted(known)}"
+            f"unknown {type(instance).__name__} field(s) {named}; known: {sorted(known)}"
         )
     clean = {k: plain(v) for k, v in overrides.items()}
     for name, value in clean.items():
         if value is None:
             continue
         default = getattr(instance, name)
-        if isinstance(default, float) and isinstance(value, int):
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             clean[name] = float(value)
+    problems = field_problems(type(instance), clean, keys)
+    if problems:
+        raise ValueError("invalid hyperparameters: " + "; ".join(problems))
     return dataclasses.replace(instance, **clean)
 
 
@@ -218,6 +304,7 @@ __all__ = [
     "RomeHParams",
     "SpreadHParams",
     "VStarHParams",
+    "field_problems",
     "merge_overrides",
     "plain",
 ]

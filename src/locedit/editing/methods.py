@@ -165,22 +165,42 @@ class EditMethod:
         the paper's GPT-J values were not tuned for), ``problem.overrides.<problem>.<method>``,
         ``overrides``.
         """
+        merged: dict[str, Any] = {}
+        keys: dict[str, str] = {}
+        for prefix, values in self.config_sources(config, problem, overrides):
+            for name, value in values.items():
+                merged[name] = value
+                keys[name] = f"{prefix}.{name}" if prefix else name
+        return merge_overrides(self.hparams(), merged, keys)
+
+    def config_sources(
+        self,
+        config: Mapping[str, Any] | None = None,
+        problem: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """(params key prefix, values) of every source :meth:`hparams_from` merges, lowest
+        precedence first (``overrides`` under the prefix ``overrides``), so that a refused or
+        shadowed value can be reported under the key that set it."""
         config = plain(config) if config is not None else {}
         method_cfg = config.get("method", config)
-        merged: dict[str, Any] = {}
-        if "seed" in config and isinstance(config["seed"], int):
-            merged["seed"] = config["seed"]
-        for section in self.config_sections:
-            merged.update(method_cfg.get(section) or {})
         model_name = (config.get("model") or {}).get("name")
         per_model = (method_cfg.get("per_model") or {}).get(model_name) or {}
-        for section in self.config_sections:
-            merged.update(per_model.get(section) or {})
+        sources: list[tuple[str, dict[str, Any]]] = []
+        if "seed" in config and isinstance(config["seed"], int):
+            sources.append(("", {"seed": config["seed"]}))
+        sources += [(f"method.{s}", dict(method_cfg.get(s) or {})) for s in self.config_sections]
+        sources += [
+            (f"method.per_model.{model_name}.{s}", dict(per_model.get(s) or {}))
+            for s in self.config_sections
+        ]
         if problem is not None:
-            problem_overrides = (config.get("problem") or {}).get("overrides") or {}
-            merged.update((problem_overrides.get(problem) or {}).get(self.name) or {})
-        merged.update(plain(dict(overrides or {})))
-        return merge_overrides(self.hparams(), merged)
+            by_problem = ((config.get("problem") or {}).get("overrides") or {}).get(problem)
+            sources.append(
+                (f"problem.overrides.{problem}.{self.name}", dict((by_problem or {}).get(self.name) or {}))
+            )
+        sources.append(("overrides", dict(plain(dict(overrides or {})))))
+        return sources
 
 
 def _module_of(function: Apply) -> str:

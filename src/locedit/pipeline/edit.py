@@ -15,6 +15,7 @@ from locedit.data.records import read_records
 from locedit.metrics.neighborhood_kl import NeighborhoodKLConfig
 from locedit.models.architecture import n_layers
 from locedit.models.snapshot import model_fingerprint
+from locedit.params import model_depth
 from locedit.pipeline.common import (
     mark_reports_stale,
     model_from_params,
@@ -165,7 +166,16 @@ def log_sweep(
 FINAL_OUTPUTS = ("results.parquet", "results.csv", "summary.json")
 
 
+def check(params: DictConfig) -> None:
+    """Refuse bad layers (from the model's config, no weights) and hyperparameters of any
+    (method, problem) before the run clears the previous outputs or loads the model."""
+    cfg = params.edit
+    sweep_layers(cfg, model_depth(params))
+    resolved_hparams(to_container(params), list(cfg.methods), list(cfg.problems), tuned_hparams(params))
+
+
 def run(params: DictConfig) -> None:
+    check(params)
     out = output_dir(params, "edit")
     with output_lock(out, "edit"):
         mark_reports_stale(params, "edit")

@@ -54,16 +54,16 @@ def cache_dir(params: DictConfig) -> Path:
 
 
 def run(params: DictConfig) -> None:
+    settings = TraceSettings.from_config(params.trace)  # refused before anything loads
     out = output_dir(params, "trace")
     with output_lock(out, "trace"):  # one writer, as for edit and tune
         mark_reports_stale(params, "trace")
-        _run_locked(params, out)
+        _run_locked(params, out, settings)
 
 
-def _run_locked(params: DictConfig, out: Path) -> None:
+def _run_locked(params: DictConfig, out: Path, settings: TraceSettings) -> None:
     records = read_records(Path(params.paths.outputs) / "filter" / "facts.jsonl")
     model, tokenizer = model_from_params(params)
-    settings = TraceSettings.from_config(params.trace)
     clean_temporary(out)
     clean_temporary(cache_dir(params), min_age_s=3600)  # shared by runs: spare live writers
     remove_outputs(

@@ -67,9 +67,13 @@ class TraceSettings:
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> TraceSettings:
+        raw = cfg.get("windows", (5,))
+        windows = [raw] if isinstance(raw, int | str) else list(raw)
+        if any(isinstance(w, bool) or not isinstance(w, int) for w in windows):
+            raise ValueError(f"trace.windows must be positive integers, got {windows}")
         return cls(
             kinds=tuple(str(k) for k in cfg.get("kinds", ("mlp",))),
-            windows=tuple(int(w) for w in cfg.get("windows", (5,))),
+            windows=tuple(windows),
             noise_samples=int(cfg.get("noise_samples", 10)),
             min_denominator=float(cfg.get("min_denominator", 0.01)),
             zeroing=bool(cfg.get("zeroing", True)),
