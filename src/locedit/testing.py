@@ -30,6 +30,7 @@ ALL_FAMILIES = (
 #: hand-written configs of earlier versions had, so seeded tests see the same weights).
 _EXTRA: dict[str, dict] = {
     "gptj": {"rotary_dim": 8},
+    "codegen": {"rotary_dim": 8},
     "gpt_neox": {"intermediate_size": 256},
     "gemma3_text": {"num_key_value_heads": 1, "sliding_window": 16},
     "gemma2": {"sliding_window": 16},
