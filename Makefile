@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.locedit-installed
 
-.PHONY: setup repro beyond test test-all lint bench gpu-check gpu-check-dry clean-outputs
+.PHONY: setup repro beyond test test-all lint bench zoo gpu-check gpu-check-dry clean-outputs
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ test-all: setup
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
+
+# Every causal-LM class of transformers, tiny and random: pass or refused (docs/models.md).
+zoo: setup
+	PYTHONPATH=src $(BIN)/python scripts/model_zoo.py
 
 bench: setup
 	$(BIN)/python benchmarks/tracing.py

@@ -129,13 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"not in the causal-LM auto mapping: {', '.join(unknown)}")
     outcomes = []
-    for family in wanted:
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    for index, family in enumerate(wanted):
         outcome = run_family(family, families[family], args.timeout, args.methods)
         outcomes.append(outcome)
         print(f"{family:28s} {outcome.status:8s} {outcome.seconds:6.1f}s {outcome.reason[:150]}")
         sys.stdout.flush()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(markdown(outcomes, args.note))
+        left = len(wanted) - index - 1
+        # Rewritten after every family: an interrupted run leaves a table that says so.
+        note = args.note + (f" Interrupted run: {left} families not yet checked." if left else "")
+        args.output.write_text(markdown(outcomes, note))
     if args.json:
         args.json.write_text(json.dumps([o.to_dict() for o in outcomes], indent=1))
     failed = [o.family for o in outcomes if o.status == "fail"]

@@ -94,6 +94,13 @@ def tiny_config(
         "intermediate_size": 2 * d_model,
         "ffn_dim": 2 * d_model,
         "max_position_embeddings": 128,
+        # state-space mixers of hybrid families (Falcon-H1, Bamba, ...): small and quick
+        "mamba_n_heads": 8,
+        "mamba_d_head": 16,
+        "mamba_d_ssm": 128,
+        "mamba_d_state": 16,
+        "mamba_chunk_size": 16,
+        "state_size": 16,
         "tie_word_embeddings": tie_embeddings,
         **_EXTRA.get(family, {}),
     }

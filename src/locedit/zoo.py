@@ -112,14 +112,21 @@ def build_tiny(family: str, n_layers_: int = 2) -> nn.Module:
     return model
 
 
+def trace_fact_many_for_zoo(*args, **kwargs):
+    """The fast path under test (one name, so a test can show that a mismatch fails)."""
+    from locedit.tracing import trace_fact_many
+
+    return trace_fact_many(*args, **kwargs)
+
+
 def check_tracing(model: nn.Module, tokenizer) -> None:
     """Fast tracing equals the reference for every kind; zeroing equals plain forwards."""
-    from locedit.tracing import trace_fact_many, trace_fact_reference, zero_fact
+    from locedit.tracing import trace_fact_reference, zero_fact
 
     args = {"sigma": 0.5, "seed": 3, "n_samples": 2}
     kinds = ("mlp", "attn", "resid")
     window = 2
-    fast = trace_fact_many(model, tokenizer, FACT, kinds=kinds, windows=(window,), **args)
+    fast = trace_fact_many_for_zoo(model, tokenizer, FACT, kinds=kinds, windows=(window,), **args)
     for result, kind in zip(fast, kinds, strict=True):
         ref = trace_fact_reference(model, tokenizer, FACT, kind=kind, window=window, **args)
         for name in ("p_clean", "p_noised", "p_restored"):
@@ -195,12 +202,14 @@ def check_family(
     *,
     model_class: str = "",
     methods: tuple[str, ...] | None = None,
+    build: Callable[[], nn.Module] | None = None,
 ) -> Outcome:
-    """Build, discover, validate, trace and edit one family; never raises."""
+    """Build (``build`` or :func:`build_tiny`), discover, validate, trace and edit one family;
+    never raises."""
     start = time.perf_counter()
     outcome = Outcome(family, model_class, "pass")
     try:
-        model = build_tiny(family)
+        model = build() if build is not None else build_tiny(family)
         outcome.model_class = type(model).__name__
         prepare_architecture(model)
         check_tracing(model, tokenizer)

@@ -6,7 +6,9 @@ p(o_true | s_noise, r, restored clean outputs), averaged over noise samples.
 The fast path uses only facts about causal decoders, no approximation:
 
 * a restoration at token t changes nothing at positions before t, so those positions keep the
-  noised run's keys and values (reused from its KV cache) and are never recomputed;
+  noised run's keys and values (reused from its KV cache) and are never recomputed (unless a
+  block also carries a recurrent or convolutional mixer, whose state at t the cache does not
+  keep: then every position is recomputed);
 * tokens before the first subject token are clean in the noised run already, so restoring
   them has exactly zero effect: their row of the grid is p_noised;
 * nothing changes below the first restored layer ``lo`` of a window, so a restoration starts
@@ -220,7 +222,8 @@ class FactRuns:
     ``clean[kind][l]``: clean ``kind`` output of layer l, [seq, d]. ``layer_inputs[l]``: the
     noised run's input to layer l, [n_samples, seq, d]. ``kv[l]``: the noised run's keys and
     values at layer l (None when the model's cache cannot be reused, e.g. a sliding window
-    shorter than the prompt; then every restoration recomputes all positions).
+    shorter than the prompt or a hybrid block's mixer state; then every restoration recomputes
+    all positions).
     """
 
     model: nn.Module
