@@ -146,7 +146,7 @@ def test_validation_compares_small_values_relatively():
     ("family", "what"),
     [
         ("mamba", "no attention"),
-        ("bert", "no norm reads the last block's output"),
+        ("bert", "no norm module reads the last block's output"),
         ("cpmant", "the head transforms it further"),
     ],
 )

@@ -31,6 +31,7 @@ ALL_FAMILIES = (
 _EXTRA: dict[str, dict] = {
     "gptj": {"rotary_dim": 8},
     "codegen": {"rotary_dim": 8},
+    "ctrl": {"dff": 128},
     "gpt_neox": {"intermediate_size": 256},
     "gemma3_text": {"num_key_value_heads": 1, "sliding_window": 16},
     "gemma2": {"sliding_window": 16},

@@ -112,6 +112,18 @@ def build_tiny(family: str, n_layers_: int = 2) -> nn.Module:
     return model
 
 
+def _check_cached_forward(model: nn.Module) -> None:
+    """Tracing runs the model with a KV cache; a tiny model whose own code cannot (e.g. a
+    2-layer Qwen3.5 left with linear-attention layers only) is unbuilt, not locedit's failure."""
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[464, 3139, 286, 4881]]), use_cache=True)
+    except Exception as err:  # noqa: BLE001
+        raise _Unbuilt(
+            f"the tiny model does not run a forward with a KV cache ({one_line(err)[:200]})"
+        ) from err
+
+
 def trace_fact_many_for_zoo(*args, **kwargs):
     """The fast path under test (one name, so a test can show that a mismatch fails)."""
     from locedit.tracing import trace_fact_many
@@ -211,7 +223,13 @@ def check_family(
     try:
         model = build() if build is not None else build_tiny(family)
         outcome.model_class = type(model).__name__
-        prepare_architecture(model)
+        try:
+            prepare_architecture(model)
+        except UnsupportedArchitectureError:
+            raise
+        except Exception:
+            _check_cached_forward(model)  # unbuilt if the model's own cached forward fails
+            raise
         check_tracing(model, tokenizer)
         edits = check_edits(model, tokenizer, store_factory(), methods)
         outcome.reason = f"traced exactly; {edits} edits restored bit-exact"

@@ -134,8 +134,8 @@ def refuse_mixed_blocks(model: nn.Module, layers: str, stack: nn.ModuleList) -> 
     raise _refuse(
         model,
         f"its blocks differ in structure ({layers}.0 and {layers}.{other} differ in "
-        f"{', '.join(differ)}: a hybrid alternating attention with another mixer); tracing and "
-        "editing address the same component in every layer",
+        f"{', '.join(differ)}, as in hybrids alternating attention with other mixers); tracing "
+        "and editing address the same component in every layer",
         settable=False,
     )
 
@@ -414,8 +414,8 @@ def discover_spec(model: nn.Module, *, adapt: bool = True) -> ArchSpec:
     if not finals:
         raise _refuse(
             model,
-            "no norm reads the last block's output (post-norm blocks, as BERT's, end without a "
-            "final norm, and the head transforms the residual stream before unembedding it)",
+            "no norm module reads the last block's output (post-norm blocks, as BERT's, end "
+            "without a final norm; a functional norm is no module)",
             settable=False,
         )
     if len(finals) != 1:
