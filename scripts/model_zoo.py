@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"not in the causal-LM auto mapping: {', '.join(unknown)}")
     outcomes = []
+    start = time.perf_counter()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for index, family in enumerate(wanted):
         outcome = run_family(family, families[family], args.timeout, args.methods)
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         left = len(wanted) - index - 1
         # Rewritten after every family: an interrupted run leaves a table that says so.
-        note = args.note + (f" Interrupted run: {left} families not yet checked." if left else "")
+        total = f" The whole run took {time.perf_counter() - start:.0f} s."
+        note = args.note + (f" Interrupted run: {left} families not yet checked." if left else total)
         args.output.write_text(markdown(outcomes, note))
     if args.json:
         args.json.write_text(json.dumps([o.to_dict() for o in outcomes], indent=1))
