@@ -104,7 +104,7 @@ def build_tiny(family: str, n_layers_: int = 2) -> nn.Module:
     refuse_unsupported_structure(model)  # before running it: out of scope whether it runs or not
     try:
         with torch.no_grad():
-            model(input_ids=torch.tensor([[464, 3139, 286, 4881]]), use_cache=False)
+            model(input_ids=_probe_ids(model), use_cache=False)
     except Exception as err:  # noqa: BLE001 - the model's own code fails on its tiny config
         raise _Unbuilt(
             f"the tiny model does not run a plain forward ({one_line(err)[:200]})"
@@ -112,12 +112,18 @@ def build_tiny(family: str, n_layers_: int = 2) -> nn.Module:
     return model
 
 
+def _probe_ids(model: nn.Module) -> torch.Tensor:
+    from locedit.models.device import model_device
+
+    return torch.tensor([[464, 3139, 286, 4881]], device=model_device(model))
+
+
 def _check_cached_forward(model: nn.Module) -> None:
     """Tracing runs the model with a KV cache; a tiny model whose own code cannot (e.g. a
     2-layer Qwen3.5 left with linear-attention layers only) is unbuilt, not locedit's failure."""
     try:
         with torch.no_grad():
-            model(input_ids=torch.tensor([[464, 3139, 286, 4881]]), use_cache=True)
+            model(input_ids=_probe_ids(model), use_cache=True)
     except Exception as err:  # noqa: BLE001
         raise _Unbuilt(
             f"the tiny model does not run a forward with a KV cache ({one_line(err)[:200]})"
