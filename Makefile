@@ -8,7 +8,7 @@ STAMP := $(VENV)/.locedit-installed
 # `dvc plots show`'s page with vega inline (.dvc/config: plots.html_template), so it renders offline
 PLOTS_PAGE := .dvc/plots/offline.html
 
-.PHONY: setup repro beyond test test-all lint bench gpu-check gpu-check-dry clean-outputs
+.PHONY: setup repro beyond test test-all lint bench zoo gpu-check gpu-check-dry clean-outputs
 
 setup: $(STAMP) $(PLOTS_PAGE)
 
@@ -49,6 +49,10 @@ test-all: setup
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
+
+# Every causal-LM class of transformers, tiny and random: pass or refused (docs/models.md).
+zoo: setup
+	PYTHONPATH=src $(BIN)/python scripts/model_zoo.py
 
 bench: setup
 	$(BIN)/python benchmarks/tracing.py

@@ -30,6 +30,8 @@ ALL_FAMILIES = (
 #: hand-written configs of earlier versions had, so seeded tests see the same weights).
 _EXTRA: dict[str, dict] = {
     "gptj": {"rotary_dim": 8},
+    "codegen": {"rotary_dim": 8},
+    "ctrl": {"dff": 128},
     "gpt_neox": {"intermediate_size": 256},
     "gemma3_text": {"num_key_value_heads": 1, "sliding_window": 16},
     "gemma2": {"sliding_window": 16},
@@ -93,6 +95,13 @@ def tiny_config(
         "intermediate_size": 2 * d_model,
         "ffn_dim": 2 * d_model,
         "max_position_embeddings": 128,
+        # state-space mixers of hybrid families (Falcon-H1, Bamba, ...): small and quick
+        "mamba_n_heads": 8,
+        "mamba_d_head": 16,
+        "mamba_d_ssm": 128,
+        "mamba_d_state": 16,
+        "mamba_chunk_size": 16,
+        "state_size": 16,
         "tie_word_embeddings": tie_embeddings,
         **_EXTRA.get(family, {}),
     }

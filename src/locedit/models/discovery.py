@@ -22,6 +22,7 @@ from locedit.models.architecture import (
     ArchSpec,
     UnsupportedArchitectureError,
 )
+from locedit.models.tolerance import within
 
 #: Fields of :class:`ArchSpec` a ``model.arch`` setting may override.
 ARCH_FIELDS = tuple(f.name for f in fields(ArchSpec))
@@ -30,6 +31,8 @@ _N_LAYERS_ATTRS = ("n_layer", "num_hidden_layers", "num_layers", "n_layers")
 _EXPERT_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 _NORM = re.compile("norm", re.IGNORECASE)
 _ATTENTION = re.compile("attn|attention", re.IGNORECASE)
+#: Cross-attention (to an encoder the causal LM runs without): not the block's own mixer.
+_CROSS = re.compile("cross|encoder", re.IGNORECASE)
 _OVERRIDE_HINT = (
     "set model.arch.<field> (fields: layers, mlp, mlp_down, down_orientation, attn, embed, "
     "final_norm, mlp_post_norm; '{}' stands for the layer index) or add an ArchSpec entry to "
@@ -88,6 +91,10 @@ def adapt_flat_rows(stack: nn.ModuleList, relative: str) -> str:
     return f"{relative}.linear"
 
 
+#: Checks whose failure no path setting can fix (the spec has no field for the LM head).
+_UNSETTABLE_CHECKS = ("unembedding",)
+
+
 class ArchitectureCheckError(UnsupportedArchitectureError):
     """A spec that fails a numerical check on the loaded model (one line: which, how to fix)."""
 
@@ -96,9 +103,40 @@ def _model_type(model: nn.Module) -> str:
     return str(getattr(getattr(model, "config", None), "model_type", type(model).__name__))
 
 
-def _refuse(model: nn.Module, what: str) -> UnsupportedArchitectureError:
+def _refuse(model: nn.Module, what: str, *, settable: bool = True) -> UnsupportedArchitectureError:
+    """One line: what discovery could not find, and ``model.arch`` only where a path setting
+    can describe the model (``settable``); structures the spec has no field for get none."""
+    if settable:
+        return UnsupportedArchitectureError(
+            f"cannot find the structure of model_type {_model_type(model)!r}: {what}; "
+            + _OVERRIDE_HINT
+        )
     return UnsupportedArchitectureError(
-        f"cannot find the structure of model_type {_model_type(model)!r}: {what}; " + _OVERRIDE_HINT
+        f"model_type {_model_type(model)!r} is not supported: {what} (no model.arch setting "
+        "can describe it)"
+    )
+
+
+def _block_layout(block: nn.Module) -> tuple[tuple[str, str], ...]:
+    return tuple((name, type(child).__name__) for name, child in block.named_children())
+
+
+def refuse_mixed_blocks(model: nn.Module, layers: str, stack: nn.ModuleList) -> None:
+    """Blocks that differ in their components (hybrids alternating attention with a recurrent
+    or convolutional mixer) have no single ``{}`` path per component: refuse them."""
+    layouts = [_block_layout(block) for block in stack]
+    if len(set(layouts)) == 1:
+        return
+    other = next(i for i, layout in enumerate(layouts) if layout != layouts[0])
+    differ = sorted(
+        {name for name, _ in layouts[0]} ^ {name for name, _ in layouts[other]}
+    ) or sorted({name for (name, kind) in set(layouts[0]) ^ set(layouts[other])})
+    raise _refuse(
+        model,
+        f"its blocks differ in structure ({layers}.0 and {layers}.{other} differ in "
+        f"{', '.join(differ)}, as in hybrids alternating attention with other mixers); tracing "
+        "and editing address the same component in every layer",
+        settable=False,
     )
 
 
@@ -149,10 +187,11 @@ def _first_tensor(value) -> torch.Tensor | None:
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Equal to :mod:`locedit.models.tolerance`'s relative bound (not ``1e-5 * (scale + 1)``,
+    which a 1.4% error in values of order 1e-5 passes)."""
     if a is None or b is None or a.shape != b.shape:
         return False
-    scale = float(b.abs().max()) + 1.0
-    return bool(torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-5 * scale))
+    return within(a, b)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -233,10 +272,28 @@ def discover_spec(model: nn.Module, *, adapt: bool = True) -> ArchSpec:
         and all(type(b) is type(module[0]) for b in module)
     ]
     if not blocks:
+        mixed = next(
+            (
+                name
+                for name, module in model.named_modules()
+                if isinstance(module, nn.ModuleList) and len(module) == n > 0
+            ),
+            None,
+        )
+        if mixed is not None:
+            kinds = sorted({type(b).__name__ for b in model.get_submodule(mixed)})
+            raise _refuse(
+                model,
+                f"its blocks at {mixed} are of different classes ({', '.join(kinds)}: a hybrid "
+                "of attention and other mixers); tracing and editing address the same "
+                "component in every layer",
+                settable=False,
+            )
         raise _refuse(model, f"no nn.ModuleList of {n} identical blocks ({n_attr}={n})")
     layers, stack = max(
         blocks, key=lambda item: (sum(p.numel() for p in item[1].parameters()), -len(item[0]))
     )
+    refuse_mixed_blocks(model, layers, stack)
     probe = n // 2
     block = stack[probe]
     prefix = f"{layers}.{probe}"
@@ -252,7 +309,19 @@ def discover_spec(model: nn.Module, *, adapt: bool = True) -> ArchSpec:
         and not _is_norm(child)
         and any(_is_linear(m) for m in child.modules())
     ]
-    attn_children = [c for c in attn_children if "cross" not in c.lower()] or attn_children
+    attn_children = [
+        c for c in attn_children if not _CROSS.search(c)
+    ] or attn_children
+    if not attn_children and not any(
+        _ATTENTION.search(type(m).__name__) for m in block.modules()
+    ):
+        mixers = sorted({type(child).__name__ for child in children.values()} - {"Identity"})
+        raise _refuse(
+            model,
+            f"its blocks have no attention ({', '.join(mixers)}: a recurrent or state-space "
+            "model); the experiment's attn component and tracing need attention",
+            settable=False,
+        )
     if len(attn_children) != 1:
         raise _refuse(
             model, f"found {len(attn_children)} attention modules in a block, expected one"
@@ -342,6 +411,13 @@ def discover_spec(model: nn.Module, *, adapt: bool = True) -> ArchSpec:
         and seen[name].inputs
         and _same(seen[name].inputs[0], last)
     ]
+    if not finals:
+        raise _refuse(
+            model,
+            "no norm module reads the last block's output (post-norm blocks, as BERT's, end "
+            "without a final norm; a functional norm is no module)",
+            settable=False,
+        )
     if len(finals) != 1:
         raise _refuse(model, f"found {len(finals)} final norms after the last block, expected one")
     return ArchSpec(
@@ -433,9 +509,12 @@ def validate_spec(model: nn.Module, spec: ArchSpec) -> list[CheckResult]:
     results: list[CheckResult] = []
 
     def fail(check: str, detail: str) -> ArchitectureCheckError:
+        hint = _OVERRIDE_HINT if check not in _UNSETTABLE_CHECKS else (
+            "no model.arch setting can change this: the spec has no field for it"
+        )
         return ArchitectureCheckError(
             f"model_type {_model_type(model)!r} fails the architecture check '{check}' "
-            f"({detail}); " + _OVERRIDE_HINT
+            f"({detail}); " + hint
         )
 
     def resolve(path: str) -> nn.Module:
@@ -483,7 +562,11 @@ def validate_spec(model: nn.Module, spec: ArchSpec) -> list[CheckResult]:
     if not _same(final_in, _first_tensor(seen["last"].output)):
         raise fail("final-norm", f"{spec.final_norm} does not read the last block's output")
     if not _same(unembed(model, _first_tensor(seen["final"].output)).float(), logits.float()):
-        raise fail("unembedding", "logits differ from the output embedding of the final norm")
+        raise fail(
+            "unembedding",
+            "logits differ from the output embedding of the final norm's output: the head "
+            "transforms it further",
+        )
     results.append(CheckResult("final-norm", "last block -> final norm -> unembedding = logits"))
 
     generator = torch.Generator(device="cpu").manual_seed(0)  # CPU: the same probe everywhere

@@ -6,7 +6,9 @@ p(o_true | s_noise, r, restored clean outputs), averaged over noise samples.
 The fast path uses only facts about causal decoders, no approximation:
 
 * a restoration at token t changes nothing at positions before t, so those positions keep the
-  noised run's keys and values (reused from its KV cache) and are never recomputed;
+  noised run's keys and values (reused from its KV cache) and are never recomputed (unless a
+  block also carries a recurrent or convolutional mixer, whose state at t the cache does not
+  keep: then every position is recomputed);
 * tokens before the first subject token are clean in the noised run already, so restoring
   them has exactly zero effect: their row of the grid is p_noised;
 * nothing changes below the first restored layer ``lo`` of a window, so a restoration starts
@@ -220,7 +222,8 @@ class FactRuns:
     ``clean[kind][l]``: clean ``kind`` output of layer l, [seq, d]. ``layer_inputs[l]``: the
     noised run's input to layer l, [n_samples, seq, d]. ``kv[l]``: the noised run's keys and
     values at layer l (None when the model's cache cannot be reused, e.g. a sliding window
-    shorter than the prompt; then every restoration recomputes all positions).
+    shorter than the prompt or a hybrid block's mixer state; then every restoration recomputes
+    all positions).
     """
 
     model: nn.Module
@@ -318,7 +321,7 @@ class FactRuns:
         active_at = [int((starts <= j).sum()) * n_samples for j in range(total)]
         prefix = token if self.kv is not None else 0
         position = token - prefix
-        calls, probe_cache = self._layer_calls(prefix)
+        calls = self._layer_calls(prefix)
         cache = self._prefix_cache(prefix, row_sample, active_at)
         layers = decoder_layers(model)
         hidden: torch.Tensor | None = None
@@ -332,8 +335,7 @@ class FactRuns:
                 centres = row_centre[:n_active]
                 rows = torch.nonzero((starts[centres] <= j) & (j < ends[centres]))[:, 0].to(device)
                 patch = set_positions(rows, position, self.clean[kind][j][token])
-                args, kwargs = _swap_cache(calls[j], probe_cache, cache)
-                kwargs = _alibi_for_rows(kwargs, hidden.shape[0])
+                args, kwargs = calls[j].build(hidden.shape[0], cache)
                 if kind == "resid":
                     hidden = patch(hidden_of(layers[j](hidden, *args[1:], **kwargs)))
                 else:
@@ -343,21 +345,32 @@ class FactRuns:
             targets = [p - prefix for p in self.inp.target_positions]
             return final(hidden[:, targets])
 
-    def _layer_calls(self, prefix: int) -> tuple[list[tuple[tuple, dict]], DynamicCache | None]:
-        """Per-layer call arguments for queries at positions >= prefix (see _recording_layers)."""
+    def _layer_calls(self, prefix: int) -> list[LayerCall]:
+        """Per-layer call arguments for queries at positions >= prefix (see _recording_layers),
+        recorded for batches of 1 and 2 rows so that each restored batch gets its own."""
+        recorded = [self._record_calls(prefix, rows) for rows in (1, 2)]
+        return [LayerCall.from_pair(one, two) for one, two in zip(*recorded, strict=True)]
+
+    def _record_calls(self, prefix: int, rows: int) -> list[tuple[tuple, dict]]:
         model = self.model
         kwargs = {}
-        probe_cache = None
         if prefix > 0:
             probe_cache = DynamicCache(config=model.config)
             for j, (keys, values) in enumerate(self.kv):
-                probe_cache.update(keys[:1, :, :prefix], values[:1, :, :prefix], j)
+                probe_cache.update(
+                    keys[:1, :, :prefix].expand(rows, -1, -1, -1),
+                    values[:1, :, :prefix].expand(rows, -1, -1, -1),
+                    j,
+                )
             kwargs = {_cache_kwarg(model): probe_cache, "use_cache": True}
         with torch.no_grad(), _recording_layers(
             decoder_layers(model), block_returns_tuple(model)
         ) as calls:
-            model.base_model(input_ids=self.inp.ids(1, model_device(model))[:, prefix:], **kwargs)
-        return calls, probe_cache
+            ids = self.inp.ids(rows, model_device(model))[:, prefix:]
+            model.base_model(input_ids=ids, **kwargs)
+        return [
+            _swap_cache(call, kwargs.get(_cache_kwarg(model)), _CACHE) for call in calls
+        ]
 
     def _prefix_cache(
         self, prefix: int, row_sample: torch.Tensor, active_at: list[int]
@@ -381,12 +394,69 @@ def _swap_cache(call: tuple[tuple, dict], old, new) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def _alibi_for_rows(kwargs: dict, rows: int) -> dict:
-    """ALiBi biases come per (row, head) (Bloom): repeat the single recorded row's to ``rows``."""
-    alibi = kwargs.get("alibi")
-    if not isinstance(alibi, torch.Tensor) or rows == 1:
-        return kwargs
-    return {**kwargs, "alibi": alibi.repeat(rows, *([1] * (alibi.ndim - 1)))}
+#: Stands for the restoration's prefix cache in a recorded layer call.
+_CACHE = object()
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """How the model calls one decoder layer, for any number of identical rows.
+
+    Recorded at batch 1 and batch 2 (:meth:`FactRuns._layer_calls`): a tensor whose first
+    dimension doubles between them, and whose batch-2 value is the batch-1 value repeated, is
+    per row (attention masks, ALiBi biases, position ids) and is repeated to the restored
+    batch's row count; everything else (rotary tables, cache positions) is passed as recorded.
+    A layer that checks its mask's batch size (issue 26) then sees its own row count.
+    """
+
+    args: tuple
+    kwargs: dict
+
+    @classmethod
+    def from_pair(cls, one: tuple[tuple, dict], two: tuple[tuple, dict]) -> LayerCall:
+        args = tuple(_per_row(a, b) for a, b in zip(one[0], two[0], strict=True))
+        kwargs = {k: _per_row(v, two[1][k]) for k, v in one[1].items()}
+        return cls(args, kwargs)
+
+    def build(self, rows: int, cache) -> tuple[tuple, dict]:
+        args = tuple(_for_rows(a, rows, cache) for a in self.args)
+        return args, {k: _for_rows(v, rows, cache) for k, v in self.kwargs.items()}
+
+
+@dataclass(frozen=True)
+class _PerRow:
+    value: torch.Tensor  # the batch-1 value
+
+
+def _per_row(one, two):
+    if isinstance(one, tuple) and isinstance(two, tuple) and len(one) == len(two):
+        return tuple(_per_row(a, b) for a, b in zip(one, two, strict=True))
+    if isinstance(one, torch.Tensor) and isinstance(two, torch.Tensor) and one.dim() > 0:
+        if two.shape[0] == 2 * one.shape[0] and two.shape[1:] == one.shape[1:]:
+            if not torch.equal(two, torch.cat([one, one])):
+                raise ValueError("a decoder layer argument differs between identical rows")
+            return _PerRow(one)
+    return one
+
+
+def _for_rows(value, rows: int, cache):
+    if value is _CACHE:
+        return cache
+    if isinstance(value, _PerRow):
+        tensor = value.value
+        return tensor if rows == 1 else tensor.repeat(rows, *([1] * (tensor.dim() - 1)))
+    if isinstance(value, tuple):
+        return tuple(_for_rows(v, rows, cache) for v in value)
+    return value
+
+
+#: Cache-layer attributes of mixers with their own state (transformers' linear-attention,
+#: state-space and convolution layers).
+_MIXER_STATES = ("conv_states", "recurrent_states", "ssm_states")
+
+
+def _holds(state) -> bool:
+    return state is not None and not (isinstance(state, dict) and not state)
 
 
 def _reusable_kv(cache, total: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -396,6 +466,12 @@ def _reusable_kv(cache, total: int, seq_len: int) -> list[tuple[torch.Tensor, to
         return None
     kv = []
     for layer in layers[:total]:
+        if any(_holds(getattr(layer, name, None)) for name in _MIXER_STATES):
+            # A recurrent or convolutional mixer beside attention (hybrid blocks): its state
+            # after the prefix is not in the cache (only its state after the whole prompt),
+            # so restorations recompute every position rather than drop it (issue 26).
+            log.debug("KV cache not reusable (layer %s carries a mixer state)", type(layer).__name__)
+            return None
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         if keys is None or keys.dim() != 4 or keys.shape[-2] != seq_len:
             log.debug(
