@@ -6,6 +6,7 @@ p(target)) from batched v*/z* against the sequential editor."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from contextlib import contextmanager
@@ -118,7 +119,8 @@ def test_early_stopping_ends_some_jobs_and_not_others(tok):
 def test_a_non_finite_job_fails_alone(tok):
     model = editable_tiny_model("gpt2", n_layers=4)
     hp = hparams_for("rome", overrides=FAST)
-    broken = hp.with_overrides(v_lr=1e37, clamp_norm_factor=float("inf"))
+    # built past the hyperparameter checks (which refuse an infinite clamp), as a blow-up would
+    broken = dataclasses.replace(hp, v_lr=1e37, clamp_norm_factor=float("inf"))
     jobs = _rome_jobs(model, tok, hp, CASES)
     jobs[1] = _rome_jobs(model, tok, broken, [CASES[1]])[0]
     with pytest.raises(EditFailed) as expected:
@@ -355,8 +357,9 @@ def test_a_group_whose_edits_all_fail_gives_the_sequential_failure_rows(tok, sto
     model = editable_tiny_model("gpt2", n_layers=4)
     record = FactRecord("f1", "Eiffel Tower", EIFFEL.prompt, "Paris", "Rome", (),
                         ("The Louvre is located in",))
-    broken = hparams_for("rome", overrides={**FAST, "v_lr": 1e37,
-                                            "clamp_norm_factor": float("inf")})
+    broken = dataclasses.replace(  # past the hyperparameter checks, as a blow-up would be
+        hparams_for("rome", overrides={**FAST, "v_lr": 1e37}), clamp_norm_factor=float("inf")
+    )
     tasks = [EditTask("f1", layer, "rome", "error_injection", "h") for layer in (0, 1)]
     config = EvaluationConfig(NoiseConfig(0.5, 2, 0), essence=False)
     runs = []
