@@ -75,6 +75,12 @@ class VStar:
         return flags
 
 
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """bfloat16/float16 values in float32: ||v_init|| sets the clamp radius, the weight-decay
+    scale and the relative step, and bfloat16 would round each of them by up to 0.4%."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def clamped_step(
     loss: torch.Tensor, optimiser: torch.optim.Optimizer, delta: torch.Tensor, max_norm: torch.Tensor
 ) -> bool:
@@ -130,7 +136,7 @@ def optimise_vstar(
             row_log_probs, current = split_log_probs(model, hidden, split, use_kl)
             nll_loss, nll = objective(row_log_probs, split.n_target, direction)
             loss = nll_loss
-            init = state["init"][split.bare].mean(0)
+            init = _at_least_float32(state["init"][split.bare]).mean(0)
             if use_kl:
                 if kl_init is None:
                     kl_init = current.detach().clone()
@@ -166,7 +172,7 @@ def optimise_vstar(
                 raise EditFailed(method, f"non-finite v* delta after step {step}")
     assert first is not None
     return VStar(
-        init=state["init"][split.bare].mean(0).detach(),
+        init=_at_least_float32(state["init"][split.bare]).mean(0).detach(),
         delta=delta.detach().clone(),
         steps=steps,
         loss_first=first[0],

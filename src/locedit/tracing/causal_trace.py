@@ -36,7 +36,7 @@ from locedit.models.architecture import (
     get_module,
     n_layers,
 )
-from locedit.models.device import model_device
+from locedit.models.device import attention_without_cudnn, model_device
 from locedit.models.hooks import (
     decoder_layers,
     hidden_of,
@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
+@attention_without_cudnn()
 def trace_fact_reference(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -144,6 +145,7 @@ def trace_fact(
 
 
 @torch.no_grad()
+@attention_without_cudnn()  # bfloat16 on Hopper: a cuDNN plan for each of hundreds of shapes
 def trace_fact_many(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
