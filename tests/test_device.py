@@ -19,6 +19,7 @@ import locedit
 from locedit.data.filter import greedy_completions
 from locedit.data.records import FactRecord
 from locedit.editing import CorpusSpec, CovarianceStore, EditRequest, edited, hparams_for
+from locedit.editing.methods import REGISTRY
 from locedit.metrics.evaluation import build_probes, probe_probabilities, sample_essence_texts
 from locedit.models.architecture import down_proj_weight
 from locedit.models.device import (
@@ -246,13 +247,14 @@ def test_tracing_agrees_across_devices(device, tok):
 
 @pytest.mark.device
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", ["rome", "memit", "ft1"])
+@pytest.mark.parametrize("method", list(REGISTRY))
 def test_edits_agree_across_devices(device, method, tok, stats):
     model = editable_tiny_model("gpt2", n_layers=4)
     stats.ensure(model, [0, 1, 2, 3], progress=False)  # the device copy reads the same files
     moved = copy.deepcopy(model).to(device)
     eps = 1e-2
-    hp = hparams_for(method, overrides=FAST if method != "ft1" else {"steps": 5, "linf_eps": eps})
+    ft = method.startswith("ft")
+    hp = hparams_for(method, overrides={"steps": 5, "linf_eps": eps} if ft else FAST)
     updates = []
     for net in (model, moved):
         original = down_proj_weight(net, 1).detach().double().cpu().clone()
@@ -260,7 +262,7 @@ def test_edits_agree_across_devices(device, method, tok, stats):
             updates.append(down_proj_weight(net, 1).detach().double().cpu() - original)
         assert torch.equal(down_proj_weight(net, 1).detach().double().cpu(), original)
     reference, result = updates
-    if method == "ft1":  # Adam's sign-like steps: compare inside the L-inf box
+    if ft:  # Adam's sign-like steps: compare inside the L-inf box
         assert result.abs().max() <= eps and reference.abs().max() <= eps
         assert (result - reference).abs().max() <= eps
     else:
@@ -336,16 +338,16 @@ def every_stage(model, tok, store, methods):
     sample_essence_texts(model, tok, FACT, n_samples=2, max_new_tokens=4)
 
 
-def test_no_stage_moves_the_users_model(tok, tmp_path, monkeypatch):
+@pytest.mark.device
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_stage_moves_the_users_model(device, tok, tmp_path, monkeypatch):
     """No stage calls ``_apply``/``to``/``cpu`` on the model it was given (Lightning's
     ``Strategy.teardown()`` calls ``.cpu()`` on its module after every fit: on a GPU that moved
     the whole model to the CPU after each FT edit), and FT still trains through a Trainer."""
     from lightning.pytorch import Trainer
     from torch import nn
 
-    from locedit.editing.methods import REGISTRY
-
-    model = editable_tiny_model("gpt2", n_layers=4)
+    model = editable_tiny_model("gpt2", n_layers=4).to(device)
     mine = {id(m) for m in model.modules()}
     calls: list[str] = []
     for name in ("_apply", "to", "cpu"):
@@ -503,7 +505,6 @@ def test_every_method_edits_bfloat16_as_float32(tok, stats):
     with a binding clamp ||delta|| / ||v_init|| is the clamp factor to float32 precision, not
     to bfloat16's 0.4%); an FT ball smaller than bfloat16's resolution fails naming the dtype."""
     from locedit.editing import EditFailed
-    from locedit.editing.methods import REGISTRY
 
     model = editable_tiny_model("gemma3_text", n_layers=8)
     stats.ensure(model, range(8), progress=False)
