@@ -152,7 +152,7 @@ class ConstrainedFinetune(pl.LightningModule):
         loss, nll = objective(
             batch_target_log_probs(self.model, hidden, self.batch), self.batch.n_target, self.direction
         )
-        loss_value, nll_value = float(loss.detach()), float(nll.detach())
+        loss_value, nll_value = torch.stack([loss.detach(), nll.detach()]).tolist()  # one sync
         if not (math.isfinite(loss_value) and math.isfinite(nll_value)):
             raise EditFailed("ft", f"non-finite loss {loss_value} at step {batch_idx}")
         self.losses.append(loss_value)
@@ -186,9 +186,9 @@ class ConstrainedFinetune(pl.LightningModule):
             if master is not None:
                 master.copy_(torch.maximum(torch.minimum(master, master_bounds[1]), master_bounds[0]))
                 param.copy_(master.to(param.dtype))
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.trained]).all()):
+            raise EditFailed("ft", "non-finite weights after an optimiser step")
         for param, (lo, hi) in zip(self.trained, self.bounds, strict=True):
-            if not bool(torch.isfinite(param).all()):
-                raise EditFailed("ft", "non-finite weights after an optimiser step")
             param.copy_(torch.maximum(torch.minimum(param, hi), lo))
 
 
