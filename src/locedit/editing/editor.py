@@ -21,7 +21,6 @@ from locedit.editing.hparams import HParams, VStarHParams
 from locedit.editing.methods import check_batch, get_method
 from locedit.editing.types import EditFailed, EditRequest, EditResult
 from locedit.models.architecture import n_layers
-from locedit.models.device import attention_without_cudnn
 from locedit.models.snapshot import preserved_weights
 
 log = logging.getLogger(__name__)
@@ -98,18 +97,17 @@ def edited(
     with preserved_weights(model, names) as snapshot:
         start = time.perf_counter()
         try:
-            with attention_without_cudnn():  # bfloat16 on Hopper: NaN gradients on cuDNN
-                result = spec.run(
-                    model,
-                    tokenizer,
-                    request,
-                    layer,
-                    layers,
-                    hparams,
-                    covariance,
-                    templates,
-                    co_requests,
-                )
+            result = spec.run(
+                model,
+                tokenizer,
+                request,
+                layer,
+                layers,
+                hparams,
+                covariance,
+                templates,
+                co_requests,
+            )
         except EditFailed as err:
             raise EditFailed(method, err.reason) from err
         except FloatingPointError as err:

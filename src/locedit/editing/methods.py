@@ -32,6 +32,7 @@ from locedit.editing.hparams import (
 )
 from locedit.editing.types import EditCall, EditRequest
 from locedit.models.architecture import down_proj_name
+from locedit.models.device import attention_without_cudnn
 from locedit.models.hooks import window_layers
 
 #: How a method runs: an :class:`~locedit.editing.types.EditCall` -> EditResult, editing the
@@ -123,7 +124,8 @@ class EditMethod:
             templates,
             tuple(co_requests),
         )
-        return apply(call)
+        with attention_without_cudnn():  # bfloat16 on Hopper: NaN gradients on cuDNN
+            return apply(call)
 
     def params(self, model: nn.Module, layers: list[int], hparams: HParams) -> list[str]:
         """Names of every parameter the edit may change (what the snapshot must cover)."""
