@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--suffix", default=None, help="file suffix (default: the device type)")
-    parser.add_argument("--budget", type=float, default=150.0,
+    parser.add_argument("--budget", type=float, default=135.0,
                         help="seconds; what would start later is recorded as skipped")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -511,7 +511,7 @@ def test_every_method_edits_bfloat16_as_float32(tok, stats):
     half = copy.deepcopy(model).to(torch.bfloat16)
     stats.share_statistics(half, model)
     request = EditRequest(EDIT_PROMPT, "Eiffel Tower", "Rome")
-    fast = {"n_context_templates": 2, "context_template_lengths": (4,)}
+    fast = {"n_context_templates": 2, "context_template_lengths": (4,), "v_steps": 8}
     for method in REGISTRY:
         hp = hparams_for(method, overrides={"linf_eps": 1e-2} if method.startswith("ft") else fast)
         moved = []
