@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ import locedit
 from locedit.data.filter import greedy_completions
 from locedit.data.records import FactRecord
 from locedit.editing import CorpusSpec, CovarianceStore, EditRequest, edited, hparams_for
+from locedit.editing.methods import REGISTRY
 from locedit.metrics.evaluation import build_probes, probe_probabilities, sample_essence_texts
 from locedit.models.architecture import down_proj_weight
 from locedit.models.device import (
@@ -245,13 +247,14 @@ def test_tracing_agrees_across_devices(device, tok):
 
 @pytest.mark.device
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", ["rome", "memit", "ft1"])
+@pytest.mark.parametrize("method", list(REGISTRY))
 def test_edits_agree_across_devices(device, method, tok, stats):
     model = editable_tiny_model("gpt2", n_layers=4)
     stats.ensure(model, [0, 1, 2, 3], progress=False)  # the device copy reads the same files
     moved = copy.deepcopy(model).to(device)
     eps = 1e-2
-    hp = hparams_for(method, overrides=FAST if method != "ft1" else {"steps": 5, "linf_eps": eps})
+    ft = method.startswith("ft")
+    hp = hparams_for(method, overrides={"steps": 5, "linf_eps": eps} if ft else FAST)
     updates = []
     for net in (model, moved):
         original = down_proj_weight(net, 1).detach().double().cpu().clone()
@@ -259,7 +262,7 @@ def test_edits_agree_across_devices(device, method, tok, stats):
             updates.append(down_proj_weight(net, 1).detach().double().cpu() - original)
         assert torch.equal(down_proj_weight(net, 1).detach().double().cpu(), original)
     reference, result = updates
-    if method == "ft1":  # Adam's sign-like steps: compare inside the L-inf box
+    if ft:  # Adam's sign-like steps: compare inside the L-inf box
         assert result.abs().max() <= eps and reference.abs().max() <= eps
         assert (result - reference).abs().max() <= eps
     else:
@@ -315,3 +318,220 @@ def test_bad_device_settings_are_refused_in_one_line():
                           ("edit.gpus_per_worker=0", "gpus_per_worker")]:
         with pytest.raises(ValueError, match=expected):
             apply_overrides(OmegaConf.create({"model": {"device": "auto"}}), [bad])
+
+
+# ------------------------------------------------- issue 25: what an H200 run showed
+
+
+def every_stage(model, tok, store, methods):
+    """Key statistics, tracing (fast, reference, zeroing), an edit by each of ``methods`` with
+    the metric probes inside it, and essence sampling."""
+    store.ensure(model, [0, 1, 2, 3], progress=False)
+    trace_fact_many(model, tok, FACT, sigma=0.5, kinds=("mlp",), windows=(3,), n_samples=2)
+    trace_fact_reference(model, tok, FACT, sigma=0.5, window=3, n_samples=2)
+    zero_fact(model, tok, FACT, window=3)
+    for method in methods:
+        hp = hparams_for(method, overrides={"steps": 3} if method.startswith("ft") else FAST)
+        with edited(model, tok, method, REQUEST, 1, hp, store):
+            probes = build_probes(tok, FACT, "Rome", noised=True)
+            probe_probabilities(model, probes, FACT, NoiseConfig(0.5, 2, 0))
+    sample_essence_texts(model, tok, FACT, n_samples=2, max_new_tokens=4)
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_stage_moves_the_users_model(device, tok, tmp_path, monkeypatch):
+    """No stage calls ``_apply``/``to``/``cpu`` on the model it was given (Lightning's
+    ``Strategy.teardown()`` calls ``.cpu()`` on its module after every fit: on a GPU that moved
+    the whole model to the CPU after each FT edit), and FT still trains through a Trainer."""
+    from lightning.pytorch import Trainer
+    from torch import nn
+
+    model = editable_tiny_model("gpt2", n_layers=4).to(device)
+    mine = {id(m) for m in model.modules()}
+    calls: list[str] = []
+    for name in ("_apply", "to", "cpu"):
+        original = getattr(nn.Module, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            if id(self) in mine:
+                calls.append(f"{type(self).__name__}.{_name}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(nn.Module, name, spy)
+    fits = []
+    original_fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: fits.append(1) or original_fit(self, *a, **k))
+    store = CovarianceStore(tmp_path, CorpusSpec(n_samples=8, sample_length=16), tok)
+    every_stage(model, tok, store, list(REGISTRY))
+    assert calls == []
+    assert len(fits) == 2  # FT-1 and FT-5 ran as Lightning fits
+
+
+def test_one_store_factorises_for_each_device(tok, stats):
+    """One CovarianceStore serving the same weights on two devices returns each model its
+    factorisation on that model's device (MEMIT's single-key solve on CUDA got the CPU one);
+    the meta device stands in for the GPU."""
+    model = editable_tiny_model("gpt2", n_layers=4)
+    stats.ensure(model, [1], progress=False)
+    elsewhere = copy.deepcopy(model).to("meta")
+    stats.share_statistics(elsewhere, model)
+    here = stats.solver(model, 1)
+    there = stats.solver(elsewhere, 1)
+    assert here.matrix.device.type == here.factor.device.type == "cpu"
+    assert there.matrix.device.type == there.factor.device.type == "meta"
+    assert stats.solver(model, 1) is here and stats.solver(elsewhere, 1) is there
+    assert there.ridge == here.ridge and there.matrix.shape == here.matrix.shape
+
+
+def _compiled_in(path: str, source: str, name: str, namespace: dict | None = None):
+    """A function whose code claims to live in ``path`` (how the guard sees frames)."""
+    namespace = {"torch": torch, **(namespace or {})}
+    exec(compile(source, path, "exec"), namespace)
+    return namespace[name]
+
+
+def test_guard_blames_the_frame_that_called_the_factory(tok):
+    """Factory calls made by torch or transformers inside a locedit call pass; a locedit call
+    without device= fails also when torch is between it and the guard's caller frame.
+
+    The two library calls are the ones an H200 run failed on (torch 2.11's Adam step counter,
+    transformers 5.17's sliding-window cache), compiled here as if in those files, since the
+    locked versions here name their device; then a real Adam step and Gemma-3 forward."""
+    import transformers.cache_utils
+    from torch.optim import adam
+
+    import locedit.editing.vstar as vstar
+    import locedit.tracing.causal_trace as causal_trace
+
+    step_counter = _compiled_in(
+        adam.__file__, "def init_group():\n    return torch.tensor(0.0, dtype=torch.float32)\n",
+        "init_group",
+    )
+    window = _compiled_in(
+        transformers.cache_utils.__file__,
+        "def sliding(n):\n    return torch.tensor(n, dtype=torch.long)\n", "sliding",
+    )
+    from_vstar = _compiled_in(
+        vstar.__file__, "def step(f):\n    return f()\n", "step"
+    )
+    from_trace = _compiled_in(
+        causal_trace.__file__, "def run(f):\n    return f(16)\n", "run"
+    )
+    implicit = _compiled_in(
+        vstar.__file__, "def implicit():\n    return torch.zeros(3)\n", "implicit"
+    )
+    model = editable_tiny_model("gemma3_text", n_layers=2)
+    delta = torch.zeros(4, requires_grad=True, device="cpu")
+    optimiser = torch.optim.Adam([delta])
+    with implicit_device_guard() as guard:
+        from_vstar(step_counter)
+        from_trace(window)
+        delta.sum().backward()
+        from_vstar(optimiser.step)
+        from_vstar(lambda: model(input_ids=torch.tensor([[1, 2, 3]], device="cpu")))
+    assert guard.violations == []
+    with pytest.raises(ImplicitDeviceError, match=r"torch.zeros.*vstar.py"):
+        with implicit_device_guard():
+            from_vstar(implicit)
+    # ... also when torch calls the locedit code (a forward hook) that makes the tensor.
+    handle = model.model.layers[0].register_forward_hook(lambda *_: implicit() and None)
+    try:
+        with pytest.raises(ImplicitDeviceError, match=r"torch.zeros.*vstar.py"):
+            with implicit_device_guard():
+                model(input_ids=torch.tensor([[1, 2, 3]], device="cpu"))
+    finally:
+        handle.remove()
+
+
+def _layer_calls(model):
+    """Records (batch, query length, cuDNN attention allowed) of every decoder-layer call."""
+    from locedit.models.hooks import decoder_layers, hidden_of
+
+    seen: list[tuple[int, int, bool]] = []
+
+    def hook(_module, _inputs, output):
+        hidden = hidden_of(output)
+        seen.append((int(hidden.shape[0]), int(hidden.shape[1]),
+                     torch.backends.cuda.cudnn_sdp_enabled()))
+
+    handles = [layer.register_forward_hook(hook) for layer in decoder_layers(model)]
+    return seen, handles
+
+
+def test_bfloat16_traces_on_the_float32_path(tok):
+    """bfloat16 tracing runs the same layer calls as float32 (the noised run's keys and values
+    reused for the prefix before each restored token, so queries shorter than the prompt), on
+    the attention kernels float32 uses (no cuDNN: a plan per shape made it 22x slower on an
+    H200)."""
+    from locedit.tracing.causal_trace import FactRuns
+    from locedit.tracing.patching import encode_fact, tracing_noise
+
+    model = editable_tiny_model("gemma3_text", n_layers=4)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    paths, results = [], []
+    for net in (model, half):
+        inp = encode_fact(tok, FACT)
+        assert FactRuns.compute(net, inp, tracing_noise(net, inp, 0.5, 0, 2), ["mlp"]).kv is not None
+        seen, handles = _layer_calls(net)
+        try:
+            results.append(trace_fact_many(net, tok, FACT, sigma=0.5, windows=(3,), n_samples=2)[0])
+        finally:
+            for handle in handles:
+                handle.remove()
+        paths.append(seen)
+    assert paths[0] == paths[1]
+    full = len(encode_fact(tok, FACT).input_ids)
+    assert any(length < full for _, length, _ in paths[1])  # the prefix KV reuse ran
+    assert not any(cudnn for *_, cudnn in paths[1])
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # and is back on after the trace
+    assert results[1].p_restored.dtype == np.float64 and np.isfinite(results[1].p_restored).all()
+
+
+EDIT_PROMPT = "My favourite place is the Eiffel Tower"
+
+
+def _log_p(model, tok):
+    from locedit.models.scoring import target_log_probs
+    from locedit.models.tokens import encode_prompt, encode_target
+
+    ids = encode_prompt(tok, EDIT_PROMPT, "Eiffel Tower").input_ids
+    return target_log_probs(model, [ids], [encode_target(tok, EDIT_PROMPT, "Rome")]).item()
+
+
+def test_every_method_edits_bfloat16_as_float32(tok, stats):
+    """Every registered method edits a bfloat16 model with finite float32 losses and moves
+    log p(target) as it does in float32; v*/z* keep ||v_init|| in float32 (the clamp radius:
+    with a binding clamp ||delta|| / ||v_init|| is the clamp factor to float32 precision, not
+    to bfloat16's 0.4%); an FT ball smaller than bfloat16's resolution fails naming the dtype."""
+    from locedit.editing import EditFailed
+
+    model = editable_tiny_model("gemma3_text", n_layers=8)
+    stats.ensure(model, range(8), progress=False)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    stats.share_statistics(half, model)
+    request = EditRequest(EDIT_PROMPT, "Eiffel Tower", "Rome")
+    fast = {"n_context_templates": 2, "context_template_lengths": (4,), "v_steps": 8}
+    for method in REGISTRY:
+        hp = hparams_for(method, overrides={"linf_eps": 1e-2} if method.startswith("ft") else fast)
+        moved = []
+        for net in (model, half):
+            before = _log_p(net, tok)
+            with edited(net, tok, method, request, 3, hp, stats) as result:
+                moved.append(_log_p(net, tok) - before)
+            losses = {k: v for k, v in result.diagnostics.items() if "loss" in k or "prob" in k}
+            assert losses and all(isinstance(v, float) and np.isfinite(v) for v in losses.values())
+        assert moved[0] > 1.0, (method, moved)  # nats: the float32 edit works ...
+        assert moved[1] > 0.7 * moved[0], (method, moved)  # ... and bfloat16 as well
+        if not method.startswith("ft"):
+            prefix = "v" if method == "rome" else "z"
+            clamped = hparams_for(method, overrides={**fast, "v_steps": 3, "clamp_norm_factor": 1e-3})
+            with edited(half, tok, method, request, 3, clamped, stats) as result:
+                ratio = result.diagnostics[f"{prefix}_delta_norm"] / result.diagnostics[f"{prefix}_init_norm"]
+            assert ratio == pytest.approx(1e-3, rel=1e-5), method
+    tiny_ball = hparams_for("ft1", overrides={"linf_eps": 1e-9})
+    with edited(model, tok, "ft1", request, 3, tiny_ball, stats):
+        pass  # float32 resolves a 1e-9 ball around its smallest weights
+    with pytest.raises(EditFailed, match="bfloat16 resolution"):
+        with edited(half, tok, "ft1", request, 3, tiny_ball, stats):
+            pass

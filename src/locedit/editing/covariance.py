@@ -8,6 +8,7 @@ keyed only model and layer and silently reused stale statistics, DESIGN.md §8).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import weakref
@@ -154,6 +155,12 @@ class CovarianceSolver:
         self.condition = condition
         self.matrix = regularised
         self.factor = factor
+
+    def to(self, device: torch.device) -> CovarianceSolver:
+        """The same factorisation on ``device`` (a copy; this solver is unchanged)."""
+        moved = copy.copy(self)
+        moved.matrix, moved.factor = self.matrix.to(device), self.factor.to(device)
+        return moved
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """x with (C + ridge) x = rhs, float64 on ``rhs``'s device; raises when the residual
@@ -321,14 +328,25 @@ class CovarianceStore:
         return rows
 
     def solver(self, model: nn.Module, layer: int, ridge: float = 0.0) -> CovarianceSolver:
-        """A factorised solver for the layer's covariance (kept for the next edits)."""
-        key = (self.fingerprint(model), self.corpus, layer, ridge)
+        """A factorised solver for the layer's covariance on the asking model's device (kept
+        for the next edits).
+
+        The cache is keyed by device too: one store may serve the same weights on two devices
+        (a CPU reference and its GPU copy share a fingerprint). A factorisation made for one
+        device is copied to another rather than factorised again (same numbers).
+        """
+        # Factorised in float64 where the model runs (CPU for devices without float64).
+        device = accumulation_device(model_device(model))
+        base = (self.fingerprint(model), self.corpus, layer, ridge)
+        key = (*base, device)
         if key in self._solvers:
             self._solvers.move_to_end(key)
             return self._solvers[key]
-        # Factorised in float64 where the model runs (CPU for devices without float64).
-        device = accumulation_device(model_device(model))
-        solver = CovarianceSolver(self.get(model, layer).to(device), ridge)
+        elsewhere = next((s for k, s in self._solvers.items() if k[:-1] == base), None)
+        if elsewhere is not None:
+            solver = elsewhere.to(device)
+        else:
+            solver = CovarianceSolver(self.get(model, layer).to(device), ridge)
         self._solvers[key] = solver
         while len(self._solvers) > 1 and (
             len(self._solvers) > self._max_cached

@@ -3,9 +3,16 @@
 What is optimised is a :class:`ConstrainedFinetune` LightningModule (loss in
 ``training_step``, Adam in ``configure_optimizers``, the projection back into the ball of
 radius eps around the original weights after every optimiser step); how it runs is a
-``lightning.Trainer`` on the model's device (``model.device``) with no logger, checkpoints or progress bar, so nothing is left
-on disk. The paper's code trains the down-projection (weight and bias) of each layer in the
-window; ``params: mlp`` trains every MLP parameter instead.
+``lightning.Trainer`` on the model's device (``model.device``) with no logger, checkpoints or
+progress bar, so nothing is left on disk. The paper's code trains the down-projection (weight
+and bias) of each layer in the window; ``params: mlp`` trains every MLP parameter instead.
+
+The user's model is *not* a registered submodule of the LightningModule: the Trainer moves its
+module to the accelerator at setup and back with ``.cpu()`` in ``Strategy.teardown()`` after
+every ``fit``, which would move the whole model to the CPU after each FT edit on a GPU (and
+copy GPT-J's 12 GB). Holding it as a plain attribute is the least code that keeps Lightning as
+the training loop: the Trainer still runs the steps, hooks and optimiser on the trained
+parameters, which already live where the model does.
 """
 
 from __future__ import annotations
@@ -93,7 +100,8 @@ class ConstrainedFinetune(pl.LightningModule):
         direction: Direction,
     ) -> None:
         super().__init__()
-        self.model = model
+        # Not registered (see the module docstring): the Trainer's .to()/.cpu() never reach it.
+        object.__setattr__(self, "model", model)
         self.batch = batch
         self.hp = hp
         self.direction = direction
@@ -102,6 +110,13 @@ class ConstrainedFinetune(pl.LightningModule):
         self.trained = [named[name] for name in self.param_names]
         self.eps = effective_linf_eps(hp, d_mlp(model))
         self.bounds = [linf_bounds(p.detach(), self.eps) for p in self.trained]
+        if not any(bool(((lo != p) | (hi != p)).any()) for p, (lo, hi) in zip(
+            self.trained, self.bounds, strict=True
+        )):
+            dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in self.trained})
+            raise EditFailed("ft", f"linf_eps {self.eps:g} is below the {'/'.join(dtypes)} "
+                             "resolution of every trained weight: no weight can change "
+                             "(use model.dtype=float32 or a larger linf_eps)")
         # bfloat16/float16 weights train through float32 master copies (Adam's second moment
         # underflows in float16, and bfloat16 rounds most small steps away); the weights are
         # the masters rounded to their dtype, projected into the ball in both precisions.
@@ -139,7 +154,7 @@ class ConstrainedFinetune(pl.LightningModule):
         loss, nll = objective(
             batch_target_log_probs(self.model, hidden, self.batch), self.batch.n_target, self.direction
         )
-        loss_value, nll_value = float(loss.detach()), float(nll.detach())
+        loss_value, nll_value = torch.stack([loss.detach(), nll.detach()]).tolist()  # one sync
         if not (math.isfinite(loss_value) and math.isfinite(nll_value)):
             raise EditFailed("ft", f"non-finite loss {loss_value} at step {batch_idx}")
         self.losses.append(loss_value)
@@ -177,9 +192,9 @@ class ConstrainedFinetune(pl.LightningModule):
             if master is not None:
                 master.copy_(torch.maximum(torch.minimum(master, master_bounds[1]), master_bounds[0]))
                 param.copy_(master.to(param.dtype))
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.trained]).all()):
+            raise EditFailed("ft", "non-finite weights after an optimiser step")
         for param, (lo, hi) in zip(self.trained, self.bounds, strict=True):
-            if not bool(torch.isfinite(param).all()):
-                raise EditFailed("ft", "non-finite weights after an optimiser step")
             param.copy_(torch.maximum(torch.minimum(param, hi), lo))
 
 

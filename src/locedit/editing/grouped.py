@@ -24,7 +24,7 @@ from locedit.editing.hparams import HParams
 from locedit.editing.types import EditFailed, EditRequest
 from locedit.editing.vstar import VStar, optimise_vstars
 from locedit.models.architecture import as_out_in, down_proj_name, get_module, n_layers
-from locedit.models.device import model_device
+from locedit.models.device import attention_without_cudnn, model_device
 from locedit.models.hooks import edited_from_inputs
 
 
@@ -61,7 +61,8 @@ def grouped_vstars(
         mine = spec.jobs(call)
         counts.append(len(mine))
         jobs.extend(mine)
-    results = optimise_vstars(model, jobs)
+    with attention_without_cudnn():  # as EditMethod.run: bfloat16 on Hopper
+        results = optimise_vstars(model, jobs)
     out, start = [], 0
     for count in counts:
         out.append(tuple(results[start : start + count]))

@@ -32,6 +32,7 @@ from locedit.editing.hparams import (
 )
 from locedit.editing.types import EditCall, EditRequest
 from locedit.models.architecture import down_proj_name
+from locedit.models.device import attention_without_cudnn
 from locedit.models.hooks import window_layers
 
 #: How a method runs: an :class:`~locedit.editing.types.EditCall` -> EditResult, editing the
@@ -120,7 +121,8 @@ class EditMethod:
             model, tokenizer, request, layer, layers, hparams, covariance, templates,
             co_requests, vstars,
         )
-        return _resolved(self.apply)(call)
+        with attention_without_cudnn():  # bfloat16 on Hopper: NaN gradients on cuDNN
+            return _resolved(self.apply)(call)
 
     def call(
         self, model, tokenizer, request, layer, layers, hparams, covariance, templates,

@@ -78,22 +78,28 @@ class VStar:
         return flags
 
 
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """bfloat16/float16 values in float32: ||v_init|| sets the clamp radius, the weight-decay
+    scale and the relative step, and bfloat16 would round each of them by up to 0.4%."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def clamped_step(
     loss: torch.Tensor, optimiser: torch.optim.Optimizer, delta: torch.Tensor, max_norm: torch.Tensor
-) -> bool:
+) -> torch.Tensor:
     """One Adam step on ``delta``, then back onto the L2 ball of radius ``max_norm`` (ROME).
 
-    Returns True when the clamp zeroed ``delta`` (a step so large that its norm overflowed:
-    ``max_norm / inf`` is 0), which the caller flags instead of reporting an ``ok`` edit.
+    Returns (as a 0-dim tensor: no wait for the GPU) whether the clamp zeroed ``delta`` (a step
+    so large that its norm overflowed: ``max_norm / inf`` is 0), which the caller flags instead
+    of reporting an ``ok`` edit. Inside the ball ``delta`` is multiplied by exactly 1.
     """
     loss.backward()
     optimiser.step()
     with torch.no_grad():
         norm = delta.norm()
-        if norm > max_norm:
-            delta.mul_(max_norm / norm)
-            return bool(max_norm > 0) and float(delta.norm()) == 0.0
-    return False
+        outside = norm > max_norm
+        delta.mul_(torch.where(outside, max_norm / norm, torch.ones_like(norm)))
+        return outside & (max_norm > 0) & (delta.norm() == 0)
 
 
 def step_loss(
@@ -159,15 +165,16 @@ def optimise_vstar(
     kl_init: torch.Tensor | None = None
     first: tuple[float, float, float] | None = None
     loss_value = nll_value = float("nan")
-    steps = zeroed = 0
+    steps = 0
+    zeroed = torch.zeros((), dtype=torch.long, device=device)
     width = int(split.suffix_ids.shape[1])
+    use_kl = bool(hp.kl_factor) and bool(split.kl.any())
     with frozen_layers(model, forward, n_frozen), added_at(module, lookup, width, delta) as state:
         for step in range(hp.v_steps):
             optimiser.zero_grad()
             hidden = forward()
-            use_kl = bool(hp.kl_factor) and bool(split.kl.any())
             row_log_probs, current = split_log_probs(model, hidden, split, use_kl)
-            init = state["init"][split.bare].mean(0)
+            init = _at_least_float32(state["init"][split.bare]).mean(0)
             if use_kl and kl_init is None:
                 kl_init = current.detach().clone()
             loss, nll, nll_loss = step_loss(
@@ -177,8 +184,14 @@ def optimise_vstar(
             if step == 0 and hp.v_lr_relative is not None:
                 for group in optimiser.param_groups:
                     group["lr"] = hp.v_lr_relative * float(init.norm()) / math.sqrt(d_model)
-            loss_value, nll_value = float(loss.detach()), float(nll.detach())
-            objective_value = float(nll_loss.detach())
+            # One read from the device per step: the losses, and whether the last step's delta
+            # is finite (this forward used it, so a non-finite one is caught before its use).
+            loss_value, nll_value, objective_value, finite = torch.stack([
+                loss.detach(), nll.detach(), nll_loss.detach(),
+                torch.isfinite(delta).all().to(loss.dtype),
+            ]).tolist()
+            if not finite:
+                raise EditFailed(method, f"non-finite v* delta after step {step - 1}")
             if not (math.isfinite(loss_value) and math.isfinite(nll_value)):
                 raise EditFailed(method, f"non-finite v* loss {loss_value} at step {step}")
             if first is None:
@@ -190,18 +203,16 @@ def optimise_vstar(
             if stops(hp, direction, step, loss_value, nll_value):
                 break
             zeroed += clamped_step(loss, optimiser, delta, hp.clamp_norm_factor * init.norm())
-            if not bool(torch.isfinite(delta).all()):
-                raise EditFailed(method, f"non-finite v* delta after step {step}")
     assert first is not None
     return VStar(
-        init=state["init"][split.bare].mean(0).detach(),
+        init=_at_least_float32(state["init"][split.bare]).mean(0).detach(),
         delta=delta.detach().clone(),
         steps=steps,
         loss_first=first[0],
         loss_last=loss_value,
         nll_first=first[1],
         nll_last=nll_value,
-        zeroed_steps=zeroed,
+        zeroed_steps=int(zeroed),
         objective_first=first[2],
         objective_last=objective_value,
     )
@@ -315,7 +326,7 @@ def optimise_vstars(model: nn.Module, jobs: list[VStarJob]) -> list[VStar | Edit
             losses, values, inits = {}, [], {}
             for g in active:
                 group, hp = groups[g], groups[g].job.hparams
-                inits[g] = init = state["init"][group.bare].mean(0)
+                inits[g] = init = _at_least_float32(state["init"][group.bare]).mean(0)
                 kl = None
                 if group.use_kl:
                     mine = current[group.kl]
@@ -382,7 +393,7 @@ def optimise_vstars(model: nn.Module, jobs: list[VStarJob]) -> list[VStar | Edit
         assert group.first is not None
         results.append(
             VStar(
-                init=state["init"][group.bare].mean(0).detach(),
+                init=_at_least_float32(state["init"][group.bare]).mean(0).detach(),
                 delta=deltas[g].detach().clone(),
                 steps=group.steps,
                 loss_first=group.first[0],

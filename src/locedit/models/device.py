@@ -92,6 +92,34 @@ def lightning_devices(device: torch.device) -> tuple[str, list[int] | int]:
     return "cpu", 1
 
 
+#: Whether :func:`attention_without_cudnn` may leave cuDNN attention on (a benchmark switch).
+ALLOW_CUDNN_ATTENTION = False
+
+
+@contextmanager
+def attention_without_cudnn() -> Iterator[None]:
+    """Scaled-dot-product attention on every backend but cuDNN inside the block.
+
+    torch prefers cuDNN attention for bfloat16/float16 on Hopper GPUs (H100, H200). cuDNN
+    builds an execution plan for every new shape, and tracing runs hundreds of shapes per fact
+    (the batch grows layer by layer, the query length changes with each token); and its
+    backward pass with an explicit attention mask has returned NaN gradients (pytorch/pytorch
+    #196678), where v*/z* and FT differentiate through masked attention. float32 never runs
+    on cuDNN, so this keeps bfloat16 on the kernels float32 uses (flash, memory-efficient,
+    math). The CPU runs the same kernels either way.
+    """
+    if ALLOW_CUDNN_ATTENTION:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(
+        [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
+         SDPBackend.OVERRIDEABLE]
+    ):
+        yield
+
+
 def rng_devices(device: torch.device) -> list[int]:
     """The CUDA devices whose random state ``torch.random.fork_rng`` must fork for ``device``."""
     if device.type == "cuda":
@@ -193,16 +221,27 @@ def _keeps_device(func, args) -> bool:
     return func in (torch.as_tensor, torch.tensor) and bool(args) and isinstance(args[0], torch.Tensor)
 
 
+#: torch's own dispatch of ``__torch_function__`` (Python-level wrappers), never the caller.
+_DISPATCH = (f"{os.sep}torch{os.sep}overrides.py", f"{os.sep}torch{os.sep}utils{os.sep}_device.py")
+
+
 def _caller_in(package: str, exempt: Sequence[str]) -> str | None:
-    """file:line of the nearest caller frame outside torch, if it lies in ``package``."""
+    """file:line of the frame that called the factory, if it lies in ``package``.
+
+    Only the direct caller is blamed: a factory that torch (Adam's step counter), transformers
+    (a sliding-window cache) or Lightning call inside a locedit call is theirs to place, even
+    though a locedit frame lies further down the stack.
+    """
     frame = sys._getframe(2)
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if filename != _HERE and f"{os.sep}torch{os.sep}" not in filename:
-            if filename.startswith(package) and not any(e in filename for e in exempt):
-                return f"{filename}:{frame.f_lineno}"
-            return None
+    while frame is not None and (
+        frame.f_code.co_filename == _HERE or frame.f_code.co_filename.endswith(_DISPATCH)
+    ):
         frame = frame.f_back
+    if frame is None:
+        return None
+    filename = frame.f_code.co_filename
+    if filename.startswith(package) and not any(e in filename for e in exempt):
+        return f"{filename}:{frame.f_lineno}"
     return None
 
 
@@ -215,8 +254,8 @@ def implicit_device_guard(
 
     On a CPU-only machine a forgotten ``device=`` is invisible (the default device is the
     model's device); on a GPU it is a device-mismatch error in the middle of a sweep. Factory
-    calls made by torch, transformers or Lightning themselves are not checked, nor calls that
-    copy an existing tensor.
+    calls made by torch, transformers or Lightning themselves are not checked (also when
+    locedit called them), nor calls that copy an existing tensor.
     """
     guard = _ImplicitDeviceGuard(package, exempt)
     with guard:

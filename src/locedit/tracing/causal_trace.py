@@ -38,7 +38,7 @@ from locedit.models.architecture import (
     get_module,
     n_layers,
 )
-from locedit.models.device import model_device
+from locedit.models.device import attention_without_cudnn, model_device
 from locedit.models.hooks import (
     decoder_layers,
     hidden_of,
@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
+@attention_without_cudnn()
 def trace_fact_reference(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -146,6 +147,7 @@ def trace_fact(
 
 
 @torch.no_grad()
+@attention_without_cudnn()  # bfloat16 on Hopper: a cuDNN plan for each of hundreds of shapes
 def trace_fact_many(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
