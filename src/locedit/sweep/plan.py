@@ -95,7 +95,9 @@ def method_code_version(method: str) -> str:
     imports (the whole ``locedit.editing`` package for a name it does not know). A change to
     finetuning reruns FT rows, not ROME's; one to the editor or the worker reruns every row."""
     own = REGISTRY[method].code_modules if method in REGISTRY else ("locedit.editing",)
-    return f"{shared_code_version()}+{code_version(*own)}"
+    # The shared part versions the row modules; not following them here keeps the registry
+    # (reached through grouped.py's editor) from pulling every other method's module in.
+    return f"{shared_code_version()}+{code_version(*own, exclude=ROW_MODULES)}"
 
 
 def edit_content_id(
