@@ -374,3 +374,25 @@ def test_config_rejects_unknown_keys_and_metrics():
         {"trace": {"window": "10", "statistic": "effect_last_subject"}}, seed=3
     )
     assert cfg.trace.window == 10 and cfg.seed == 3
+
+
+@pytest.mark.parametrize("n_facts, saturated", [(2, True), (3, False)])
+def test_a_saturated_fit_gets_no_bootstrap_interval(n_facts, saturated):
+    """2 facts at 4 layers: layer x trace has 8 parameters for 8 rows, so every resample of both
+    facts fits exactly up to the solver's rank cut-off; its interval (seen: added R² 54% with
+    an "interval" of 0% to 3%) would be rounding, so none is given. 3 facts keep theirs."""
+    from locedit.analysis import analyze
+    from locedit.analysis.synthetic import synthetic_effects, synthetic_results
+
+    effects = synthetic_effects(n_facts=n_facts, seed=4)
+    results = synthetic_results(effects, edit_layers=(1, 5, 9, 13), methods=("rome",), seed=4)
+    cfg = AnalysisConfig(bootstrap_samples=50, variants=(), mixed_effects=False)
+    (row,) = analyze(effects, results, cfg).regressions.query(
+        "metric == 'rewrite_score'"
+    ).to_dict("records")
+    assert row["n"] == 4 * n_facts and (row["f_df_denom"] == 0) == saturated
+    bounds = [row.get(f"{s}_{b}", math.nan) for s in ("r2_layer", "added_r2") for b in ("lo", "hi")]
+    if saturated:
+        assert all(math.isnan(v) for v in bounds)
+    else:
+        assert row["added_r2_lo"] <= row["added_r2"] <= row["added_r2_hi"]

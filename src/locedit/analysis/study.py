@@ -273,7 +273,10 @@ def _fit_all(
             key = dict(variant=name, dataset=dataset, method=method, problem=problem, metric=metric)
             fit = fit_regressions(part, metric, design=design)
             row = {**key, "variant_label": variants[name].label(), **fit.as_dict()}
-            if cfg.bootstrap_samples and fit.n:
+            # A saturated layer x trace fit (no residual degrees of freedom, e.g. 2 facts at 4
+            # layers) fits every resample of all its facts exactly up to the solver's rank
+            # cut-off: its "interval" would be rounding, and could exclude the estimate itself.
+            if cfg.bootstrap_samples and fit.n and not fit.f_df_denom <= 0:
                 seed = _seed(cfg.seed, *key.values())
                 row.update(
                     bootstrap_r2(
