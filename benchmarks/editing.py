@@ -202,6 +202,11 @@ def grouped_throughput(
     return out
 
 
+def _row_label(rows: list[dict], key: str) -> str:
+    row = next(r for r in rows if r["key"] == key)
+    return f"{row['fact_id']} {row['method']} layer {row['layer']}"
+
+
 def sweep_throughput(
     model, tokenizer, store, records: list, layers: list[int], hparams: dict,
     sizes: tuple[int, ...], problem: str = "error_injection",
@@ -243,15 +248,20 @@ def sweep_throughput(
             }
             first = first if first is not None else values
             # relative, but to at least 1e-6: a score of an edit that changed nothing is rounding
-            diffs = [abs(v - first[k]) / max(abs(first[k]), 1e-6)
-                     for k, v in values.items() if k in first]
+            diffs = {k: abs(v - first[k]) / max(abs(first[k]), 1e-6)
+                     for k, v in values.items() if k in first}
+            worst = sorted(diffs, key=diffs.get, reverse=True)[:5]
             out[str(size)] = {
                 "edits": len(rows),
                 "ok": sum(r["status"] == "ok" for r in rows),
                 "seconds": round(seconds, 3),
                 "edits_per_second": len(rows) / seconds,
                 "peak_mb": round(_peak_mb(device), 1),
-                "max_relative_metric_difference_to_first_size": max(diffs, default=None),
+                "max_relative_metric_difference_to_first_size": max(diffs.values(), default=None),
+                # where the largest differences are: (row key's method and layer, column, value)
+                "largest_differences": [
+                    [_row_label(rows, key), column, diffs[(key, column)]] for key, column in worst
+                ],
             }
             log.info("sweep group_size=%d: %.2f edits/s", size, out[str(size)]["edits_per_second"])
     return out
