@@ -8,11 +8,12 @@
 #   Environment: MLFLOW (default .venv/bin/mlflow), CHROMIUM (default chromium; Debian:
 #   `apt-get install chromium`), EXPERIMENT (default locedit), PORT (default: a free one).
 #
-# Each page is screenshotted only once its DOM shows no loading spinner or skeleton (and, for
-# the chart pages, a drawn chart), doubling Chromium's virtual time budget until it does.
-# The server listens on 127.0.0.1 only and is stopped on exit. The committed screenshots in
-# docs/mlflow/ come from a tiny run (random 4-layer GPT-2, ROME and FT-1, layers 0-3; the
-# helpers in tests/e2e_support.py), so their numbers mean nothing: they show the layout.
+# Each page is kept only once the DOM of its screenshot shows no loading spinner or skeleton
+# (the chart pages: drawn charts), doubling Chromium's virtual time budget until it does.
+# The server listens on 127.0.0.1 only and is stopped on exit. docs/mlflow/runs.png,
+# run-metrics.png and metric-chart.png come from the default run (`make repro` and one
+# `dvc repro` of analyze, 2026-12-04); headline-view.png and compare-headline.png from the
+# tiny runs of tests/test_dvc_pipeline.py.
 #
 # MLflow 3.17's UI picks its GenAI or model-training layout from the URL (`?workflowType=...`)
 # or from the toggle at the top left (remembered by the browser), not from the experiment's
@@ -45,11 +46,12 @@ for _ in $(seq 90); do
   sleep 1
 done
 
-# The experiment and the nested (method, problem) runs of the sweep, through the REST API.
+# The experiment and the sweep's (method, problem) runs ("rome/error_injection", ...; nested
+# in the edit stage's run, which has the same stage tag), through the REST API.
 EXP_ID=$(curl -fsS "$URL/api/2.0/mlflow/experiments/get-by-name?experiment_name=$EXPERIMENT" \
   | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["experiment"]["experiment_id"])')
 RUN_IDS=$(curl -fsS -X POST "$URL/api/2.0/mlflow/runs/search" -H 'Content-Type: application/json' \
-  -d "{\"experiment_ids\": [\"$EXP_ID\"], \"filter\": \"tags.locedit.stage = 'edit' and tags.mlflow.parentRunId != ''\", \"max_results\": 50, \"order_by\": [\"attributes.start_time ASC\"]}" \
+  -d "{\"experiment_ids\": [\"$EXP_ID\"], \"filter\": \"tags.locedit.stage = 'edit' and attributes.run_name LIKE '%/%'\", \"max_results\": 50, \"order_by\": [\"attributes.start_time ASC\"]}" \
   | "$PYTHON" -c 'import json, sys; print(",".join(r["info"]["run_id"] for r in json.load(sys.stdin)["runs"]))')
 FIRST_RUN=${RUN_IDS%%,*}
 
@@ -62,28 +64,30 @@ browser() {  # browser BUDGET_MS ARGS...: one headless Chromium run with a fresh
     --virtual-time-budget="$budget" "$@" 2>/dev/null
 }
 
-rendered() {  # rendered BUDGET_MS URL CHART: after BUDGET_MS of virtual time the page shows no
-  # spinner (class *-spin-spinning) and no skeleton (aria-busy="true"), and, with CHART=1, a
-  # drawn plotly chart (svg.main-svg); MLflow loads runs and metric histories asynchronously
-  local dom
-  dom=$(browser "$1" --dump-dom "$2") || return 1
-  if grep -q -e '-spin-spinning' -e 'aria-busy="true"' <<<"$dom"; then return 1; fi
-  [ "$3" = 0 ] || grep -q 'class="main-svg"' <<<"$dom"
+rendered() {  # rendered DOM CHART: the DOM Chromium saw when it took the screenshot shows a
+  # page that has loaded: with CHART=1, drawn plotly charts (svg.main-svg; cards below the
+  # fold stay spinners until scrolled to, so spinners are allowed there), else no spinner
+  # (class *-spin-spinning) and no skeleton (aria-busy="true"). MLflow loads runs and metric
+  # histories asynchronously. (--dump-dom alone never draws the charts: it must come from the
+  # screenshot's own pass, so both flags go to one Chromium run.)
+  if [ "$2" = 1 ]; then grep -q 'class="main-svg"' "$1"; return; fi
+  ! grep -q -e '-spin-spinning' -e 'aria-busy="true"' "$1"
 }
 
-shot() {  # shot FILE URL [CHART]: waits (doubling the virtual time) until the page is rendered
+shot() {  # shot FILE URL [CHART]: doubles the virtual time until the page is rendered
   local budget=20000
-  until rendered "$budget" "$2" "${3:-0}"; do
+  until browser "$budget" --screenshot="$OUT/$1" --dump-dom "$2" >"$WORK/dom.html" \
+      && rendered "$WORK/dom.html" "${3:-0}"; do
     if [ "$budget" -ge 160000 ]; then
       echo "$2 still loading after ${budget} ms: $OUT/$1 not taken" >&2
+      rm -f "$OUT/$1"
       return 1
     fi
     budget=$((budget * 2))
   done
-  browser "$budget" --screenshot="$OUT/$1" "$2" >/dev/null
   echo "$OUT/$1 <- $2 (rendered within ${budget} ms)"
 }
-shot runs.png "$URL/#/experiments/$EXP_ID/runs?workflowType=machine_learning"
+shot runs.png "$URL/#/experiments/$EXP_ID/runs?viewStateShareKey=headline&workflowType=machine_learning"
 shot run-metrics.png "$URL/#/experiments/$EXP_ID/runs/$FIRST_RUN/model-metrics?workflowType=machine_learning" 1
 METRIC_QUERY=$("$PYTHON" - "$RUN_IDS" "$EXP_ID" <<'PY'
 import json, sys
