@@ -54,6 +54,9 @@ def _tiny_experiment(repo: Path, tmp_path: Path) -> None:
         if not o.startswith(("paths.", "mlflow."))
     ] + [
         "edit.methods=[ft1]", "experiment_name=tiny",
+        # 3 facts at 2 layers: 6 rows for the 4 parameters of layer x trace, so the fit is not
+        # saturated and has bootstrap intervals (a saturated one has none)
+        "data.max_facts=3",
         # a radius and step that move the tiny model's p(o_false), so the R² are defined
         "problem.overrides.error_injection.ft1.linf_eps=1.0", "method.ft.lr=0.5",
     ]
@@ -85,7 +88,7 @@ def test_dvc_repro_metrics_plots_and_hydra_exp_run(tmp_path):
     assert (repo / "mlruns" / "mlflow.db").exists()
 
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
-    assert metrics["edits"] == 4 and metrics["facts"] == 2 and metrics["failed"] == 0
+    assert metrics["edits"] == 6 and metrics["facts"] == 3 and metrics["failed"] == 0
     assert set(metrics["error_injection"]["ft1"]) >= {"r2_layer", "r2_trace", "r2_both", "added_r2"}
     assert set(metrics) == {"edits", "facts", "failed", "error_injection"}  # the headline only
     detail = json.loads(_dvc(repo, "metrics", "show", "--json", "reports/metrics_detail.json"))
@@ -165,7 +168,7 @@ def _check_run_trees(repo: Path) -> None:
     repro_edit = children[repro.info.run_id]["edit"]
     sweep = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == repro_edit.info.run_id]
     assert [r.info.run_name for r in sweep] == ["ft1/error_injection"]
-    assert sweep[0].data.metrics["edits_ok"] == 4
+    assert sweep[0].data.metrics["edits_ok"] == 6
     assert repro_edit.info.start_time <= sweep[0].info.start_time <= sweep[0].info.end_time
     assert sweep[0].info.end_time <= repro_edit.info.end_time
     for name in ("boot7", "boot9"):
@@ -178,7 +181,7 @@ def _check_run_trees(repo: Path) -> None:
         assert tags["locedit.reused.trace"] == children[repro.info.run_id]["trace"].info.run_id
         analyze = children[parent.info.run_id]["analyze"]
         assert analyze.data.params["analysis.bootstrap_samples"] == name[-1]
-        assert metrics["edits"] == 4 and "error_injection.ft1.r2_layer" in metrics
+        assert metrics["edits"] == 6 and "error_injection.ft1.r2_layer" in metrics
         assert metrics["error_injection.ft1.r2_layer"] == analyze.data.metrics[
             "error_injection.ft1.r2_layer"
         ]
