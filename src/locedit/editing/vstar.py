@@ -95,6 +95,12 @@ def clamped_step(
     """
     loss.backward()
     optimiser.step()
+    return clamp_to_ball(delta, max_norm)
+
+
+def clamp_to_ball(delta: torch.Tensor, max_norm: torch.Tensor) -> torch.Tensor:
+    """``delta`` back onto the L2 ball of radius ``max_norm``, in place (multiplied by exactly 1
+    inside it); returns, as a 0-dim tensor, whether that zeroed it (see :func:`clamped_step`)."""
     with torch.no_grad():
         norm = delta.norm()
         outside = norm > max_norm
@@ -281,7 +287,7 @@ def optimise_vstars(model: nn.Module, jobs: list[VStarJob]) -> list[VStar | Edit
     d_model = int(model.config.hidden_size)
     pad = pad_token_id(model)
     splits = [split_batch(job.batch, pad) for job in jobs]
-    merged, offsets = merge_splits(splits, pad)
+    merged, _ = merge_splits(splits, pad)
     device = merged.suffix_ids.device
     row_group = torch.cat(
         [torch.full((s.size,), g, dtype=torch.long, device=device) for g, s in enumerate(splits)]
@@ -372,12 +378,8 @@ def optimise_vstars(model: nn.Module, jobs: list[VStarJob]) -> list[VStar | Edit
             finite = []
             with torch.no_grad():
                 for g in updated:
-                    hp = groups[g].job.hparams
-                    max_norm = hp.clamp_norm_factor * inits[g].norm()
-                    norm = deltas[g].norm()
-                    clamp = norm > max_norm
-                    deltas[g].mul_(torch.where(clamp, max_norm / norm, torch.ones_like(norm)))
-                    zeroed[g] += clamp & (max_norm > 0) & (deltas[g].norm() == 0)
+                    max_norm = groups[g].job.hparams.clamp_norm_factor * inits[g].norm()
+                    zeroed[g] += clamp_to_ball(deltas[g], max_norm)
                     finite.append(torch.isfinite(deltas[g]).all())
             for g, ok in zip(updated, torch.stack(finite).tolist(), strict=True):
                 if not ok:
