@@ -108,8 +108,8 @@ def run_file(outputs: Path | str, stage: str) -> Path:
     return Path(outputs) / "runs" / f"{stage}.json"
 
 
-def read_run_file(outputs: Path | str, stage: str) -> dict[str, Any]:
-    path = run_file(outputs, stage)
+def _read_record(path: Path) -> dict[str, Any]:
+    """A run record file's JSON object; empty when it is missing or unreadable."""
     try:
         value = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -117,13 +117,20 @@ def read_run_file(outputs: Path | str, stage: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def write_run_file(outputs: Path | str, stage: str, run_id: str | None, parent_id: str | None) -> None:
+def _write_record(path: Path, record: dict[str, Any]) -> None:
     from locedit.storage import atomic_write_text
 
-    path = run_file(outputs, stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"stage": stage, "run_id": run_id, "pipeline_run_id": parent_id}
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+
+
+def read_run_file(outputs: Path | str, stage: str) -> dict[str, Any]:
+    return _read_record(run_file(outputs, stage))
+
+
+def write_run_file(outputs: Path | str, stage: str, run_id: str | None, parent_id: str | None) -> None:
+    _write_record(
+        run_file(outputs, stage), {"stage": stage, "run_id": run_id, "pipeline_run_id": parent_id}
+    )
 
 
 def _running_file(outputs: Path | str, stage: str) -> Path:
@@ -132,23 +139,14 @@ def _running_file(outputs: Path | str, stage: str) -> Path:
 
 def mark_running(outputs: Path | str, stage: str, run_id: str, parent_id: str | None) -> None:
     """``runs/<stage>.running.json``: the stage's run and its pipeline run while it runs."""
-    from locedit.storage import atomic_write_text
-
-    path = _running_file(outputs, stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"run_id": run_id, "pipeline_run_id": parent_id}) + "\n")
+    _write_record(_running_file(outputs, stage), {"run_id": run_id, "pipeline_run_id": parent_id})
 
 
 def take_running(outputs: Path | str, stage: str) -> list[str]:
     """Remove the stage's running marker; returns the run ids it named (none when absent)."""
     path = _running_file(outputs, stage)
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        record = {}
+    record = _read_record(path)
     path.unlink(missing_ok=True)
-    if not isinstance(record, dict):
-        return []
     return [str(record[k]) for k in ("run_id", "pipeline_run_id") if record.get(k)]
 
 
