@@ -40,7 +40,7 @@ def test_stage_writes_statistics_templates_and_manifest(tmp_path, monkeypatch):
         "conf",
         [
             f"model.name={model_dir}",
-            f"paths.outputs={tmp_path / 'outputs'}",
+            f"paths.outputs={tmp_path / 'outputs'}", f"paths.reports={tmp_path / 'reports'}",
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
             "edit.layers=[1]",
             "edit.methods=[rome,memit]",

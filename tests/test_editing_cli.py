@@ -25,7 +25,7 @@ def test_cli_edits_with_every_method_and_prints_probabilities(tmp_path, capsys):
         ROOT / "conf",
         [
             f"model.name={model_dir}",
-            f"paths.outputs={tmp_path / 'outputs'}",
+            f"paths.outputs={tmp_path / 'outputs'}", f"paths.reports={tmp_path / 'reports'}",
             "stats.n_samples=8",
             "stats.sample_length=16",
             "method.rome.context_template_lengths=[4]",

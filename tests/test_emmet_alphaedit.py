@@ -404,7 +404,7 @@ def test_locedit_edit_runs_them_by_name(tmp_path, capsys):
     gpt2_tokenizer().save_pretrained(model_dir)
     overrides = [
         f"model.name={model_dir}",
-        f"paths.outputs={tmp_path / 'outputs'}",
+        f"paths.outputs={tmp_path / 'outputs'}", f"paths.reports={tmp_path / 'reports'}",
         "stats.n_samples=8",
         "stats.sample_length=16",
     ]

@@ -135,7 +135,7 @@ def _params(tmp_path, name: str, kl: bool | None):
         "conf",
         [
             f"model.name={model_dir}",
-            f"paths.outputs={outputs}",
+            f"paths.outputs={outputs}", f"paths.reports={outputs}/reports",
             "edit.methods=[ft1]",
             "edit.problems=[error_injection]",
             "edit.layers=[0,2]",

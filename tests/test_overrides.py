@@ -30,7 +30,8 @@ def project(tmp_path, model_dir, monkeypatch) -> Path:
     """A params.yaml on the tiny model, previous outputs of edit and trace, and model loading
     that fails the test: every case below must be refused before weights load."""
     params = compose_params(
-        ROOT / "conf", [f"model.name={model_dir}", f"paths.outputs={tmp_path / 'outputs'}"]
+        ROOT / "conf", [f"model.name={model_dir}", f"paths.outputs={tmp_path / 'outputs'}",
+         f"paths.reports={tmp_path / 'reports'}"]
     )
     (tmp_path / "params.yaml").write_text(OmegaConf.to_yaml(params))
     for stage, name in (("edit", "results.parquet"), ("trace", "effects.parquet")):

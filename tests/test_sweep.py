@@ -34,7 +34,7 @@ def make_params(tmp_path, methods=("rome", "ft1"), problems=("error_injection", 
         "conf",
         [
             f"model.name={model_dir}",
-            f"paths.outputs={tmp_path / 'outputs'}",
+            f"paths.outputs={tmp_path / 'outputs'}", f"paths.reports={tmp_path / 'reports'}",
             f"edit.methods=[{','.join(methods)}]",
             f"edit.problems=[{','.join(problems)}]",
             "edit.layers=[0,2]", "edit.threads=1",

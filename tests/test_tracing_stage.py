@@ -175,7 +175,7 @@ def _stage_params(tmp_path, monkeypatch, overrides: list[str]):
         "conf",
         [
             f"model.name={model_dir}",
-            f"paths.outputs={tmp_path / 'outputs'}",
+            f"paths.outputs={tmp_path / 'outputs'}", f"paths.reports={tmp_path / 'reports'}",
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
             *overrides,
         ],

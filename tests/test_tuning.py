@@ -81,7 +81,7 @@ def make_params(
         "conf",
         [
             f"model.name={shared['model']}",
-            f"paths.outputs={outputs}",
+            f"paths.outputs={outputs}", f"paths.reports={outputs}/reports",
             f"mlflow.tracking_uri={shared['tracking_uri']}",
             "mlflow.experiment=locedit-test",
             f"edit.methods=[{','.join(methods)}]",
@@ -366,7 +366,7 @@ def test_gemma_grid_trades_rewrite_against_neighbourhood(tmp_path):
     params = compose_params(
         "conf",
         [
-            f"paths.outputs={outputs}",
+            f"paths.outputs={outputs}", f"paths.reports={outputs}/reports",
             f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlruns/mlflow.db",
             "edit.methods=[ft1]",
             "edit.problems=[error_injection]",
