@@ -8,7 +8,7 @@ STAMP := $(VENV)/.locedit-installed
 # `dvc plots show`'s page with vega inline (.dvc/config: plots.html_template), so it renders offline
 PLOTS_PAGE := .dvc/plots/offline.html
 
-.PHONY: setup repro beyond test test-all lint bench zoo gpu-check gpu-check-dry clean-outputs
+.PHONY: setup repro beyond scale scale-costs test test-all lint bench zoo gpu-check gpu-check-dry clean-outputs
 
 setup: $(STAMP) $(PLOTS_PAGE)
 
@@ -40,6 +40,31 @@ beyond: setup
 	export LOCEDIT_PIPELINE_ID=beyond-$$(date +%Y%m%dT%H%M%S); \
 	for stage in prepare filter stats trace edit analyze; do \
 		$(BIN)/locedit run $$stage --params $(BEYOND) || exit 1; done
+
+# Issue 29's scale run (conf/experiment/scale.yaml): FACTS known facts (default 100) into
+# outputs/scale-FACTS and reports/scale-FACTS. Each stage records its wall time and peak memory
+# in outputs/scale-FACTS/costs.json; a rerun resumes where a killed run stopped.
+# REUSE=outputs/scale-100 starts a smaller run from a larger one's trace cache and edit rows
+# (its facts are the first of the larger run's, and cached results are keyed by their inputs,
+# params and code, so the results are identical; only the cost table's trace/edit differ).
+FACTS ?= 100
+SCALE := outputs/scale-$(FACTS)
+scale: setup
+	mkdir -p $(SCALE)
+ifdef REUSE
+	mkdir -p $(SCALE)/cache $(SCALE)/edit/rows
+	cp -rn $(REUSE)/cache/trace $(SCALE)/cache/
+	cp -n $(REUSE)/edit/rows/*.jsonl $(SCALE)/edit/rows/
+endif
+	$(BIN)/locedit compose experiment=scale data.max_facts=$(FACTS) paths.outputs=$(SCALE) \
+		paths.reports=reports/scale-$(FACTS) --output $(SCALE)/params.yaml
+	export LOCEDIT_PIPELINE_ID=scale-$(FACTS)-$$(date +%Y%m%dT%H%M%S); \
+	for stage in prepare filter stats trace edit analyze; do \
+		$(BIN)/locedit run $$stage --params $(SCALE)/params.yaml || exit 1; done
+
+# The cost table of the scale runs that exist (outputs/scale-*): docs/scale-run/costs.md.
+scale-costs: setup
+	$(BIN)/python scripts/scale_costs.py --output docs/scale-run/costs.md
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist load --durations=15

@@ -27,12 +27,14 @@ def _compose(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from locedit.pipeline.common import apply_overrides, load_params
+    from locedit.pipeline.costs import measured
     from locedit.tracking.pipeline import mark_stage_start
 
     mark_stage_start()
     params = apply_overrides(load_params(args.params), args.set)
     module = importlib.import_module(STAGES[args.stage])
-    module.run(params)
+    with measured(Path(params.paths.outputs), args.stage):
+        module.run(params)
     return 0
 
 

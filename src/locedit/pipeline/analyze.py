@@ -25,6 +25,7 @@ from locedit.analysis.metrics_file import (
     write_dvc_files,
 )
 from locedit.pipeline.common import mark_reports_stale, reports_current, to_container
+from locedit.pipeline.costs import read_costs, stage_total
 from locedit.storage import remove_outputs
 from locedit.tracking.pipeline import save_headline_view, write_run_file
 
@@ -32,9 +33,14 @@ log = logging.getLogger(__name__)
 
 
 def _stage_seconds(outputs: Path) -> dict[str, float]:
-    """Wall time of the last trace and edit invocations, from their summary.json (when
-    present), named ``<stage>_last_run``: a resumed stage's earlier invocations are not in it."""
-    seconds: dict[str, float] = {}
+    """Wall time of every stage's latest run from ``costs.json`` (``locedit run`` records each
+    invocation; a resumed stage's pieces are summed), and of the last trace and edit
+    invocations' own work from their summary.json, named ``<stage>_last_run``."""
+    seconds: dict[str, float] = {
+        stage: stage_total(entries)["seconds"]
+        for stage, entries in read_costs(outputs).items()
+        if stage != "analyze" and entries
+    }
     for stage in ("trace", "edit"):
         path = outputs / stage / "summary.json"
         try:

@@ -1,0 +1,117 @@
+"""Stage costs (issue 29): every `locedit run` invocation records its wall time and peak
+memory, a resumed stage's pieces add up, and the scale cost table reads them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from e2e_support import ROOT
+
+from locedit.editing.layers import sweep_layers
+from locedit.pipeline.common import compose_params
+from locedit.pipeline.costs import TreeMemory, measured, read_costs, stage_total
+
+
+def test_measured_records_ok_failed_and_interrupted(tmp_path):
+    with measured(tmp_path, "edit"):
+        pass
+    with pytest.raises(RuntimeError), measured(tmp_path, "edit"):
+        raise RuntimeError("boom")
+    with pytest.raises(KeyboardInterrupt), measured(tmp_path, "edit"):
+        raise KeyboardInterrupt
+    entries = read_costs(tmp_path)["edit"]
+    assert [e["status"] for e in entries] == ["ok", "failed", "interrupted"]
+    for entry in entries:
+        assert entry["seconds"] >= 0
+        assert entry["peak_rss_mib"] > 10  # a Python process with torch imported
+        assert entry["peak_tree_pss_mib"] > 10
+
+
+def test_stage_total_sums_the_latest_runs_pieces_only():
+    entries = [
+        {"status": "ok", "seconds": 100.0, "peak_tree_pss_mib": 900.0},  # an earlier run
+        {"status": "interrupted", "seconds": 7.0, "peak_tree_pss_mib": 500.0},
+        {"status": "failed", "seconds": 3.0, "peak_tree_pss_mib": 200.0},
+        {"status": "ok", "seconds": 11.0, "peak_tree_pss_mib": 300.0},
+    ]
+    total = stage_total(entries)
+    assert total["seconds"] == pytest.approx(21.0)
+    assert total["peak_tree_pss_mib"] == 500.0
+    assert total["invocations"] == 3
+    # while a run is in progress (no final ok yet) its pieces so far are the latest run
+    assert stage_total(entries[:3])["seconds"] == pytest.approx(10.0)
+    assert stage_total(entries[:1])["seconds"] == pytest.approx(100.0)
+
+
+def test_tree_memory_counts_child_processes():
+    code = "import time; x = bytearray(200 * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(3)"
+    with TreeMemory(interval=0.2) as memory:
+        alone = memory.sample()
+        child = subprocess.Popen([sys.executable, "-c", code])
+        child.wait()
+    assert memory.peak_mib > alone + 150
+
+
+def test_cli_records_each_stage_invocation(tmp_path):
+    from locedit.cli import main
+
+    from omegaconf import OmegaConf
+
+    cfg = compose_params(str(ROOT / "conf"), [
+        f"paths.outputs={tmp_path / 'out'}", f"paths.reports={tmp_path / 'rep'}",
+        f"data.root={tmp_path / 'no-data'}",
+    ])
+    params = tmp_path / "params.yaml"
+    params.write_text(OmegaConf.to_yaml(cfg))
+    # the data folder is missing: prepare fails with one line, and its piece is recorded
+    assert main(["run", "prepare", "--params", str(params)]) == 2
+    entries = read_costs(tmp_path / "out")["prepare"]
+    assert [e["status"] for e in entries] == ["failed"]
+
+
+def test_scale_config_is_the_issues_size():
+    cfg = compose_params(str(ROOT / "conf"), ["experiment=scale"])
+    assert cfg.data.max_facts >= 100
+    assert list(cfg.edit.methods) == ["rome", "ft1"]
+    assert list(cfg.edit.problems) == ["error_injection"]
+    assert len(sweep_layers(cfg.edit, 18)) >= 6  # Gemma-3-270M has 18 layers
+    assert list(cfg.trace.windows) == [5] and cfg.trace.zeroing
+
+
+def _scale_costs_module():
+    spec = importlib.util.spec_from_file_location("scale_costs", ROOT / "scripts" / "scale_costs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scale_cost_table_slopes(tmp_path):
+    scale_costs = _scale_costs_module()
+    for facts, edit_seconds, analyze_seconds in ((5, 50.0, 2.0), (20, 200.0, 32.0)):
+        folder = tmp_path / f"scale-{facts}"
+        (folder / "filter").mkdir(parents=True)
+        (folder / "edit").mkdir()
+        (folder / "filter" / "report.json").write_text(json.dumps({"kept": facts}))
+        (folder / "edit" / "summary.json").write_text(json.dumps({"edits": 12 * facts}))
+        costs = {
+            "stats": [{"status": "ok", "seconds": 60.0, "peak_tree_pss_mib": 2048.0}],
+            "edit": [
+                {"status": "interrupted", "seconds": edit_seconds / 2, "peak_tree_pss_mib": 4096.0},
+                {"status": "ok", "seconds": edit_seconds / 2, "peak_tree_pss_mib": 3072.0},
+            ],
+            "analyze": [{"status": "ok", "seconds": analyze_seconds, "peak_tree_pss_mib": 1024.0}],
+        }
+        (folder / "costs.json").write_text(json.dumps(costs))
+    runs = scale_costs.run_sizes(tmp_path)
+    assert [r["facts"] for r in runs] == [5, 20]
+    assert scale_costs.slope(runs, "edit") == pytest.approx(1.0)
+    assert scale_costs.slope(runs, "stats") == pytest.approx(0.0)
+    assert scale_costs.slope(runs, "analyze") == pytest.approx(2.0)
+    text = scale_costs.table(runs)
+    assert "| edit | 50 s, 4.0 GiB (2 pieces) | 200 s, 4.0 GiB (2 pieces) | 1.00 |" in text
+    assert scale_costs.findings(runs) == ["- analyze grows faster than linearly (slope 2.00)."]
