@@ -8,7 +8,7 @@ STAMP := $(VENV)/.locedit-installed
 # `dvc plots show`'s page with vega inline (.dvc/config: plots.html_template), so it renders offline
 PLOTS_PAGE := .dvc/plots/offline.html
 
-.PHONY: setup repro beyond scale scale-costs test test-all lint bench zoo gpu-check gpu-check-dry clean-outputs
+.PHONY: setup repro beyond scale scale-costs scale-docs test test-all lint bench zoo gpu-check gpu-check-dry clean-outputs
 
 setup: $(STAMP) $(PLOTS_PAGE)
 
@@ -64,7 +64,15 @@ endif
 
 # The cost table of the scale runs that exist (outputs/scale-*): docs/scale-run/costs.md.
 scale-costs: setup
-	$(BIN)/python scripts/scale_costs.py --output docs/scale-run/costs.md
+	PYTHONPATH=src $(BIN)/python scripts/scale_costs.py --output docs/scale-run/costs.md
+
+# The committed report of the 100-fact run: its summary, tables and figures, the cost table.
+scale-docs: scale-costs
+	test -f reports/scale-100/summary.md || { echo "no reports/scale-100: run make scale first"; exit 1; }
+	mkdir -p docs/scale-run/tables docs/scale-run/figures
+	cp reports/scale-100/summary.md reports/scale-100/tables.md docs/scale-run/
+	cp reports/scale-100/tables/*.md docs/scale-run/tables/
+	cp reports/scale-100/figures/*.png docs/scale-run/figures/
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist load --durations=15

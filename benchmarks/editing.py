@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import platform
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 import transformers
 import yaml
+from throughput import grouped_throughput, peak_mb, peak_rss_mb
 
 from locedit.data.loaders import load_counterfact
 from locedit.editing import (
@@ -60,10 +60,6 @@ from locedit.models.tokens import TokenizationError, encode_prompt, encode_targe
 
 log = logging.getLogger("benchmarks.editing")
 REPO = Path(__file__).resolve().parents[1]
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def editable_facts(tokenizer, data_root: Path, n_facts: int) -> list[tuple]:
@@ -123,85 +119,6 @@ def compare_with_reference(model, tokenizer, store, facts, layer: int) -> dict:
     }
 
 
-def _peak_mb(device: torch.device) -> float:
-    """Peak memory so far: the accelerator's allocations, else the process's resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return peak_rss_mb()
-
-
-def grouped_throughput(
-    model, tokenizer, store, requests: list[EditRequest], layers: list[int],
-    hparams: dict, sizes: tuple[int, ...] = (1, 4, 16, 64), min_edits: int = 4,
-) -> dict:
-    """Edits per second per method when G independent edits run their v*/z* as one batch
-    (issue 28; :func:`locedit.editing.grouped.grouped_vstars`), at each G in ``sizes``.
-
-    An edit is the whole edit in :func:`~locedit.editing.edited` from its batched v*/z*,
-    plus p(target) on the edited model. The edits cycle through ``requests`` x ``layers``
-    (groups differ in fact and in layer); each size runs at least ``min_edits`` edits (G = 1
-    is the sequential editor). Methods without a v*/z* (FT) are measured at G = 1 only.
-    Also reports the largest p(target) difference to the G = 1 run of the same edits and the
-    peak memory (the accelerator's, else the process's resident set, which never falls).
-    """
-    from locedit.editing.grouped import GroupedEdit, grouped_vstars
-    from locedit.models.device import model_device
-
-    device = model_device(model)
-    pairs = [(r, layer) for layer in layers for r in requests]
-    out: dict[str, dict] = {}
-    for method, hp in hparams.items():
-        batched = get_method(method).vstar_jobs is not None
-        rows, reference = {}, {}
-        for size in sizes if batched else sizes[:1]:
-            n_edits = max(size, min_edits)
-            edits = [GroupedEdit(method, *pairs[i % len(pairs)], hp) for i in range(n_edits)]
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            probs, failed = [], 0
-            start = time.perf_counter()
-            for first in range(0, n_edits, size):
-                group = edits[first : first + size]
-                given = (
-                    grouped_vstars(model, tokenizer, group, store) if size > 1 and batched
-                    else [()] * len(group)
-                )
-                for edit, vstars in zip(group, given, strict=True):
-                    ids = encode_prompt(tokenizer, edit.request.prompt, edit.request.subject)
-                    target = encode_target(tokenizer, edit.request.prompt, edit.request.target)
-                    try:
-                        with edited(model, tokenizer, method, edit.request, edit.layer, hp,
-                                    store, (), vstars):
-                            probs.append(
-                                float(target_log_probs(model, [ids.input_ids], [target]).exp())
-                            )
-                    except EditFailed:
-                        failed += 1
-                        probs.append(float("nan"))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - start
-            if size == sizes[0]:
-                reference = dict(enumerate(probs))
-            diffs = [
-                abs(p - reference[i]) / max(abs(reference[i]), 1e-30)
-                for i, p in enumerate(probs)
-                if i in reference and not (math.isnan(p) or math.isnan(reference[i]))
-            ]
-            rows[str(size)] = {
-                "edits": n_edits,
-                "failed": failed,
-                "seconds": round(seconds, 3),
-                "edits_per_second": n_edits / seconds,
-                "peak_mb": round(_peak_mb(device), 1),
-                "max_relative_p_difference_to_first_size": max(diffs) if diffs else None,
-            }
-            log.info("%s G=%d: %.2f edits/s", method, size, rows[str(size)]["edits_per_second"])
-        out[method] = rows
-    return out
-
-
 def _row_label(rows: list[dict], key: str) -> str:
     row = next(r for r in rows if r["key"] == key)
     return f"{row['fact_id']} {row['method']} layer {row['layer']}"
@@ -256,7 +173,7 @@ def sweep_throughput(
                 "ok": sum(r["status"] == "ok" for r in rows),
                 "seconds": round(seconds, 3),
                 "edits_per_second": len(rows) / seconds,
-                "peak_mb": round(_peak_mb(device), 1),
+                "peak_mb": round(peak_mb(device), 1),
                 "max_relative_metric_difference_to_first_size": max(diffs.values(), default=None),
                 # where the largest differences are: (row key's method and layer, column, value)
                 "largest_differences": [

@@ -37,6 +37,7 @@ os.environ.setdefault("LOCEDIT_GPT2_TOKENIZER_DIR", str(REPO / "benchmarks" / "a
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from throughput import grouped_throughput  # noqa: E402  (benchmarks/, this script's folder)
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from locedit.data.records import FactRecord  # noqa: E402
@@ -98,6 +99,10 @@ SHAPES = {
     "gemma-3-270m-bf16": ("gemma-3-270m.json", "bfloat16", 2, 1, None),
     "gpt-j-6b-bf16": ("gpt-j-6b.json", "bfloat16", 2, 1, None),
 }
+#: Issue 28's throughput targets: edits per second (each with p(target)) at these group sizes,
+#: for these shapes (>= 10/s for Gemma-3-270M, >= 2/s for GPT-J-6B in bfloat16).
+GROUP_SIZES = (1, 4, 16, 64)
+GROUPED = ("gemma-3-270m", "gpt-j-6b-bf16")
 #: The dry run's stand-in: every shape's family at width 64 and 4 layers, on the CPU.
 DRY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "n_embd": 64,
        "n_layer": 4, "n_head": 4, "num_attention_heads": 4, "num_key_value_heads": 1,
@@ -412,6 +417,8 @@ def failures_of(tracing: dict, editing: dict) -> list[str]:
             for key in ("failed", "skipped"):
                 if key in result:
                     found.append(f"{shape}/{method}: {key}: {result[key]}")
+        if "failed" in (entry.get("grouped") or {}):  # a size skipped for time is not a failure
+            found.append(f"{shape}/grouped: failed: {entry['grouped']['failed']}")
     return found
 
 
@@ -456,6 +463,18 @@ def run_shape(shape, device, tokenizer, work: Path, budget: Budget, dry: bool):
             edit_entry["profile"] = profile_bench(model, tokenizer, store, layer, dry)
         except Exception as err:  # noqa: BLE001
             edit_entry["profile"] = {"failed": failure(err)}
+    if shape in GROUPED and not budget.over():
+        requests = [EditRequest(f.prompt, f.subject, f.target_new) for f in FACTS]
+        layers = [x for x in (layer - 1, layer, layer + 1) if 0 <= x < total]
+        hparams = {m: method_hparams(m, dry) for m in METHODS}
+        try:
+            edit_entry["grouped"] = grouped_throughput(
+                model, tokenizer, store, requests, layers, hparams,
+                (1, 2) if dry else GROUP_SIZES, min_edits=2 if dry else 4,
+                budget=Budget(budget.left() / 2),  # the shapes after this one keep half
+            )
+        except Exception as err:  # noqa: BLE001
+            edit_entry["grouped"] = {"failed": failure(err)}
     if dtype != "float32" and "gemma" in shape and device.type == "cuda" and not budget.over():
         edit_entry["cudnn_attention"] = cudnn_attention_bench(model, tokenizer, store, layer)
     return trace_entry, edit_entry
@@ -520,6 +539,13 @@ def summarise(tracing: dict, editing: dict) -> str:
         trace = f"{entry['seconds_per_fact']:.3f} s/fact" if "seconds_per_fact" in entry else "FAILED"
         peak = max((v.get("peak_gpu_mb") or 0 for v in edits.values()), default=0)
         lines.append(f"{shape}: trace {trace}; s/edit: {per}; peak GPU MB {peak}")
+        for method, sizes in (editing["shapes"][shape].get("grouped") or {}).items():
+            if isinstance(sizes, dict):
+                rates = ", ".join(
+                    f"G={g} {v['edits_per_second']:.2f}/s" if "edits_per_second" in v
+                    else f"G={g} {next(iter(v))}" for g, v in sizes.items()
+                )
+                lines.append(f"  grouped {method}: {rates}")
         sweep = editing["shapes"][shape].get("default_sweep")
         if sweep and "ok" in sweep:
             lines.append(f"  default sweep: {sweep['ok']}/{sweep['edits']} edits ok in "

@@ -15,6 +15,9 @@
 # `dvc repro` of analyze, 2026-12-04); headline-view.png and compare-headline.png from the
 # tiny runs of tests/test_dvc_pipeline.py.
 #
+# LOAD_TIMES=FILE also measures, after each screenshot, how long the page takes to render in
+# real time (load_time below) and appends one JSON line per page to FILE.
+#
 # MLflow 3.17's UI picks its GenAI or model-training layout from the URL (`?workflowType=...`)
 # or from the toggle at the top left (remembered by the browser), not from the experiment's
 # `mlflow.experimentKind` tag (which locedit sets, for other MLflow 3 versions): the runs table
@@ -50,18 +53,18 @@ done
 # in the edit stage's run, which has the same stage tag), through the REST API.
 EXP_ID=$(curl -fsS "$URL/api/2.0/mlflow/experiments/get-by-name?experiment_name=$EXPERIMENT" \
   | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["experiment"]["experiment_id"])')
+# EDIT_RUN=<run id> takes the (method, problem) runs of that edit stage run only (e.g. the
+# scale run's: outputs/scale-100/runs/edit.json), else the experiment's first 50.
+PARENT=${EDIT_RUN:+ and tags.mlflow.parentRunId = '$EDIT_RUN'}
 RUN_IDS=$(curl -fsS -X POST "$URL/api/2.0/mlflow/runs/search" -H 'Content-Type: application/json' \
-  -d "{\"experiment_ids\": [\"$EXP_ID\"], \"filter\": \"tags.locedit.stage = 'edit' and attributes.run_name LIKE '%/%'\", \"max_results\": 50, \"order_by\": [\"attributes.start_time ASC\"]}" \
+  -d "{\"experiment_ids\": [\"$EXP_ID\"], \"filter\": \"tags.locedit.stage = 'edit' and attributes.run_name LIKE '%/%'$PARENT\", \"max_results\": 50, \"order_by\": [\"attributes.start_time ASC\"]}" \
   | "$PYTHON" -c 'import json, sys; print(",".join(r["info"]["run_id"] for r in json.load(sys.stdin)["runs"]))')
 FIRST_RUN=${RUN_IDS%%,*}
 
-browser() {  # browser BUDGET_MS ARGS...: one headless Chromium run with a fresh profile
-  local budget=$1
-  shift
+browser() {  # browser ARGS...: one headless Chromium run with a fresh profile
   "$CHROMIUM" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
     --disable-background-networking --disable-component-update --disable-sync \
-    --user-data-dir="$(mktemp -d "$WORK/profile.XXXX")" --window-size=1400,900 \
-    --virtual-time-budget="$budget" "$@" 2>/dev/null
+    --user-data-dir="$(mktemp -d "$WORK/profile.XXXX")" --window-size=1400,900 "$@" 2>/dev/null
 }
 
 rendered() {  # rendered DOM CHART: the DOM Chromium saw when it took the screenshot shows a
@@ -76,7 +79,7 @@ rendered() {  # rendered DOM CHART: the DOM Chromium saw when it took the screen
 
 shot() {  # shot FILE URL [CHART]: doubles the virtual time until the page is rendered
   local budget=20000
-  until browser "$budget" --screenshot="$OUT/$1" --dump-dom "$2" >"$WORK/dom.html" \
+  until browser --virtual-time-budget="$budget" --screenshot="$OUT/$1" --dump-dom "$2" >"$WORK/dom.html" \
       && rendered "$WORK/dom.html" "${3:-0}"; do
     if [ "$budget" -ge 160000 ]; then
       echo "$2 still loading after ${budget} ms: $OUT/$1 not taken" >&2
@@ -85,7 +88,26 @@ shot() {  # shot FILE URL [CHART]: doubles the virtual time until the page is re
     fi
     budget=$((budget * 2))
   done
-  echo "$OUT/$1 <- $2 (rendered within ${budget} ms)"
+  echo "$OUT/$1 <- $2 (rendered within ${budget} ms of virtual time)"
+  [ -z "${LOAD_TIMES:-}" ] || load_time "${1%.png}" "$2" "${3:-0}"
+}
+
+load_time() {  # load_time NAME URL [CHART]: real time (not virtual) until the page is rendered:
+  # the shortest --timeout (Chromium stops loading and takes the page as it is then) at which
+  # the page shows rendered, each try in a fresh browser; appended to $LOAD_TIMES (JSON lines)
+  local limit start wall
+  for limit in 1000 2000 3000 4000 5000 8000 13000; do
+    start=$(date +%s%N)
+    browser --timeout="$limit" --screenshot="$WORK/load.png" --dump-dom "$2" >"$WORK/load.html"
+    wall=$(( ($(date +%s%N) - start) / 1000000 ))
+    if rendered "$WORK/load.html" "$3"; then
+      echo "$1: rendered within $limit ms of real time (Chromium ran $wall ms, start-up included)"
+      printf '{"page": "%s", "rendered_within_ms": %d, "browser_wall_ms": %d}\n' "$1" "$limit" "$wall" >>"$LOAD_TIMES"
+      return 0
+    fi
+  done
+  echo "$1: not rendered within 13 s of real time"
+  printf '{"page": "%s", "rendered_within_ms": null}\n' "$1" >>"$LOAD_TIMES"
 }
 shot runs.png "$URL/#/experiments/$EXP_ID/runs?viewStateShareKey=headline&workflowType=machine_learning"
 shot run-metrics.png "$URL/#/experiments/$EXP_ID/runs/$FIRST_RUN/model-metrics?workflowType=machine_learning" 1

@@ -108,3 +108,33 @@ def test_untokenisable_facts_are_dropped_with_a_reason():
     result = filter_known_facts(model, tokenizer, records, FilterConfig(max_new_tokens=2), progress=False)
     assert result.kept == [] and sum(result.dropped.values()) == 1
     assert next(iter(result.dropped)).startswith("tokenization")
+
+
+def test_filter_stage_reads_an_identical_scan_from_its_cache(tmp_path, monkeypatch):
+    """A rerun with nothing changed reads the kept scan instead of generating again (a resumed
+    `make scale`); a changed setting scans again."""
+    from e2e_support import tiny_params
+
+    from locedit.pipeline import filter as filter_stage
+    from locedit.pipeline import prepare
+
+    params = tiny_params(tmp_path, "default", [])
+    prepare.run(params)
+    filter_stage.run(params)
+    facts = tmp_path / "outputs" / "filter" / "facts.jsonl"
+    first = facts.read_text()
+    report = (facts.parent / "report.json").read_text()
+    scans = []
+
+    def counted(*args, **kwargs):
+        scans.append(1)
+        return filter_known_facts(*args, **kwargs)
+
+    monkeypatch.setattr(filter_stage, "filter_known_facts", counted)
+    facts.unlink()
+    filter_stage.run(params)
+    assert scans == [] and facts.read_text() == first
+    assert (facts.parent / "report.json").read_text() == report
+    params.data.filter.max_new_tokens = int(params.data.filter.max_new_tokens) - 1
+    filter_stage.run(params)
+    assert scans == [1]

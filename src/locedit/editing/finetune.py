@@ -219,23 +219,15 @@ def _quiet_lightning():
                 logging.getLogger(name).setLevel(level)
 
 
-def apply_finetune(edit: EditCall) -> EditResult:
-    """Finetune ``edit.model`` in place; the caller (:func:`locedit.editing.edited`) restores it."""
-    model, tokenizer, request, method = edit.model, edit.tokenizer, edit.request, edit.method
-    layer, layers = edit.layer, edit.layers
-    hp: FTHParams = edit.hparams
-    if hp.steps < 1:
-        raise ValueError("FT needs steps >= 1")
-    target_ids = encode_target(tokenizer, request.prompt, request.target)
-    batch = build_batch(
-        tokenizer, request, target_ids, pad_id=pad_token_id(model), device=model_device(model)
-    )
-    names = finetuned_param_names(model, layers, hp.params)
-    module = ConstrainedFinetune(model, batch, names, hp, request.direction)
+def _trained(
+    model: nn.Module, batch: EditBatch, names: list[str], hp: FTHParams, direction: Direction,
+    layers: list[int],
+) -> ConstrainedFinetune:
+    """Train the weights ``names`` in place (the Trainer's fit of :class:`ConstrainedFinetune`)."""
+    module = ConstrainedFinetune(model, batch, names, hp, direction)
     flags_before = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
     named = dict(model.named_parameters())
-    originals = {name: named[name].detach().clone() for name in names}
     try:
         for name in names:
             named[name].requires_grad_(True)
@@ -261,19 +253,51 @@ def apply_finetune(edit: EditCall) -> EditResult:
         model.train(was_training)
         for param in model.parameters():
             param.grad = None
+    return module
+
+
+def apply_finetune(edit: EditCall) -> EditResult:
+    """Finetune ``edit.model`` in place; the caller (:func:`locedit.editing.edited`) restores it.
+    ``edit.vstars`` may bring the outcome of a batched run
+    (:func:`locedit.editing.grouped_finetune.grouped_finetune`): its weights are written
+    instead of training."""
+    model, tokenizer, request, method = edit.model, edit.tokenizer, edit.request, edit.method
+    layer, layers = edit.layer, edit.layers
+    hp: FTHParams = edit.hparams
+    if hp.steps < 1:
+        raise ValueError("FT needs steps >= 1")
+    target_ids = encode_target(tokenizer, request.prompt, request.target)
+    batch = build_batch(
+        tokenizer, request, target_ids, pad_id=pad_token_id(model), device=model_device(model)
+    )
+    names = finetuned_param_names(model, layers, hp.params)
+    named = dict(model.named_parameters())
+    originals = {name: named[name].detach().clone() for name in names}
+    given = edit.vstars[0] if edit.vstars else None  # a batched run's outcome (issue 28)
+    if isinstance(given, EditFailed):
+        raise given
+    if given is not None:
+        with torch.no_grad():
+            for name in names:
+                named[name].copy_(given.weights[name])
+        losses, nlls, max_overshoot = given.losses, given.nlls, given.max_overshoot
+        eps = effective_linf_eps(hp, d_mlp(model))
+    else:
+        module = _trained(model, batch, names, hp, request.direction, layers)
+        losses, nlls, max_overshoot, eps = module.losses, module.nlls, module.max_overshoot, module.eps
     with torch.no_grad():
         hidden = hidden_states(model, batch)
         loss_after, nll_after = objective(
             batch_target_log_probs(model, hidden, batch), batch.n_target, request.direction
         )
     diagnostics: dict[str, float] = {
-        "ft_steps": float(len(module.losses)),
-        "ft_loss_first": module.losses[0] if module.losses else math.nan,
-        "ft_loss_last": module.losses[-1] if module.losses else math.nan,
-        "ft_target_prob_first": math.exp(-module.nlls[0]) if module.nlls else math.nan,
+        "ft_steps": float(len(losses)),
+        "ft_loss_first": losses[0] if losses else math.nan,
+        "ft_loss_last": losses[-1] if losses else math.nan,
+        "ft_target_prob_first": math.exp(-nlls[0]) if nlls else math.nan,
         "ft_target_prob_after": math.exp(-float(nll_after)),
-        "linf_eps": module.eps,
-        "ft_max_overshoot": module.max_overshoot,
+        "linf_eps": eps,
+        "ft_max_overshoot": max_overshoot,
     }
     max_change, change_sq, original_sq = 0.0, 0.0, 0.0
     for name in names:
@@ -292,7 +316,7 @@ def apply_finetune(edit: EditCall) -> EditResult:
         layers=list(layers),
         diagnostics=diagnostics,
         hparams=hp.to_dict(),
-        flags=finetune_flags(module.max_overshoot, module.losses, float(loss_after)),
+        flags=finetune_flags(max_overshoot, losses, float(loss_after)),
     )
 
 

@@ -20,10 +20,12 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.editing.covariance import CovarianceStore
 from locedit.editing.editor import prepared
+from locedit.editing.grouped_finetune import FinetuneOutcome, linear_out_in
 from locedit.editing.hparams import HParams
+from locedit.editing.methods import get_method
 from locedit.editing.types import EditFailed, EditRequest
 from locedit.editing.vstar import VStar, optimise_vstars
-from locedit.models.architecture import as_out_in, down_proj_name, get_module, n_layers
+from locedit.models.architecture import get_module
 from locedit.models.device import attention_without_cudnn, model_device
 from locedit.models.hooks import edited_from_inputs
 
@@ -44,28 +46,45 @@ def grouped_vstars(
     tokenizer: PreTrainedTokenizerBase,
     edits: Sequence[GroupedEdit],
     covariance: CovarianceStore | None = None,
-) -> list[tuple[VStar | EditFailed, ...]]:
-    """Each edit's v*/z* (the ``vstars`` that :func:`~locedit.editing.edited` takes), every
-    edit's optimisations run as one batch. A method without any (finetuning) gets ``()``;
-    an optimisation that fails comes back as its :class:`EditFailed` and fails only its edit.
+) -> list[tuple[VStar | FinetuneOutcome | EditFailed, ...]]:
+    """Each edit's optimisation outcome (the ``vstars`` that :func:`~locedit.editing.edited`
+    takes), every edit's optimisations run as one batch: the v*/z* of ROME, MEMIT, EMMET and
+    AlphaEdit (:func:`optimise_vstars`), finetuning's trained weights (one batch per
+    hyperparameter setting, :func:`~locedit.editing.grouped_finetune.grouped_finetune`). An
+    optimisation that fails comes back as its :class:`EditFailed` and fails only its edit.
     """
-    counts, jobs = [], []
-    for edit in edits:
+    out: list[tuple] = [()] * len(edits)
+    counts, jobs, owners = [], [], []
+    fits: dict[tuple[str, str], list[tuple[int, EditRequest, list[int], HParams]]] = {}
+    for index, edit in enumerate(edits):
         spec, hparams, layers, templates = prepared(
             model, tokenizer, edit.method, edit.layer, edit.hparams, covariance, edit.co_requests
         )
+        if spec.batched_fit is not None:
+            fits.setdefault((edit.method, repr(hparams)), []).append(
+                (index, edit.request, layers, hparams)
+            )
+            continue
         call = spec.call(
             model, tokenizer, edit.request, edit.layer, layers, hparams, covariance, templates,
             edit.co_requests,
         )
         mine = spec.jobs(call)
         counts.append(len(mine))
+        owners.append(index)
         jobs.extend(mine)
     with attention_without_cudnn():  # as EditMethod.run: bfloat16 on Hopper
         results = optimise_vstars(model, jobs)
-    out, start = [], 0
-    for count in counts:
-        out.append(tuple(results[start : start + count]))
+        for (method, _), members in fits.items():
+            found = get_method(method).fit_together(
+                model, tokenizer, [m[1] for m in members], [m[2] for m in members],
+                members[0][3],
+            )
+            for (index, *_), outcome in zip(members, found, strict=True):
+                out[index] = (outcome,)
+    start = 0
+    for index, count in zip(owners, counts, strict=True):
+        out[index] = tuple(results[start : start + count])
         start += count
     return out
 
@@ -118,31 +137,49 @@ def weight_deltas_by_group(
     -> change, in storage layout) were added to the weights: G edited models without editing
     the model (issue 28), for measuring G edits of one fact in one batch.
 
-    Only down-projection weights (what ROME, MEMIT, EMMET and AlphaEdit change) are supported;
-    each adds x dW_g^T to its module's output for block g's rows, in float32. Equal to writing
-    the update into the weights up to rounding.
+    The changed parameters must be weights and biases of ``nn.Linear`` or ``Conv1D`` modules
+    (the down-projections ROME, MEMIT, EMMET and AlphaEdit change, the MLP weights finetuning
+    trains): each adds ``x dW_g^T + db_g`` to its module's output for block g's rows, in
+    float32. Equal to writing the update into the weights up to rounding.
     """
     groups = len(deltas)
-    names = sorted({name for delta in deltas for name in delta})
-    supported = {down_proj_name(model, layer) for layer in range(n_layers(model))}
+    by_module: dict[str, set[str]] = {}
+    for name in sorted({name for delta in deltas for name in delta}):
+        path, _, kind = name.rpartition(".")
+        if kind not in ("weight", "bias"):
+            raise ValueError(f"weight_deltas_by_group supports weights and biases, not {name}")
+        by_module.setdefault(path, set()).add(kind)
     modules, edits = {}, {}
-    for name in names:
-        if name not in supported:
-            raise ValueError(f"weight_deltas_by_group supports down-projections only, not {name}")
-        module = get_module(model, name.rpartition(".")[0])
-        zero = torch.zeros_like(module.weight, dtype=torch.float32)
-        stacked = torch.stack(
-            [as_out_in(model, d[name].float() if name in d else zero) for d in deltas]
-        )
+    for path, kinds in by_module.items():
+        module = get_module(model, path)
+        out_in = linear_out_in(module, module.weight)  # refuses other module types
 
-        def add(x, hidden, stacked=stacked):
-            size = int(x.shape[0])
+        def stacked(name: str, like: torch.Tensor, view=lambda t: t) -> torch.Tensor:
+            zero = torch.zeros_like(like, dtype=torch.float32)
+            return torch.stack([view(d[name].float()) if name in d else zero for d in deltas])
+
+        weights = (
+            stacked(f"{path}.weight", out_in, lambda t, m=module: linear_out_in(m, t))
+            if "weight" in kinds else None
+        )
+        biases = stacked(f"{path}.bias", module.bias) if "bias" in kinds else None
+
+        def add(x, hidden, weights=weights, biases=biases):
+            size = int(hidden.shape[0])
             if size % groups:
                 raise ValueError(f"a batch of {size} rows is not {groups} equal blocks")
-            blocks = x.reshape(groups, size // groups, *x.shape[1:]).float()
-            change = torch.einsum("gn...i,goi->gn...o", blocks, stacked)
+            change = torch.zeros(
+                (groups, size // groups, *hidden.shape[1:]), dtype=torch.float32,
+                device=hidden.device,
+            )
+            if weights is not None:
+                blocks = x.reshape(groups, size // groups, *x.shape[1:]).float()
+                change = change + torch.einsum("gn...i,goi->gn...o", blocks, weights)
+            if biases is not None:
+                shape = (groups,) + (1,) * (change.dim() - 2) + (biases.shape[-1],)
+                change = change + biases.reshape(shape)
             return hidden + change.reshape(hidden.shape).to(hidden.dtype)
 
-        modules[name], edits[name] = module, add
+        modules[path], edits[path] = module, add
     with edited_from_inputs(modules, edits):
         yield

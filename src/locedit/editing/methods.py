@@ -71,6 +71,15 @@ class EditMethod:
     #: that independent edits can optimise theirs together (:mod:`locedit.editing.grouped`);
     #: ``None``: the method has none (finetuning)
     vstar_jobs: Apply | None = None
+    #: (model, tokenizer, requests, windows, hparams) -> one outcome per edit: the method's
+    #: optimisation of independent edits as one batch, handed to ``apply`` through
+    #: ``EditCall.vstars`` (finetuning, :mod:`locedit.editing.grouped_finetune`)
+    batched_fit: Apply | None = None
+
+    @property
+    def groupable(self) -> bool:
+        """Whether independent edits of this method can optimise together (issue 28)."""
+        return self.vstar_jobs is not None or self.batched_fit is not None
 
     def window_for(self, hparams: HParams | None = None) -> int:
         """The window size: the hyperparameter ``window_field`` names, if any, else ``window``."""
@@ -100,7 +109,15 @@ class EditMethod:
         modules = [_module_of(self.apply)]
         if self.vstar_jobs is not None:
             modules += [_module_of(self.vstar_jobs), "locedit.editing.grouped"]
+        if self.batched_fit is not None:
+            modules += [_module_of(self.batched_fit), "locedit.editing.grouped"]
         return tuple(dict.fromkeys(modules))
+
+    def fit_together(self, *args: Any) -> list:
+        """Run :attr:`batched_fit` (a method without one cannot: ``ValueError``)."""
+        if self.batched_fit is None:
+            raise ValueError(f"{self.name} has no batched optimisation")
+        return _resolved(self.batched_fit)(*args)
 
     def run(
         self,
@@ -297,6 +314,7 @@ def _constrained_finetune(name: str, window: int) -> EditMethod:
         forcing_steps=(25, 50),
         apply="locedit.editing.finetune:apply_finetune",
         changed_params=_finetuned,
+        batched_fit="locedit.editing.grouped_finetune:grouped_finetune",
     )
 
 

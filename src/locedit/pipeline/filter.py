@@ -1,14 +1,24 @@
-"""Stage `filter`: keep the facts the model knows (paper App. A) and log the counts."""
+"""Stage `filter`: keep the facts the model knows (paper App. A) and log the counts.
+
+The scan's result is also kept in ``<paths.outputs>/cache/filter/<key>/``, keyed by the model
+fingerprint, the candidate records' content, the filter settings and the code that filters
+(:mod:`locedit.versioning`): a rerun with nothing changed (``make scale`` resuming after a kill,
+a ``dvc repro`` forced by an unrelated dependency) reads it instead of generating again.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
+from collections import Counter
+from pathlib import Path
 
 from omegaconf import DictConfig
 
-from locedit.data.filter import FilterConfig, filter_known_facts
-from locedit.data.records import read_records, write_records
+from locedit.data.filter import FilterConfig, FilterResult, filter_known_facts
+from locedit.data.records import FactRecord, read_records, write_records
 from locedit.models.snapshot import model_fingerprint
 from locedit.pipeline.common import (
     mark_reports_stale,
@@ -18,8 +28,41 @@ from locedit.pipeline.common import (
 )
 from locedit.storage import atomic_write_text, remove_outputs
 from locedit.tracking import log_metrics, stage_run
+from locedit.versioning import content_key
 
 log = logging.getLogger(__name__)
+
+
+def cache_key(fingerprint: str, records: list[FactRecord], config: FilterConfig) -> str:
+    """What the scan's result depends on: model, candidates (their content), settings, code."""
+    content = json.dumps([r.to_json() for r in records], sort_keys=True, default=str)
+    return content_key(
+        "filter",
+        model=fingerprint,
+        record=hashlib.sha256(content.encode()).hexdigest(),
+        params=dataclasses.asdict(config),
+        code=["locedit.data.filter"],
+    )
+
+
+def cached_result(folder: Path) -> FilterResult | None:
+    """The result kept in ``folder``, or None when there is none (or it is unreadable)."""
+    try:
+        counts = json.loads((folder / "result.json").read_text())
+        kept = read_records(folder / "facts.jsonl")
+    except (OSError, ValueError):
+        return None
+    return FilterResult(kept, int(counts["n_candidates"]), int(counts["n_known"]),
+                        Counter(counts["dropped"]), int(counts["n_scanned"]))
+
+
+def keep_result(folder: Path, result: FilterResult) -> None:
+    """Write the result into ``folder``; result.json last, so a kill leaves no readable half."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_records(folder / "facts.jsonl", result.kept)
+    counts = {"n_candidates": result.n_candidates, "n_known": result.n_known,
+              "n_scanned": result.n_scanned, "dropped": dict(result.dropped)}
+    atomic_write_text(folder / "result.json", json.dumps(counts, indent=2) + "\n")
 
 
 def run(params: DictConfig) -> None:
@@ -37,12 +80,19 @@ def run(params: DictConfig) -> None:
         require_known=bool(cfg.filter.get("require_known", True)),
         min_p_true=None if cfg.filter.get("min_p_true") is None else float(cfg.filter.min_p_true),
     )
-    result = filter_known_facts(model, tokenizer, records, config)
+    fingerprint = model_fingerprint(model)
+    cached = Path(params.paths.outputs) / "cache" / "filter" / cache_key(fingerprint, records, config)
+    result = cached_result(cached)
+    if result is None:
+        result = filter_known_facts(model, tokenizer, records, config)
+        keep_result(cached, result)
+    else:
+        log.info("filter: the same scan was done before; its result is read from %s", cached)
     write_records(out / "facts.jsonl", result.kept)
     n_erasure = sum(bool(r.extra.get("erasure_ok")) for r in result.kept)
     summary = {
         "model": str(params.model.name),
-        "model_fingerprint": model_fingerprint(model),
+        "model_fingerprint": fingerprint,
         "candidates": result.n_candidates,
         "scanned": result.n_scanned,
         "known": result.n_known,

@@ -242,9 +242,9 @@ def run_fact(
     """Edit ``record`` for each task and report one row per task through ``on_row``.
 
     ``records`` (by fact id) supplies the facts that tasks co-edit (``EditTask.co_facts``).
-    ``group_size`` > 1 optimises the v*/z* of up to that many of the fact's edits of one
-    method and problem (its layers) as one batch (:func:`task_groups`); the rows are the
-    same, to rounding (issue 28).
+    ``group_size`` > 1 optimises up to that many of the fact's edits of one method and problem
+    (its layers: their v*/z*, or their finetuning) as one batch (:func:`task_groups`); the
+    rows are the same, to rounding (issue 28).
     """
     if not tasks:
         return
@@ -285,8 +285,9 @@ def run_fact(
 
 
 def task_groups(tasks: Sequence[EditTask], size: int) -> list[list[EditTask]]:
-    """Consecutive tasks of one (method, problem) whose method optimises a v*/z*, at most
-    ``size`` to a group (their v*/z* run as one batch); every other task alone. The order of
+    """Consecutive tasks of one (method, problem) whose method can optimise independent edits
+    together (v*/z*, finetuning), at most ``size`` to a group (their optimisations run as one
+    batch); every other task alone. The order of
     the tasks, and so of the rows, is kept."""
     groups: list[list[EditTask]] = []
     for task in tasks:
@@ -294,7 +295,7 @@ def task_groups(tasks: Sequence[EditTask], size: int) -> list[list[EditTask]]:
         if (
             size > 1 and last and len(last) < size
             and (last[0].method, last[0].problem) == (task.method, task.problem)
-            and get_method(task.method).vstar_jobs is not None
+            and get_method(task.method).groupable
         ):
             last.append(task)
         else:

@@ -1,0 +1,121 @@
+"""Edits per second at each group size (issue 28): shared by ``benchmarks/editing.py`` and
+``benchmarks/gpu_check.py``, so it imports only torch and locedit's editing code (the GPU
+machine has no mlflow, omegaconf or datasets)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+
+import torch
+
+from locedit.editing import EditFailed, EditRequest, edited
+from locedit.editing.methods import get_method
+from locedit.models.scoring import target_log_probs
+from locedit.models.tokens import encode_prompt, encode_target
+
+log = logging.getLogger("benchmarks.throughput")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_mb(device: torch.device) -> float:
+    """Peak memory so far: the accelerator's allocations, else the process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mb()
+
+
+def grouped_throughput(
+    model, tokenizer, store, requests: list[EditRequest], layers: list[int],
+    hparams: dict, sizes: tuple[int, ...] = (1, 4, 16, 64), min_edits: int = 4,
+    budget=None,
+) -> dict:
+    """Edits per second per method when G independent edits run their optimisations (v*/z*,
+    finetuning) as one batch (issue 28; :func:`locedit.editing.grouped.grouped_vstars`), at
+    each G in ``sizes``.
+
+    An edit is the whole edit in :func:`~locedit.editing.edited` from its batched v*/z*,
+    plus p(target) on the edited model. The edits cycle through ``requests`` x ``layers``
+    (groups differ in fact and in layer); each size runs at least ``min_edits`` edits (G = 1
+    is the sequential editor); methods that cannot batch are measured at G = 1 only, a size
+    whose batch a method refuses (e.g. finetuning half-precision weights) is recorded as
+    refused, and sizes are skipped once ``budget`` (``.over()``) runs out.
+    Also reports the largest p(target) difference to the G = 1 run of the same edits and the
+    peak memory (the accelerator's, else the process's resident set, which never falls).
+    """
+    from locedit.editing.grouped import GroupedEdit, grouped_vstars
+    from locedit.models.device import model_device
+
+    device = model_device(model)
+    pairs = [(r, layer) for layer in layers for r in requests]
+    out: dict[str, dict] = {}
+    for method, hp in hparams.items():
+        batched = get_method(method).groupable
+        rows, reference = {}, {}
+        for size in sizes if batched else sizes[:1]:
+            n_edits = max(size, min_edits)
+            rate = next((r["edits_per_second"] for r in reversed(rows.values())
+                         if "edits_per_second" in r), None)
+            if budget is not None and (
+                budget.over() or (rate and n_edits / rate > budget.left())
+            ):
+                rows[str(size)] = {"skipped": "over the time budget"}
+                continue
+            edits = [GroupedEdit(method, *pairs[i % len(pairs)], hp) for i in range(n_edits)]
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            probs, failed, refused = [], 0, None
+            start = time.perf_counter()
+            for first in range(0, n_edits, size):
+                group = edits[first : first + size]
+                try:
+                    given = (
+                        grouped_vstars(model, tokenizer, group, store) if size > 1 and batched
+                        else [()] * len(group)
+                    )
+                except ValueError as err:  # e.g. batched finetuning of half-precision weights
+                    refused = str(err)
+                    break
+                for edit, vstars in zip(group, given, strict=True):
+                    ids = encode_prompt(tokenizer, edit.request.prompt, edit.request.subject)
+                    target = encode_target(tokenizer, edit.request.prompt, edit.request.target)
+                    try:
+                        with edited(model, tokenizer, method, edit.request, edit.layer, hp,
+                                    store, (), vstars):
+                            probs.append(
+                                float(target_log_probs(model, [ids.input_ids], [target]).exp())
+                            )
+                    except EditFailed:
+                        failed += 1
+                        probs.append(float("nan"))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+            if refused is not None:
+                rows[str(size)] = {"refused": refused}
+                log.info("%s G=%d refused: %s", method, size, refused)
+                continue
+            if size == sizes[0]:
+                reference = dict(enumerate(probs))
+            diffs = [
+                abs(p - reference[i]) / max(abs(reference[i]), 1e-30)
+                for i, p in enumerate(probs)
+                if i in reference and not (math.isnan(p) or math.isnan(reference[i]))
+            ]
+            rows[str(size)] = {
+                "edits": n_edits,
+                "failed": failed,
+                "seconds": round(seconds, 3),
+                "edits_per_second": n_edits / seconds,
+                "peak_mb": round(peak_mb(device), 1),
+                "max_relative_p_difference_to_first_size": max(diffs) if diffs else None,
+            }
+            log.info("%s G=%d: %.2f edits/s", method, size, rows[str(size)]["edits_per_second"])
+        out[method] = rows
+    return out
