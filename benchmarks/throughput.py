@@ -36,7 +36,7 @@ def grouped_throughput(
     budget=None,
 ) -> dict:
     """Edits per second per method when G independent edits run their optimisations (v*/z*,
-    finetuning) as one batch (issue 28; :func:`locedit.editing.grouped.grouped_vstars`), at
+    finetuning) as one batch (issue 28; :func:`locedit.editing.editor.optimise_together`), at
     each G in ``sizes``.
 
     An edit is the whole edit in :func:`~locedit.editing.edited` from its batched v*/z*,
@@ -48,7 +48,8 @@ def grouped_throughput(
     Also reports the largest p(target) difference to the G = 1 run of the same edits and the
     peak memory (the accelerator's, else the process's resident set, which never falls).
     """
-    from locedit.editing.grouped import GroupedEdit, grouped_vstars
+    from locedit.editing.editor import optimise_together
+    from locedit.editing.types import GroupedEdit
     from locedit.models.device import model_device
 
     device = model_device(model)
@@ -76,7 +77,7 @@ def grouped_throughput(
                 group = edits[first : first + size]
                 try:
                     given = (
-                        grouped_vstars(model, tokenizer, group, store) if size > 1 and batched
+                        optimise_together(model, tokenizer, group, store) if size > 1 and batched
                         else [()] * len(group)
                     )
                 except ValueError as err:  # e.g. batched finetuning of half-precision weights

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from e2e_support import ROOT
@@ -58,9 +57,9 @@ def test_tree_memory_counts_child_processes():
 
 
 def test_cli_records_each_stage_invocation(tmp_path):
-    from locedit.cli import main
-
     from omegaconf import OmegaConf
+
+    from locedit.cli import main
 
     cfg = compose_params(str(ROOT / "conf"), [
         f"paths.outputs={tmp_path / 'out'}", f"paths.reports={tmp_path / 'rep'}",

@@ -94,7 +94,10 @@ def test_dvc_repro_metrics_plots_and_hydra_exp_run(tmp_path):
     detail = json.loads(_dvc(repo, "metrics", "show", "--json", "reports/metrics_detail.json"))
     assert "random_baseline" in json.dumps(detail) and '"seconds"' in json.dumps(detail)
     seconds = json.loads((repo / "reports" / "metrics_detail.json").read_text())["seconds"]
-    assert set(seconds) == {"trace_last_run", "edit_last_run", "analyze"}
+    # every stage's wall time (costs.json, locedit run), and trace's and edit's own work
+    assert set(seconds) == {"prepare", "filter", "stats", "trace", "tune", "edit", "analyze",
+                            "trace_last_run", "edit_last_run"}
+    assert all(value >= 0 for value in seconds.values())
     shown = json.loads(_dvc(repo, "metrics", "show", "--json"))
     assert "r2_layer" in json.dumps(shown) and "random_baseline" not in json.dumps(shown)
     plots = json.loads(_dvc(repo, "plots", "show", "--json"))["data"]

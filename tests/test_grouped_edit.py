@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 from contextlib import contextmanager
 
@@ -19,8 +18,11 @@ import torch
 from omegaconf import OmegaConf
 
 from locedit.editing import EditFailed, EditRequest, edited, grouped, hparams_for
+from locedit.editing import deltas as deltas_module
 from locedit.editing.batch import request_batch
-from locedit.editing.grouped import GroupedEdit, grouped_vstars
+from locedit.editing.editor import optimise_together
+from locedit.editing.grouped import grouped_vstars
+from locedit.editing.types import GroupedEdit
 from locedit.editing.vstar import VStarJob, optimise_vstar, optimise_vstars
 from locedit.models.architecture import component_module, down_proj_name
 from locedit.models.scoring import target_log_probs
@@ -183,7 +185,7 @@ def test_sweep_rows_with_grouped_edits_equal_one_at_a_time(tmp_path, monkeypatch
 
     @contextmanager
     def measured_together(model, deltas):
-        with grouped.weight_deltas_by_group(model, deltas):
+        with deltas_module.weight_deltas_by_group(model, deltas):
             yield
         together.append(len(deltas))  # reached only when the measurement did not fail
 
@@ -297,7 +299,7 @@ def test_edits_measured_together_equal_each_measured_in_place(family, tok, store
     weight_deltas_by_group: every probe, the essence perplexity and the next-token
     distributions equal those of each edit written into the weights."""
     from locedit.data.records import FactRecord
-    from locedit.editing.grouped import weight_deltas_by_group
+    from locedit.editing.deltas import weight_deltas_by_group
     from locedit.metrics import neighborhood_kl as nkl
     from locedit.metrics.evaluation import (
         EssenceTexts,
@@ -344,7 +346,7 @@ def test_edits_measured_together_equal_each_measured_in_place(family, tok, store
 
 
 def test_measuring_together_supports_linear_weights_only():
-    from locedit.editing.grouped import weight_deltas_by_group
+    from locedit.editing.deltas import weight_deltas_by_group
 
     model = editable_tiny_model("gpt2", n_layers=2)
     name, param = next((n, p) for n, p in model.named_parameters() if "ln_1" in n)
@@ -353,7 +355,7 @@ def test_measuring_together_supports_linear_weights_only():
             pass
 
 
-def test_task_groups_keep_order_and_group_only_vstar_methods_of_one_problem():
+def test_task_groups_keep_order_and_group_only_edits_of_one_method_and_problem():
     from locedit.sweep.plan import EditTask
     from locedit.sweep.worker import task_groups
 
@@ -364,7 +366,7 @@ def test_task_groups_keep_order_and_group_only_vstar_methods_of_one_problem():
     assert [t for g in groups for t in g] == tasks
     assert [(g[0].method, g[0].problem, len(g)) for g in groups] == [
         ("rome", "a", 2), ("rome", "a", 1), ("rome", "b", 2), ("rome", "b", 1),
-        ("ft1", "a", 1), ("ft1", "a", 1), ("ft1", "a", 1), ("memit", "a", 2), ("memit", "a", 1),
+        ("ft1", "a", 2), ("ft1", "a", 1), ("memit", "a", 2), ("memit", "a", 1),
     ]
     assert all(len(g) == 1 for g in task_groups(tasks, 1))
 
@@ -460,7 +462,7 @@ def test_batched_finetuning_equals_sequential_edits(method, family, tok):
     steps = [o[2].diagnostics["ft_steps"] for o in want]
     assert max(steps[i] for i in range(4) if free[i][2].diagnostics["ft_loss_last"] < lasts[2]) <= 6
     assert len(set(steps)) > 1, steps  # some edits stop while others go on
-    given = grouped_vstars(model, tok, [GroupedEdit(method, r, layer, hp) for r, layer in FT_CASES])
+    given = optimise_together(model, tok, [GroupedEdit(method, r, layer, hp) for r, layer in FT_CASES])
     for (request, layer), outcome, expected in zip(FT_CASES, given, want, strict=True):
         assert len(outcome) == 1 and not isinstance(outcome[0], EditFailed)
         _assert_same_edit(_edit_outcome(model, tok, method, request, layer, hp, outcome), expected)
@@ -486,7 +488,7 @@ def test_a_finetuning_edit_that_blows_up_fails_alone(tok, monkeypatch):
         project(self)
 
     monkeypatch.setattr(grouped_finetune.GroupedFinetune, "project_to_linf_ball", blow_up)
-    given = grouped_vstars(model, tok, [GroupedEdit("ft1", r, layer, hp) for r, layer in FT_CASES])
+    given = optimise_together(model, tok, [GroupedEdit("ft1", r, layer, hp) for r, layer in FT_CASES])
     failed = given[1][0]
     assert isinstance(failed, EditFailed)
     assert "non-finite weights after an optimiser step" in str(failed)

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from locedit.editing.covariance import CovarianceStore
 from locedit.editing.hparams import HParams, VStarHParams
 from locedit.editing.methods import EditMethod, check_batch, get_method
-from locedit.editing.types import EditFailed, EditRequest, EditResult
+from locedit.editing.types import EditFailed, EditRequest, EditResult, GroupedEdit
 from locedit.models.architecture import n_layers
 from locedit.models.snapshot import preserved_weights
 
@@ -107,8 +107,7 @@ def edited(
     ``hparams.batch_size - 1`` of them (MEMIT, EMMET, AlphaEdit); a method without a
     ``batch_size`` refuses any (:func:`~locedit.editing.methods.check_batch`). The result
     describes ``request``. ``vstars``: the edit's v*/z* already optimised in a batch with
-    other edits (:func:`locedit.editing.grouped.grouped_vstars`); empty, the method optimises
-    its own.
+    other edits (:func:`optimise_together`); empty, the method optimises its own.
     """
     spec, hparams, layers, templates = prepared(
         model, tokenizer, method, layer, hparams, covariance, co_requests
@@ -158,3 +157,29 @@ def edited(
             "%s edit at layer %d took %.2f s; flags %s", method, layer, result.seconds, result.flags
         )
         yield result
+
+
+def optimise_together(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    edits: Sequence[GroupedEdit],
+    covariance: CovarianceStore | None = None,
+) -> list[tuple]:
+    """Each edit's optimisation outcome (the ``vstars`` that :func:`edited` takes), the edits of
+    each method run as one batch by the method's ``batched_fit`` (issue 28): v*/z* for ROME,
+    MEMIT, EMMET and AlphaEdit, trained weights for FT-1/FT-5. An edit whose method has none
+    gets ``()``; an optimisation that fails comes back as its :class:`EditFailed` and fails
+    only its edit. A batch that cannot run at all (e.g. half-precision finetuning) raises
+    ``ValueError`` and the caller makes those edits one at a time."""
+    out: list[tuple] = [()] * len(edits)
+    by_method: dict[str, list[int]] = {}
+    for index, edit in enumerate(edits):
+        by_method.setdefault(edit.method, []).append(index)
+    for method, members in by_method.items():
+        spec = get_method(method)
+        if not spec.groupable:
+            continue
+        found = spec.fit_together(model, tokenizer, [edits[i] for i in members], covariance)
+        for index, outcome in zip(members, found, strict=True):
+            out[index] = outcome
+    return out

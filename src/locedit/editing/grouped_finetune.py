@@ -37,6 +37,8 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import Direction
 from locedit.editing.batch import EditBatch, build_batch
+from locedit.editing.deltas import linear_out_in
+from locedit.editing.editor import prepared
 from locedit.editing.finetune import (
     _quiet_lightning,
     d_mlp,
@@ -47,9 +49,9 @@ from locedit.editing.finetune import (
 from locedit.editing.forward import hidden_states
 from locedit.editing.hparams import FTHParams
 from locedit.editing.loss import batch_target_log_probs, objective
-from locedit.editing.types import EditFailed, EditRequest
+from locedit.editing.types import EditFailed, EditRequest, GroupedEdit
 from locedit.models.architecture import get_module
-from locedit.models.device import lightning_devices, model_device
+from locedit.models.device import attention_without_cudnn, lightning_devices, model_device
 from locedit.models.hooks import edited_from_inputs, frozen_layers
 from locedit.models.scoring import pad_token_id
 from locedit.models.tokens import encode_target
@@ -101,18 +103,6 @@ def stacked_batches(batches: Sequence[EditBatch], pad_id: int) -> EditBatch:
         noise=noise,
         noise_sample=sum((b.noise_sample for b in batches), ()),
         template=sum((b.template for b in batches), ()),
-    )
-
-
-def linear_out_in(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """A trained module's weight as ``F.linear`` takes it: [out, in]."""
-    if isinstance(module, nn.Linear):
-        return weight
-    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 style [in, out] layer
-        return weight.T
-    raise ValueError(
-        f"edits applied in the forward support the weights of Linear and Conv1D modules, "
-        f"not of {type(module).__name__}"
     )
 
 
@@ -328,4 +318,30 @@ def grouped_finetune(
             continue
         edit.outcome.weights = {n: c.detach().clone() for n, c in edit.copies.items()}
         out.append(edit.outcome)
+    return out
+
+
+def finetune_group(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    edits: Sequence[GroupedEdit],
+    covariance: object = None,
+) -> list[tuple[FinetuneOutcome | EditFailed]]:
+    """FT-1 / FT-5's ``batched_fit``: the edits of each hyperparameter setting finetuned as one
+    batch (:func:`grouped_finetune`), each edit's outcome as the one-element ``vstars`` that
+    :func:`locedit.editing.edited` hands to ``apply_finetune``."""
+    out: list[tuple] = [()] * len(edits)
+    batches: dict[str, list[tuple[int, EditRequest, list[int], FTHParams]]] = {}
+    for index, edit in enumerate(edits):
+        _, hparams, layers, _ = prepared(
+            model, tokenizer, edit.method, edit.layer, edit.hparams, None, edit.co_requests
+        )
+        batches.setdefault(repr(hparams), []).append((index, edit.request, layers, hparams))
+    with attention_without_cudnn():  # as EditMethod.run: bfloat16 on Hopper
+        for members in batches.values():
+            found = grouped_finetune(
+                model, tokenizer, [m[1] for m in members], [m[2] for m in members], members[0][3]
+            )
+            for (index, *_), outcome in zip(members, found, strict=True):
+                out[index] = (outcome,)
     return out

@@ -71,15 +71,16 @@ class EditMethod:
     #: that independent edits can optimise theirs together (:mod:`locedit.editing.grouped`);
     #: ``None``: the method has none (finetuning)
     vstar_jobs: Apply | None = None
-    #: (model, tokenizer, requests, windows, hparams) -> one outcome per edit: the method's
-    #: optimisation of independent edits as one batch, handed to ``apply`` through
-    #: ``EditCall.vstars`` (finetuning, :mod:`locedit.editing.grouped_finetune`)
+    #: (model, tokenizer, GroupedEdits, covariance) -> each edit's outcome: the method's
+    #: optimisations of independent edits run as one batch (issue 28), handed to ``apply``
+    #: through ``EditCall.vstars`` (v*/z*: :func:`locedit.editing.grouped.grouped_vstars`;
+    #: finetuning: :func:`locedit.editing.grouped_finetune.finetune_group`); ``None``: none
     batched_fit: Apply | None = None
 
     @property
     def groupable(self) -> bool:
         """Whether independent edits of this method can optimise together (issue 28)."""
-        return self.vstar_jobs is not None or self.batched_fit is not None
+        return self.batched_fit is not None
 
     def window_for(self, hparams: HParams | None = None) -> int:
         """The window size: the hyperparameter ``window_field`` names, if any, else ``window``."""
@@ -104,13 +105,14 @@ class EditMethod:
     @property
     def code_modules(self) -> tuple[str, ...]:
         """The modules that compute this method's edit (cache keys version their code): its
-        ``apply``, and for a method with v*/z* jobs those jobs and the batched optimisation
-        that runs them in grouped sweeps (``editing/grouped.py``)."""
+        ``apply``, its v*/z* jobs if any, and its batched optimisation for grouped sweeps
+        (``editing/grouped.py`` or ``editing/grouped_finetune.py``: neither imports the
+        other, so a change to one reruns only its methods' rows)."""
         modules = [_module_of(self.apply)]
         if self.vstar_jobs is not None:
-            modules += [_module_of(self.vstar_jobs), "locedit.editing.grouped"]
+            modules.append(_module_of(self.vstar_jobs))
         if self.batched_fit is not None:
-            modules += [_module_of(self.batched_fit), "locedit.editing.grouped"]
+            modules.append(_module_of(self.batched_fit))
         return tuple(dict.fromkeys(modules))
 
     def fit_together(self, *args: Any) -> list:
@@ -278,6 +280,7 @@ def _closed_form(
     in_paper: bool = True,
     extra_tuned_fields: tuple[str, ...] = (),
     vstar_jobs: Apply = "locedit.editing.spread:spread_vstar_jobs",
+    batched_fit: Apply = "locedit.editing.grouped:grouped_vstars",
 ) -> EditMethod:
     """ROME, MEMIT, EMMET, AlphaEdit: a closed-form update of down-projections from key
     statistics, with the KL weight of the v*/z* optimisation tuned (App. A: 20 -> 25 v* steps
@@ -297,6 +300,7 @@ def _closed_form(
         in_paper=in_paper,
         extra_tuned_fields=extra_tuned_fields,
         vstar_jobs=vstar_jobs,
+        batched_fit=batched_fit,
     )
 
 
@@ -314,7 +318,7 @@ def _constrained_finetune(name: str, window: int) -> EditMethod:
         forcing_steps=(25, 50),
         apply="locedit.editing.finetune:apply_finetune",
         changed_params=_finetuned,
-        batched_fit="locedit.editing.grouped_finetune:grouped_finetune",
+        batched_fit="locedit.editing.grouped_finetune:finetune_group",
     )
 
 

@@ -73,11 +73,23 @@ class EditCall:
     #: Requests edited together with ``request`` in one update (mass editing: MEMIT, EMMET);
     #: ``request`` stays the one the caller measures.
     co_requests: tuple[EditRequest, ...] = ()
-    #: The v*/z* of this edit, already optimised together with other edits'
-    #: (:mod:`locedit.editing.grouped`), in the order of the method's ``vstar_jobs``: a
-    #: ``VStar`` each, or the ``EditFailed`` its optimisation ended in. Empty: the method
-    #: optimises its own (the sequential reference).
+    #: This edit's optimisation, already run together with other edits' (issue 28; the
+    #: method's ``batched_fit``): its v*/z* in the order of the method's ``vstar_jobs`` (a
+    #: ``VStar`` each), or finetuning's one ``FinetuneOutcome``; an ``EditFailed`` where the
+    #: optimisation failed. Empty: the method optimises its own (the sequential reference).
     vstars: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class GroupedEdit:
+    """One edit of a group optimised together (issue 28): what :func:`locedit.editing.edited`
+    would be called with."""
+
+    method: str
+    request: EditRequest
+    layer: int
+    hparams: Any = None
+    co_requests: tuple[EditRequest, ...] = ()
 
 
 @dataclass

@@ -107,7 +107,7 @@ def copied_log_probs(
 ) -> torch.Tensor:
     """:func:`~locedit.models.scoring.target_log_probs` of ``copies`` copies of the pairs,
     [copies, n]: each forward holds ``copies`` equal blocks of the same chunk of at most
-    ``batch_size`` pairs, block g for copy g (how :func:`locedit.editing.grouped.
+    ``batch_size`` pairs, block g for copy g (how :func:`locedit.editing.deltas.
     weight_deltas_by_group` measures G edits at once). One copy is target_log_probs itself."""
     out = []
     for start in range(0, len(prompts), batch_size):

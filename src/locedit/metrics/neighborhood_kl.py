@@ -122,7 +122,7 @@ def copied_next_token_distributions(
 ) -> torch.Tensor:
     """:func:`next_token_distributions` of ``copies`` copies, [copies, n_prompts, vocab]: each
     forward holds ``copies`` equal blocks of the same chunk (copy g in block g; see
-    :func:`locedit.editing.grouped.weight_deltas_by_group`)."""
+    :func:`locedit.editing.deltas.weight_deltas_by_group`)."""
     chunks = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])

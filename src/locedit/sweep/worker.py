@@ -22,8 +22,10 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import FactRecord
 from locedit.editing import EditFailed, EditRequest, edited
-from locedit.editing.grouped import GroupedEdit, grouped_vstars, weight_deltas_by_group
+from locedit.editing.deltas import weight_deltas_by_group
+from locedit.editing.editor import optimise_together
 from locedit.editing.methods import get_method
+from locedit.editing.types import GroupedEdit
 from locedit.metrics import neighborhood_kl as nkl
 from locedit.metrics.evaluation import (
     EssenceTexts,
@@ -306,7 +308,8 @@ def task_groups(tasks: Sequence[EditTask], size: int) -> list[list[EditTask]]:
 def _group_vstars(
     model, tokenizer, covariance, record, group, hparams, config, pre, co_requests_for
 ) -> tuple[list[tuple], float]:
-    """The v*/z* of a group's edits, optimised as one batch (:mod:`locedit.editing.grouped`),
+    """The optimisations of a group's edits (v*/z*, finetuning) run as one batch
+    (:func:`locedit.editing.editor.optimise_together`),
     and each edit's share of its time. A task whose request cannot be built gets none and
     meets the same error in :func:`_run_task`; a batch that cannot run (e.g. out of memory)
     leaves every task to optimise its own."""
@@ -327,9 +330,9 @@ def _group_vstars(
         ))
     start = time.perf_counter()
     try:
-        found = grouped_vstars(model, tokenizer, edits, covariance)
+        found = optimise_together(model, tokenizer, edits, covariance)
     except (EditFailed, ValueError, RuntimeError) as err:
-        log.warning("batched v* of %d edits failed (%s): optimising them one at a time",
+        log.warning("the batched optimisation of %d edits failed (%s): one at a time",
                     len(edits), err)
         return nothing, 0.0
     for index, vstars in zip(members, found, strict=True):
@@ -374,7 +377,7 @@ def _run_group(
 ) -> list[dict[str, Any]]:
     """A group's rows (issue 28): each edit made and restored in turn from its batched v*/z*,
     then all of them measured in the same forwards, each through its weight change applied
-    in the forward (:func:`locedit.editing.grouped.weight_deltas_by_group`) instead of written
+    in the forward (:func:`locedit.editing.deltas.weight_deltas_by_group`) instead of written
     into the weights. Should that fail (memory), each is measured with its weights written."""
     rows, made = [], []
     for task, given in zip(tasks, vstars, strict=True):
