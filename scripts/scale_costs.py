@@ -35,7 +35,8 @@ def run_sizes(root: Path) -> list[dict]:
             continue
         facts = _json(folder / "filter" / "report.json").get("kept")
         edits = _json(folder / "edit" / "summary.json").get("edits")
-        stages = {s: stage_total(costs[s]) for s in STAGES if costs.get(s)}
+        # a scale folder holds one run: every invocation counts (a resume's cached reruns too)
+        stages = {s: stage_total(costs[s], latest_run=False) for s in STAGES if costs.get(s)}
         runs.append({"folder": folder.name, "facts": facts, "edits": edits, "stages": stages})
     return sorted(runs, key=lambda r: r["facts"] or 0)
 
@@ -69,7 +70,10 @@ def table(runs: list[dict]) -> str:
             if cost is None:
                 cells.append("–")
                 continue
-            pieces = f" ({int(cost['invocations'])} pieces)" if cost["invocations"] > 1 else ""
+            pieces = (
+                f" ({' + '.join(f'{p:.0f}' for p in cost['pieces'])})" if len(cost["pieces"]) > 1
+                else ""
+            )
             # costs recorded before the tree sampler existed: the largest process's RSS, marked
             pss = cost["peak_tree_pss_mib"]
             rss = max(cost["peak_rss_mib"], cost["peak_rss_child_mib"])
@@ -127,7 +131,9 @@ def main() -> int:
     text = "\n".join([
         "# Cost of the scale run by size",
         "",
-        "Each stage's wall time (summed over its pieces when it was killed and resumed) and peak "
+        "Each stage's wall time (summed over every invocation in the run's folder, listed in "
+        "brackets when there were several: a killed and resumed run reruns each stage, the "
+        "finished ones from their caches) and peak "
         "memory (the largest summed PSS of the stage's process and its workers, sampled each "
         "second: what the run takes from the machine), from "
         "`outputs/scale-*/costs.json`; growth is the log-log slope of the seconds against the "

@@ -39,6 +39,8 @@ def test_stage_total_sums_the_latest_runs_pieces_only():
         {"status": "ok", "seconds": 11.0, "peak_tree_pss_mib": 300.0},
     ]
     total = stage_total(entries)
+    assert total["pieces"] == [7.0, 3.0, 11.0]
+    assert stage_total(entries, latest_run=False)["seconds"] == pytest.approx(121.0)
     assert total["seconds"] == pytest.approx(21.0)
     assert total["peak_tree_pss_mib"] == 500.0
     assert total["invocations"] == 3
@@ -112,5 +114,5 @@ def test_scale_cost_table_slopes(tmp_path):
     assert scale_costs.slope(runs, "stats") == pytest.approx(0.0)
     assert scale_costs.slope(runs, "analyze") == pytest.approx(2.0)
     text = scale_costs.table(runs)
-    assert "| edit | 50 s, 4.0 GiB (2 pieces) | 200 s, 4.0 GiB (2 pieces) | 1.00 |" in text
+    assert "| edit | 50 s, 4.0 GiB (25 + 25) | 200 s, 4.0 GiB (100 + 100) | 1.00 |" in text
     assert scale_costs.findings(runs) == ["- analyze grows faster than linearly (slope 2.00)."]

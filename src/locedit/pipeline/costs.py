@@ -130,11 +130,14 @@ def current_run(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return entries[ok[-1] + 1:] if ok else list(entries)
 
 
-def stage_total(entries: list[dict[str, Any]]) -> dict[str, float]:
-    """One stage's cost over the invocations of its latest run (:func:`current_run`): summed
-    seconds, largest peaks, how many pieces."""
-    entries = current_run(entries)
+def stage_total(entries: list[dict[str, Any]], latest_run: bool = True) -> dict[str, Any]:
+    """One stage's cost over the invocations of its latest run (:func:`current_run`), or over
+    every recorded invocation (``latest_run=False``: a folder that holds one run, resumed
+    pieces and cached reruns included): summed seconds, largest peaks, how many pieces and
+    each piece's seconds."""
+    entries = current_run(entries) if latest_run else list(entries)
     return {
+        "pieces": [float(e.get("seconds", 0.0)) for e in entries],
         "seconds": sum(float(e.get("seconds", 0.0)) for e in entries),
         "peak_rss_mib": max((float(e.get("peak_rss_mib", 0.0)) for e in entries), default=0.0),
         "peak_rss_child_mib": max(
