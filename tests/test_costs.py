@@ -116,3 +116,20 @@ def test_scale_cost_table_slopes(tmp_path):
     text = scale_costs.table(runs)
     assert "| edit | 50 s, 4.0 GiB (25 + 25) | 200 s, 4.0 GiB (100 + 100) | 1.00 |" in text
     assert scale_costs.findings(runs) == ["- analyze grows faster than linearly (slope 2.00)."]
+
+
+def test_a_running_invocation_is_on_file_and_kept_up_to_date(tmp_path):
+    """What a kill without cleanup (SIGKILL) leaves: the running entry, updated each beat."""
+    import time
+
+    with measured(tmp_path, "trace", heartbeat=0.2):
+        first = read_costs(tmp_path)["trace"]
+        time.sleep(1.5)
+        later = read_costs(tmp_path)["trace"]
+    assert [e["status"] for e in first] == ["running"] and first[0]["seconds"] < 0.5
+    assert [e["status"] for e in later] == ["running"] and later[0]["seconds"] >= 0.8
+    done = read_costs(tmp_path)["trace"]
+    assert [e["status"] for e in done] == ["ok"] and done[0]["seconds"] >= 1.5
+    # a killed piece before a finished one counts towards the stage's latest run
+    killed = [{"status": "running", "seconds": 40.0}, {"status": "ok", "seconds": 2.0}]
+    assert stage_total(killed)["seconds"] == pytest.approx(42.0)

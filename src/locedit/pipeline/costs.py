@@ -19,7 +19,7 @@ import json
 import resource
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,13 @@ class TreeMemory:
     def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
         self.peak_mib = 0.0
+        self._tick: tuple[float, Callable[[], object]] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="tree-memory", daemon=True)
+
+    def on_tick(self, every: float, call: Callable[[], object]) -> None:
+        """Also run ``call`` every ``every`` seconds from the sampling thread."""
+        self._tick = (every, call)
 
     def sample(self) -> float:
         import psutil
@@ -61,8 +66,12 @@ class TreeMemory:
         return mib
 
     def _watch(self) -> None:
+        last = time.perf_counter()
         while not self._stop.wait(self.interval):
             self.sample()
+            if self._tick is not None and time.perf_counter() - last >= self._tick[0]:
+                last = time.perf_counter()
+                self._tick[1]()
 
     def __enter__(self) -> TreeMemory:
         self.sample()
@@ -85,21 +94,50 @@ def read_costs(outputs: Path) -> dict[str, list[dict[str, Any]]]:
     return data if isinstance(data, dict) else {}
 
 
-def record_cost(outputs: Path, stage: str, entry: dict[str, Any]) -> None:
+def record_cost(outputs: Path, stage: str, entry: dict[str, Any], index: int | None = None) -> int:
+    """Append ``entry`` to the stage's invocations, or replace invocation ``index``; returns
+    its index."""
     costs = read_costs(outputs)
-    costs.setdefault(stage, []).append(entry)
+    entries = costs.setdefault(stage, [])
+    if index is None or index >= len(entries):
+        entries.append(entry)
+        index = len(entries) - 1
+    else:
+        entries[index] = entry
     Path(outputs).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(outputs) / COSTS_FILE, json.dumps(costs, indent=2) + "\n")
+    return index
+
+
+#: Seconds between the updates of a running invocation's entry: a stage killed outright
+#: (SIGKILL, a lost machine) keeps its cost up to the last update.
+HEARTBEAT = 30.0
 
 
 @contextmanager
-def measured(outputs: Path, stage: str) -> Iterator[None]:
+def measured(outputs: Path, stage: str, heartbeat: float = HEARTBEAT) -> Iterator[None]:
     """Record the body's wall time and peak memory as one invocation of ``stage``, also when it
-    raises or is interrupted (``status`` says which), so a resumed stage's cost is complete."""
-    started = time.time()
+    raises or is interrupted (``status`` says which), so a resumed stage's cost is complete.
+    The entry is written at the start as ``running`` and updated every ``heartbeat`` seconds,
+    so even a kill that runs no cleanup leaves the cost up to its last update."""
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
     clock = time.perf_counter()
-    status = "interrupted"
     memory = TreeMemory()
+
+    def entry(status: str) -> dict[str, Any]:
+        own, child = peak_rss_mib()
+        return {
+            "status": status,
+            "started": started,
+            "seconds": round(time.perf_counter() - clock, 2),
+            "peak_tree_pss_mib": round(memory.peak_mib, 1),
+            "peak_rss_mib": own,
+            "peak_rss_child_mib": child,
+        }
+
+    index = record_cost(outputs, stage, entry("running"))
+    memory.on_tick(heartbeat, lambda: record_cost(outputs, stage, entry("running"), index))
+    status = "interrupted"
     try:
         with memory:
             yield
@@ -110,15 +148,7 @@ def measured(outputs: Path, stage: str) -> Iterator[None]:
         status = "failed"
         raise
     finally:
-        own, child = peak_rss_mib()
-        record_cost(outputs, stage, {
-            "status": status,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "seconds": round(time.perf_counter() - clock, 2),
-            "peak_tree_pss_mib": round(memory.peak_mib, 1),
-            "peak_rss_mib": own,
-            "peak_rss_child_mib": child,
-        })
+        record_cost(outputs, stage, entry(status), index)
 
 
 def current_run(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
