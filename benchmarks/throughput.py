@@ -44,7 +44,9 @@ def grouped_throughput(
     (groups differ in fact and in layer); each size runs at least ``min_edits`` edits (G = 1
     is the sequential editor); methods that cannot batch are measured at G = 1 only, a size
     whose batch a method refuses (e.g. finetuning half-precision weights) is recorded as
-    refused, and sizes are skipped once ``budget`` (``.over()``) runs out.
+    refused; with a ``budget`` (``.left()`` seconds) each method gets an equal share of it, and
+    a size that would not fit in what is left of that share (at the last size's rate) is
+    skipped.
     Also reports the largest p(target) difference to the G = 1 run of the same edits and the
     peak memory (the accelerator's, else the process's resident set, which never falls).
     """
@@ -55,16 +57,19 @@ def grouped_throughput(
     device = model_device(model)
     pairs = [(r, layer) for layer in layers for r in requests]
     out: dict[str, dict] = {}
-    for method, hp in hparams.items():
+    for index, (method, hp) in enumerate(hparams.items()):
         batched = get_method(method).groupable
         rows, reference = {}, {}
+        # each method gets an equal share of what is left of the budget
+        share_end = (
+            time.perf_counter() + budget.left() / (len(hparams) - index) if budget else math.inf
+        )
         for size in sizes if batched else sizes[:1]:
             n_edits = max(size, min_edits)
             rate = next((r["edits_per_second"] for r in reversed(rows.values())
                          if "edits_per_second" in r), None)
-            if budget is not None and (
-                budget.over() or (rate and n_edits / rate > budget.left())
-            ):
+            left = share_end - time.perf_counter()
+            if budget is not None and (left <= 0 or (rate and n_edits / rate > left)):
                 rows[str(size)] = {"skipped": "over the time budget"}
                 continue
             edits = [GroupedEdit(method, *pairs[i % len(pairs)], hp) for i in range(n_edits)]
