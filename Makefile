@@ -66,13 +66,15 @@ endif
 scale-costs: setup
 	PYTHONPATH=src $(BIN)/python scripts/scale_costs.py --output docs/scale-run/costs.md
 
-# The committed report of the 100-fact run: its summary, tables and figures, the cost table.
+# The committed report of the 100-fact run: its summary, tables and figures, the cost table
+# and an index with the headline (docs/scale-run/README.md).
 scale-docs: scale-costs
 	test -f reports/scale-100/summary.md || { echo "no reports/scale-100: run make scale first"; exit 1; }
 	mkdir -p docs/scale-run/tables docs/scale-run/figures
 	cp reports/scale-100/summary.md reports/scale-100/tables.md docs/scale-run/
 	cp reports/scale-100/tables/*.md docs/scale-run/tables/
 	cp reports/scale-100/figures/*.png docs/scale-run/figures/
+	PYTHONPATH=src $(BIN)/python scripts/scale_report.py --facts 100 --output docs/scale-run/README.md
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist load --durations=15
