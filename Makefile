@@ -74,7 +74,8 @@ scale-docs: scale-costs
 	cp reports/scale-100/summary.md reports/scale-100/tables.md docs/scale-run/
 	cp reports/scale-100/tables/*.md docs/scale-run/tables/
 	cp reports/scale-100/figures/*.png docs/scale-run/figures/
-	PYTHONPATH=src $(BIN)/python scripts/scale_report.py --facts 100 --output docs/scale-run/README.md
+	PYTHONPATH=src $(BIN)/python scripts/scale_report.py --facts 100 --output docs/scale-run/README.md \
+		--readme README.md
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist load --durations=15

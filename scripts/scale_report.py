@@ -53,10 +53,29 @@ def headline(regressions: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def splice(text: str, name: str, block: str) -> str:
+    """``text`` with what stands between ``<!-- name -->`` and ``<!-- /name -->`` replaced by
+    ``block`` (the README's generated parts); the markers must be there."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"README has no {start} ... {end} block")
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    return f"{head}{start}\n{block.strip()}\n{end}{tail}"
+
+
+def cost_table(costs_md: Path) -> str:
+    """The table and findings of costs.md (``make scale-costs``), without its heading."""
+    lines = costs_md.read_text().splitlines()
+    return "\n".join(line for line in lines if line.startswith(("|", "- ")))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--facts", type=int, default=100)
     parser.add_argument("--output", type=Path, default=Path("docs/scale-run/README.md"))
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="also rewrite this file's scale-run:headline and scale-run:costs blocks")
     args = parser.parse_args()
     reports, outputs = Path(f"reports/scale-{args.facts}"), Path(f"outputs/scale-{args.facts}")
     regressions = pd.read_csv(reports / "tables" / "regressions.csv")
@@ -112,6 +131,12 @@ def main() -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text, encoding="utf-8")
     print(f"wrote {args.output}")
+    if args.readme is not None:
+        readme = args.readme.read_text()
+        readme = splice(readme, "scale-run:headline", headline(regressions))
+        readme = splice(readme, "scale-run:costs", cost_table(args.output.parent / "costs.md"))
+        args.readme.write_text(readme, encoding="utf-8")
+        print(f"updated the scale-run blocks of {args.readme}")
     return 0
 
 
