@@ -37,8 +37,22 @@ def run_sizes(root: Path) -> list[dict]:
         edits = _json(folder / "edit" / "summary.json").get("edits")
         # a scale folder holds one run: every invocation counts (a resume's cached reruns too)
         stages = {s: stage_total(costs[s], latest_run=False) for s in STAGES if costs.get(s)}
-        runs.append({"folder": folder.name, "facts": facts, "edits": edits, "stages": stages})
+        runs.append({"folder": folder.name, "facts": facts, "edits": edits, "stages": stages,
+                     "reused": reused(folder, stages)})
     return sorted(runs, key=lambda r: r["facts"] or 0)
+
+
+def reused(folder: Path, stages: dict) -> set[str]:
+    """Stages that computed nothing in a single invocation: their results came from another
+    run's caches (``make scale REUSE=...``), so their seconds are the cost of reading them."""
+    trace = _json(folder / "trace" / "summary.json")
+    edit = _json(folder / "edit" / "summary.json")
+    found = set()
+    if trace.get("n_computed") == 0 and len(stages.get("trace", {}).get("pieces", [])) == 1:
+        found.add("trace")
+    if edit.get("ran_now") == 0 and len(stages.get("edit", {}).get("pieces", [])) == 1:
+        found.add("edit")
+    return found
 
 
 def _json(path: Path) -> dict:
@@ -49,8 +63,9 @@ def _json(path: Path) -> dict:
 
 
 def slope(runs: list[dict], stage: str) -> float:
-    """Log-log slope of the stage's seconds against facts, smallest to largest run."""
-    have = [r for r in runs if stage in r["stages"] and r["facts"]]
+    """Log-log slope of the stage's seconds against facts, smallest to largest run that
+    computed the stage (not one that read another run's caches)."""
+    have = [r for r in runs if stage in r["stages"] and r["facts"] and stage not in r["reused"]]
     if len(have) < 2:
         return float("nan")
     a, b = have[0], have[-1]
@@ -78,7 +93,8 @@ def table(runs: list[dict]) -> str:
             pss = cost["peak_tree_pss_mib"]
             rss = max(cost["peak_rss_mib"], cost["peak_rss_child_mib"])
             peak = f"{pss / 1024:.1f} GiB" if pss else f"{rss / 1024:.1f} GiB RSS*"
-            cells.append(f"{cost['seconds']:.0f} s, {peak}{pieces}")
+            cached = " (read from a larger run's caches)" if stage in r["reused"] else ""
+            cells.append(f"{cost['seconds']:.0f} s, {peak}{pieces}{cached}")
         growth = slope(runs, stage)
         cells.append("n/a" if math.isnan(growth) else f"{growth:.2f}")
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
