@@ -63,43 +63,53 @@ def _json(path: Path) -> dict:
 
 
 def slope(runs: list[dict], stage: str) -> float:
-    """Log-log slope of the stage's seconds against facts, smallest to largest run that
-    computed the stage (not one that read another run's caches)."""
+    """Log-log slope of the stage's seconds until it first finished against facts, smallest to
+    largest run that computed the stage (not one that read another run's caches)."""
     have = [r for r in runs if stage in r["stages"] and r["facts"] and stage not in r["reused"]]
     if len(have) < 2:
         return float("nan")
     a, b = have[0], have[-1]
-    sa, sb = a["stages"][stage]["seconds"], b["stages"][stage]["seconds"]
+    sa, sb = a["stages"][stage]["to_completion"], b["stages"][stage]["to_completion"]
     if sa <= 0 or sb <= 0 or a["facts"] == b["facts"]:
         return float("nan")
     return math.log(sb / sa) / math.log(b["facts"] / a["facts"])
+
+
+def _cell(cost: dict, reused: bool) -> str:
+    """Seconds until the stage finished (its pieces when it was killed and resumed), peak
+    memory, and what a resume spent running it again."""
+    pieces, done, n_done = cost["pieces"], cost["to_completion"], cost["pieces_to_completion"]
+    text = f"{done:.0f} s"
+    if n_done > 1:
+        text += f" ({' + '.join(f'{p:.0f}' for p in pieces[:n_done])})"
+    pss = cost["peak_tree_pss_mib"]
+    rss = max(cost["peak_rss_mib"], cost["peak_rss_child_mib"])
+    text += f", {pss / 1024:.1f} GiB" if pss else f", {rss / 1024:.1f} GiB RSS*"
+    again = sum(pieces[n_done:])
+    if len(pieces) > n_done:
+        text += f"; rerun on resume {again:.0f} s"
+    if reused:
+        text += " (read from a larger run's caches)"
+    return text
 
 
 def table(runs: list[dict]) -> str:
     head = ["stage"] + [f"{r['facts']} facts / {r['edits']} edits" for r in runs] + ["growth"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for stage in STAGES:
-        cells = []
-        for r in runs:
-            cost = r["stages"].get(stage)
-            if cost is None:
-                cells.append("–")
-                continue
-            pieces = (
-                f" ({' + '.join(f'{p:.0f}' for p in cost['pieces'])})" if len(cost["pieces"]) > 1
-                else ""
-            )
-            # costs recorded before the tree sampler existed: the largest process's RSS, marked
-            pss = cost["peak_tree_pss_mib"]
-            rss = max(cost["peak_rss_mib"], cost["peak_rss_child_mib"])
-            peak = f"{pss / 1024:.1f} GiB" if pss else f"{rss / 1024:.1f} GiB RSS*"
-            cached = " (read from a larger run's caches)" if stage in r["reused"] else ""
-            cells.append(f"{cost['seconds']:.0f} s, {peak}{pieces}{cached}")
+        cells = [
+            _cell(r["stages"][stage], stage in r["reused"]) if stage in r["stages"] else "–"
+            for r in runs
+        ]
         growth = slope(runs, stage)
         cells.append("n/a" if math.isnan(growth) else f"{growth:.2f}")
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-    totals = [sum(c["seconds"] for c in r["stages"].values()) for r in runs]
+    totals = [sum(c["to_completion"] for c in r["stages"].values()) for r in runs]
     lines.append("| **all** | " + " | ".join(f"**{t / 60:.1f} min**" for t in totals) + " | |")
+    if any("RSS*" in line for line in lines):
+        lines.append("")
+        lines.append("\\* recorded before the PSS sampler existed: the largest single process's "
+                     "peak RSS (the stage's or one worker's), not the sum.")
     return "\n".join(lines)
 
 
@@ -119,9 +129,9 @@ def findings(runs: list[dict]) -> list[str]:
 def figure(runs: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for stage in STAGES:
-        have = [r for r in runs if stage in r["stages"]]
+        have = [r for r in runs if stage in r["stages"] and stage not in r["reused"]]
         if have:
-            seconds = [r["stages"][stage]["seconds"] for r in have]
+            seconds = [r["stages"][stage]["to_completion"] for r in have]
             ax.plot([r["facts"] for r in have], seconds, marker="o", label=stage)
     facts = [r["facts"] for r in runs]
     ax.set(xscale="log", yscale="log", xlabel="known facts", ylabel="wall time (s)",
@@ -147,9 +157,9 @@ def main() -> int:
     text = "\n".join([
         "# Cost of the scale run by size",
         "",
-        "Each stage's wall time (summed over every invocation in the run's folder, listed in "
-        "brackets when there were several: a killed and resumed run reruns each stage, the "
-        "finished ones from their caches) and peak "
+        "Each stage's wall time until it first finished (the pieces in brackets when it was "
+        "killed and resumed; what the resumed pipeline then spent running a finished stage "
+        "again, mostly from its caches, is listed apart) and peak "
         "memory (the largest summed PSS of the stage's process and its workers, sampled each "
         "second: what the run takes from the machine), from "
         "`outputs/scale-*/costs.json`; growth is the log-log slope of the seconds against the "

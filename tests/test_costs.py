@@ -39,7 +39,10 @@ def test_stage_total_sums_the_latest_runs_pieces_only():
         {"status": "ok", "seconds": 11.0, "peak_tree_pss_mib": 300.0},
     ]
     total = stage_total(entries)
-    assert total["pieces"] == [7.0, 3.0, 11.0]
+    assert total["pieces"] == [7.0, 3.0, 11.0] and total["to_completion"] == pytest.approx(21.0)
+    everything = stage_total(entries, latest_run=False)
+    assert everything["to_completion"] == pytest.approx(100.0)  # the earlier run finished first
+    assert everything["pieces_to_completion"] == 1
     assert stage_total(entries, latest_run=False)["seconds"] == pytest.approx(121.0)
     assert total["seconds"] == pytest.approx(21.0)
     assert total["peak_tree_pss_mib"] == 500.0
@@ -114,7 +117,7 @@ def test_scale_cost_table_slopes(tmp_path):
     assert scale_costs.slope(runs, "stats") == pytest.approx(0.0)
     assert scale_costs.slope(runs, "analyze") == pytest.approx(2.0)
     text = scale_costs.table(runs)
-    assert "| edit | 50 s, 4.0 GiB (25 + 25) | 200 s, 4.0 GiB (100 + 100) | 1.00 |" in text
+    assert "| edit | 50 s (25 + 25), 4.0 GiB | 200 s (100 + 100), 4.0 GiB | 1.00 |" in text
     assert scale_costs.findings(runs) == ["- analyze grows faster than linearly (slope 2.00)."]
 
 

@@ -166,8 +166,13 @@ def stage_total(entries: list[dict[str, Any]], latest_run: bool = True) -> dict[
     pieces and cached reruns included): summed seconds, largest peaks, how many pieces and
     each piece's seconds."""
     entries = current_run(entries) if latest_run else list(entries)
+    first_ok = next((i for i, e in enumerate(entries) if e.get("status") == "ok"), len(entries))
     return {
         "pieces": [float(e.get("seconds", 0.0)) for e in entries],
+        # the work until the stage first finished; later pieces reran it (a resumed pipeline
+        # runs every stage again, the finished ones from their caches)
+        "to_completion": sum(float(e.get("seconds", 0.0)) for e in entries[: first_ok + 1]),
+        "pieces_to_completion": min(first_ok + 1, len(entries)),
         "seconds": sum(float(e.get("seconds", 0.0)) for e in entries),
         "peak_rss_mib": max((float(e.get("peak_rss_mib", 0.0)) for e in entries), default=0.0),
         "peak_rss_child_mib": max(
