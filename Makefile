@@ -44,9 +44,10 @@ beyond: setup
 # Issue 29's scale run (conf/experiment/scale.yaml): FACTS known facts (default 100) into
 # outputs/scale-FACTS and reports/scale-FACTS. Each stage records its wall time and peak memory
 # in outputs/scale-FACTS/costs.json; a rerun resumes where a killed run stopped.
-# REUSE=outputs/scale-100 starts a smaller run from a larger one's trace cache and edit rows
-# (its facts are the first of the larger run's, and cached results are keyed by their inputs,
-# params and code, so the results are identical; only the cost table's trace/edit differ).
+# REUSE=outputs/scale-100 starts a smaller run from a larger one's trace cache and edit rows:
+# its facts are the first of the larger run's and it takes the larger run's calibrated noise
+# sigma (trace.noise_sigma; calibrated on its own facts, tracing and the edits' noised probes
+# would differ), so every cached result, keyed by its inputs, params and code, applies as it is.
 FACTS ?= 100
 SCALE := outputs/scale-$(FACTS)
 scale: setup
@@ -57,7 +58,9 @@ ifdef REUSE
 	cp -n $(REUSE)/edit/rows/*.jsonl $(SCALE)/edit/rows/
 endif
 	$(BIN)/locedit compose experiment=scale data.max_facts=$(FACTS) paths.outputs=$(SCALE) \
-		paths.reports=reports/scale-$(FACTS) --output $(SCALE)/params.yaml
+		paths.reports=reports/scale-$(FACTS) \
+		$(if $(REUSE),trace.noise_sigma=$$($(BIN)/python -c 'import json, sys; print(json.load(open(sys.argv[1]))["sigma"])' $(REUSE)/trace/noise.json)) \
+		--output $(SCALE)/params.yaml
 	export LOCEDIT_PIPELINE_ID=scale-$(FACTS)-$$(date +%Y%m%dT%H%M%S); \
 	for stage in prepare filter stats trace edit analyze; do \
 		$(BIN)/locedit run $$stage --params $(SCALE)/params.yaml || exit 1; done
