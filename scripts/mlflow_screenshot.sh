@@ -55,7 +55,8 @@ EXP_ID=$(curl -fsS "$URL/api/2.0/mlflow/experiments/get-by-name?experiment_name=
   | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["experiment"]["experiment_id"])')
 # EDIT_RUN=<run id> takes the (method, problem) runs of that edit stage run only (e.g. the
 # scale run's: outputs/scale-100/runs/edit.json), else the experiment's first 50.
-PARENT=${EDIT_RUN:+ and tags.mlflow.parentRunId = '$EDIT_RUN'}
+PARENT=""
+[ -z "${EDIT_RUN:-}" ] || PARENT=" and tags.mlflow.parentRunId = '$EDIT_RUN'"
 RUN_IDS=$(curl -fsS -X POST "$URL/api/2.0/mlflow/runs/search" -H 'Content-Type: application/json' \
   -d "{\"experiment_ids\": [\"$EXP_ID\"], \"filter\": \"tags.locedit.stage = 'edit' and attributes.run_name LIKE '%/%'$PARENT\", \"max_results\": 50, \"order_by\": [\"attributes.start_time ASC\"]}" \
   | "$PYTHON" -c 'import json, sys; print(",".join(r["info"]["run_id"] for r in json.load(sys.stdin)["runs"]))')
