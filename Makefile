@@ -70,7 +70,8 @@ scale-costs: setup
 	PYTHONPATH=src $(BIN)/python scripts/scale_costs.py --output docs/scale-run/costs.md
 
 # The committed report of the 100-fact run: its summary, tables and figures, the cost table
-# and an index with the headline (docs/scale-run/README.md).
+# and an index with the headline (docs/scale-run/README.md). SCALE_CODE=<commit> names the code
+# that ran when it is not the last commit of src/.
 scale-docs: scale-costs
 	test -f reports/scale-100/summary.md || { echo "no reports/scale-100: run make scale first"; exit 1; }
 	mkdir -p docs/scale-run/tables docs/scale-run/figures
@@ -78,7 +79,7 @@ scale-docs: scale-costs
 	cp reports/scale-100/tables/*.md docs/scale-run/tables/
 	cp reports/scale-100/figures/*.png docs/scale-run/figures/
 	PYTHONPATH=src $(BIN)/python scripts/scale_report.py --facts 100 --output docs/scale-run/README.md \
-		--readme README.md
+		--readme README.md $(if $(SCALE_CODE),--code "$(SCALE_CODE)")
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist load --durations=15

@@ -74,6 +74,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--facts", type=int, default=100)
     parser.add_argument("--output", type=Path, default=Path("docs/scale-run/README.md"))
+    parser.add_argument("--code", default=None,
+                        help="the commit whose code ran (default: the last commit of src/)")
     parser.add_argument("--readme", type=Path, default=None,
                         help="also rewrite this file's scale-run:headline and scale-run:costs blocks")
     args = parser.parse_args()
@@ -96,8 +98,10 @@ def main() -> int:
         f", the edit stage in {edit_pieces} pieces (killed and resumed; see costs.md)"
         if edit_pieces > 1 else ""
     )
-    commit = subprocess.run(["git", "log", "-1", "--format=%h %cs", "--", "src"],
-                            capture_output=True, text=True, check=False).stdout.strip()
+    commit = args.code or subprocess.run(
+        ["git", "log", "-1", "--format=%h %cs", "--", "src"],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip()
     text = "\n".join([
         f"# The experiment on {filtered['kept']} known facts of Gemma-3-270M (issue 29)",
         "",
