@@ -67,7 +67,9 @@ def splice(text: str, name: str, block: str) -> str:
 def cost_table(costs_md: Path) -> str:
     """The table and findings of costs.md (``make scale-costs``), without its heading."""
     lines = costs_md.read_text().splitlines()
-    return "\n".join(line for line in lines if line.startswith(("|", "- ")))
+    table = [line for line in lines if line.startswith("|")]
+    notes = [line for line in lines if line.startswith(("- ", "\\*"))]
+    return "\n".join([*table, "", *notes])
 
 
 def main() -> int:
