@@ -46,7 +46,7 @@ def test_stage_total_sums_the_latest_runs_pieces_only():
     assert stage_total(entries, latest_run=False)["seconds"] == pytest.approx(121.0)
     assert total["seconds"] == pytest.approx(21.0)
     assert total["peak_tree_pss_mib"] == 500.0
-    assert total["invocations"] == 3
+    assert len(total["pieces"]) == 3
     # while a run is in progress (no final ok yet) its pieces so far are the latest run
     assert stage_total(entries[:3])["seconds"] == pytest.approx(10.0)
     assert stage_total(entries[:1])["seconds"] == pytest.approx(100.0)

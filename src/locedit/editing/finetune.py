@@ -219,6 +219,30 @@ def _quiet_lightning():
                 logging.getLogger(name).setLevel(level)
 
 
+def fit(
+    module: pl.LightningModule, model: nn.Module, batch: EditBatch, n_frozen: int, steps: int
+) -> None:
+    """Run ``module``'s training loop for at most ``steps`` steps with a quiet ``Trainer`` on
+    the model's device (no logger, checkpoints or files left), the layers below ``n_frozen``
+    computed once for ``batch`` and replayed."""
+    with _quiet_lightning(), tempfile.TemporaryDirectory(prefix="locedit-ft-") as root:
+        accelerator, devices = lightning_devices(model_device(model))
+        trainer = pl.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            max_epochs=1,
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=root,
+        )
+        with frozen_layers(model, lambda: hidden_states(model, batch), n_frozen):
+            trainer.fit(module)
+
+
 def _trained(
     model: nn.Module, batch: EditBatch, names: list[str], hp: FTHParams, direction: Direction,
     layers: list[int],
@@ -231,22 +255,7 @@ def _trained(
     try:
         for name in names:
             named[name].requires_grad_(True)
-        with _quiet_lightning(), tempfile.TemporaryDirectory(prefix="locedit-ft-") as root:
-            accelerator, devices = lightning_devices(model_device(model))
-            trainer = pl.Trainer(
-                accelerator=accelerator,
-                devices=devices,
-                max_epochs=1,
-                max_steps=hp.steps,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                num_sanity_val_steps=0,
-                default_root_dir=root,
-            )
-            with frozen_layers(model, lambda: hidden_states(model, batch), min(layers)):
-                trainer.fit(module)
+        fit(module, model, batch, min(layers), hp.steps)
     finally:
         for name, flag in flags_before.items():
             named[name].requires_grad_(flag)

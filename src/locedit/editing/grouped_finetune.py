@@ -23,7 +23,6 @@ Half-precision models (float32 master weights) and modules other than ``nn.Linea
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,10 +39,10 @@ from locedit.editing.batch import EditBatch, build_batch
 from locedit.editing.deltas import linear_out_in
 from locedit.editing.editor import prepared
 from locedit.editing.finetune import (
-    _quiet_lightning,
     d_mlp,
     effective_linf_eps,
     finetuned_param_names,
+    fit,
     linf_bounds,
 )
 from locedit.editing.forward import hidden_states
@@ -51,8 +50,8 @@ from locedit.editing.hparams import FTHParams
 from locedit.editing.loss import batch_target_log_probs, objective
 from locedit.editing.types import EditFailed, EditRequest, GroupedEdit
 from locedit.models.architecture import get_module
-from locedit.models.device import attention_without_cudnn, lightning_devices, model_device
-from locedit.models.hooks import edited_from_inputs, frozen_layers
+from locedit.models.device import attention_without_cudnn, model_device
+from locedit.models.hooks import edited_from_inputs
 from locedit.models.scoring import pad_token_id
 from locedit.models.tokens import encode_target
 
@@ -75,8 +74,7 @@ def stacked_batches(batches: Sequence[EditBatch], pad_id: int) -> EditBatch:
     width = max(int(b.input_ids.shape[1]) for b in batches)
     noise = batches[0].noise
     if any(
-        (b.noise is None) != (noise is None)
-        or (noise is not None and (b.noise.shape != noise.shape or not torch.equal(b.noise, noise)))
+        (b.noise is None) != (noise is None) or (noise is not None and not torch.equal(b.noise, noise))
         for b in batches
     ):
         raise ValueError("batched finetuning needs the same subject noise in every edit")
@@ -296,21 +294,13 @@ def grouped_finetune(
     flags = {name: p.requires_grad for name, p in named.items()}
     for param in named.values():  # gradients reach the copies only
         param.requires_grad_(False)
-    with copies_in_forward(model, edits), _quiet_lightning(), \
-            tempfile.TemporaryDirectory(prefix="locedit-ft-") as root:
-        accelerator, devices = lightning_devices(device)
-        trainer = pl.Trainer(
-            accelerator=accelerator, devices=devices, max_epochs=1, max_steps=hp.steps,
-            logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=root,
-        )
-        try:
-            with frozen_layers(model, lambda: hidden_states(model, batch), lowest):
-                trainer.fit(module)
-        finally:
-            model.train(was_training)
-            for name, flag in flags.items():
-                named[name].requires_grad_(flag)
+    try:
+        with copies_in_forward(model, edits):
+            fit(module, model, batch, lowest, hp.steps)
+    finally:
+        model.train(was_training)
+        for name, flag in flags.items():
+            named[name].requires_grad_(flag)
     out: list[FinetuneOutcome | EditFailed] = []
     for edit in edits:
         if edit.failure is not None:

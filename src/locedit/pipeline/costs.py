@@ -181,5 +181,4 @@ def stage_total(entries: list[dict[str, Any]], latest_run: bool = True) -> dict[
         "peak_tree_pss_mib": max(
             (float(e.get("peak_tree_pss_mib", 0.0)) for e in entries), default=0.0
         ),
-        "invocations": float(len(entries)),
     }
