@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import statistics
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 import transformers
 import yaml
-from throughput import grouped_throughput, peak_mb, peak_rss_mb
+from throughput import grouped_throughput, peak_rss_mb, sweep_throughput
 
 from locedit.data.loaders import load_counterfact
 from locedit.editing import (
@@ -117,71 +116,6 @@ def compare_with_reference(model, tokenizer, store, facts, layer: int) -> dict:
         "speedup": sum(reference_s) / sum(ours_s),
         "max_relative_difference": max(diffs),
     }
-
-
-def _row_label(rows: list[dict], key: str) -> str:
-    row = next(r for r in rows if r["key"] == key)
-    return f"{row['fact_id']} {row['method']} layer {row['layer']}"
-
-
-def sweep_throughput(
-    model, tokenizer, store, records: list, layers: list[int], hparams: dict,
-    sizes: tuple[int, ...], problem: str = "error_injection",
-) -> dict:
-    """Edits per second of the sweep's own worker (:func:`locedit.sweep.worker.run_fact`:
-    every edit with all its metrics, essence included) at each ``edit.group_size`` in
-    ``sizes``, over ``records`` x ``layers`` x the methods of ``hparams`` (a group holds one
-    fact's layers, so sizes above ``len(layers)`` change nothing). Also the largest difference
-    of any number in the rows to the first size's, relative to max(|value|, 1e-6)."""
-    import tempfile
-
-    from locedit.models.device import model_device
-    from locedit.models.noise import NoiseConfig
-    from locedit.sweep.plan import EditTask
-    from locedit.sweep.worker import EvaluationConfig, run_fact
-
-    device = model_device(model)
-    config = EvaluationConfig(NoiseConfig(0.1, 3, 0), essence_samples=3)
-    pairs = {(m, problem): hp for m, hp in hparams.items()}
-    out, first = {}, None
-    with tempfile.TemporaryDirectory() as cache:
-        for size in sizes:
-            rows: list[dict] = []
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-            for record in records:
-                tasks = [EditTask(record.fact_id, layer, m, problem, "bench")
-                         for m in hparams for layer in layers]
-                run_fact(model, tokenizer, store, record, tasks, pairs, config, rows.append,
-                         Path(cache), "bench", group_size=size)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - start
-            values = {
-                (r["key"], k): v for r in rows for k, v in r.items()
-                if isinstance(v, float) and k != "seconds" and not math.isnan(v)
-            }
-            first = first if first is not None else values
-            # relative, but to at least 1e-6: a score of an edit that changed nothing is rounding
-            diffs = {k: abs(v - first[k]) / max(abs(first[k]), 1e-6)
-                     for k, v in values.items() if k in first}
-            worst = sorted(diffs, key=diffs.get, reverse=True)[:5]
-            out[str(size)] = {
-                "edits": len(rows),
-                "ok": sum(r["status"] == "ok" for r in rows),
-                "seconds": round(seconds, 3),
-                "edits_per_second": len(rows) / seconds,
-                "peak_mb": round(peak_mb(device), 1),
-                "max_relative_metric_difference_to_first_size": max(diffs.values(), default=None),
-                # where the largest differences are: (row key's method and layer, column, value)
-                "largest_differences": [
-                    [_row_label(rows, key), column, diffs[(key, column)]] for key, column in worst
-                ],
-            }
-            log.info("sweep group_size=%d: %.2f edits/s", size, out[str(size)]["edits_per_second"])
-    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

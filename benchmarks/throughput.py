@@ -1,13 +1,15 @@
 """Edits per second at each group size (issue 28): shared by ``benchmarks/editing.py`` and
-``benchmarks/gpu_check.py``, so it imports only torch and locedit's editing code (the GPU
-machine has no mlflow, omegaconf or datasets)."""
+``benchmarks/gpu_check.py``, so it imports only torch and locedit's editing and sweep-worker
+code (the GPU machine has no mlflow, omegaconf or datasets)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -124,4 +126,104 @@ def grouped_throughput(
             }
             log.info("%s G=%d: %.2f edits/s", method, size, rows[str(size)]["edits_per_second"])
         out[method] = rows
+    return out
+
+
+def _row_label(rows: list[dict], key: str) -> str:
+    row = next(r for r in rows if r["key"] == key)
+    return f"{row['fact_id']} {row['method']} layer {row['layer']}"
+
+
+def sweep_throughput(
+    model, tokenizer, store, records: list, layers: list[int], hparams: dict,
+    sizes: tuple[int, ...], problem: str = "error_injection", min_edits: int | None = None,
+    budget=None, config=None,
+) -> dict:
+    """Edits per second per method of the sweep's own worker
+    (:func:`locedit.sweep.worker.run_facts`: every edit with all its metrics) at each
+    ``edit.group_size`` in ``sizes``: one job per method over all ``records``, as the sweep's
+    jobs of several facts, so groups hold a fact's layers and cross from one fact to the next.
+
+    The edits are ``records`` x ``layers`` in the sweep's fact-major order: all of them
+    (``min_edits`` None), or the first max(G, ``min_edits``), cycling through them again as
+    further edits of their own (the GPU check's sizes outgrow its few facts). Untimed first:
+    one edit of each fact (the first method at the first layer), which fills the pre-edit
+    cache (the probes' values and the essence samples, once per fact in a sweep). With a
+    ``budget`` (``.left()`` seconds) each method gets an equal share of it and a size that
+    would not fit in what is left of the share (at the last size's rate) is skipped. Also
+    reports peak memory and the largest difference of any number in the rows to the first
+    size's same edit, relative to max(|value|, 1e-6), with where the largest ones are.
+    """
+    from locedit.models.device import model_device
+    from locedit.models.noise import NoiseConfig
+    from locedit.sweep.plan import EditTask
+    from locedit.sweep.worker import EvaluationConfig, run_facts
+
+    device = model_device(model)
+    config = config or EvaluationConfig(NoiseConfig(0.1, 3, 0), essence_samples=3)
+    pairs = [(record.fact_id, layer) for record in records for layer in layers]
+    methods = list(hparams)
+    by_pair = {(m, problem): hp for m, hp in hparams.items()}
+    out: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as cache:
+
+        def run(tasks: list, size: int, rows: list) -> None:
+            run_facts(model, tokenizer, store, records, tasks, by_pair, config, rows.append,
+                      Path(cache), "bench", group_size=size)
+
+        run([EditTask(r.fact_id, layers[0], methods[0], problem, "warm-up") for r in records],
+            1, [])
+        for index, method in enumerate(methods):
+            share_end = (
+                time.perf_counter() + budget.left() / (len(methods) - index) if budget else math.inf
+            )
+            rows_by_size: dict[str, dict] = {}
+            first: dict | None = None
+            for size in sizes if get_method(method).groupable else sizes[:1]:
+                n_edits = len(pairs) if min_edits is None else max(size, min_edits)
+                rate = next((r["edits_per_second"] for r in reversed(rows_by_size.values())
+                             if "edits_per_second" in r), None)
+                left = share_end - time.perf_counter()
+                if budget is not None and (left <= 0 or (rate and n_edits / rate > left)):
+                    rows_by_size[str(size)] = {"skipped": "over the time budget"}
+                    continue
+                tasks = [
+                    EditTask(*pairs[i % len(pairs)], method, problem, f"bench-{i // len(pairs)}")
+                    for i in range(n_edits)
+                ]
+                rows: list[dict] = []
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                start = time.perf_counter()
+                run(tasks, size, rows)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - start
+                values = {
+                    (r["key"], k): v for r in rows for k, v in r.items()
+                    if isinstance(v, float) and k != "seconds" and not math.isnan(v)
+                }
+                first = first if first is not None else values
+                # relative, but to at least 1e-6: a score of an edit that changed nothing is
+                # rounding
+                diffs = {k: abs(v - first[k]) / max(abs(first[k]), 1e-6)
+                         for k, v in values.items() if k in first}
+                worst = sorted(diffs, key=diffs.get, reverse=True)[:5]
+                rows_by_size[str(size)] = {
+                    "edits": len(rows),
+                    "ok": sum(r["status"] == "ok" for r in rows),
+                    "seconds": round(seconds, 3),
+                    "edits_per_second": len(rows) / seconds,
+                    "peak_mb": round(peak_mb(device), 1),
+                    "max_relative_metric_difference_to_first_size": max(diffs.values(), default=None),
+                    # where the largest differences are: (row's fact, method and layer, column)
+                    "largest_differences": [
+                        [_row_label(rows, key), column, diffs[(key, column)]]
+                        for key, column in worst
+                    ],
+                }
+                log.info("sweep %s group_size=%d: %.2f edits/s", method, size,
+                         rows_by_size[str(size)]["edits_per_second"])
+            out[method] = rows_by_size
     return out

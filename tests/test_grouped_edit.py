@@ -174,8 +174,9 @@ def test_whole_edits_from_batched_vstars_equal_sequential_edits(method, tok, sto
 
 
 def test_sweep_rows_with_grouped_edits_equal_one_at_a_time(tmp_path, monkeypatch):
-    """The same sweep with edit.group_size 1 and 4 (v*/z* batched, the edits measured in the
-    same forwards through hooks), and 4 with that measurement failing (each edit measured on
+    """The same sweep with edit.group_size 1 and 4 (v*/z* batched across two facts' layers,
+    each fact's edits measured in the same forwards through hooks), and 4 with that
+    measurement failing (each edit measured on
     its own): the same keys, statuses, flags and targets, every metric within 1e-5 (Fact
     Forcing's noised rows, the essence and the neighbourhood KL included); resuming the
     grouped run finds every row done."""
@@ -217,8 +218,9 @@ def test_sweep_rows_with_grouped_edits_equal_one_at_a_time(tmp_path, monkeypatch
         })
         spec = edit_stage.build_spec(params)
         assert run_sweep(spec, progress=False) == len(spec.tasks)
-        # one fact's two layers per group: one batch per (fact, method, problem)
-        assert sizes == ([] if size == 1 else [2] * 12)
+        # group_size 4 over two layers packs jobs of two facts (facts_per_job): per method and
+        # problem one batch of the first two facts' four edits, one of the third fact's two
+        assert sizes == ([] if size == 1 else [4] * 4 + [2] * 4)
         if size > 1:
             assert run_sweep(spec, progress=False) == 0
         table = results_table(ResultStore(spec.out_dir).rows(), [t.key for t in spec.tasks])
@@ -231,9 +233,9 @@ def test_sweep_rows_with_grouped_edits_equal_one_at_a_time(tmp_path, monkeypatch
         _assert_same_rows(one, other)
 
 
-def test_sweep_rows_with_grouped_finetuning_equal_one_at_a_time(tmp_path, monkeypatch):
-    """FT-1 and FT-5 sweeps with edit.group_size 1 and 3: one batched finetuning per (fact,
-    method, problem) over its three layers, the edits measured in the same forwards through
+def test_sweep_rows_with_grouped_finetuning_equal_one_at_a_time(tmp_path, monkeypatch, caplog):
+    """FT-1 and FT-5 sweeps with edit.group_size 1, 3 and 6: one batched finetuning per (fact,
+    method, problem) over its three layers, or over two facts' layers, the edits measured in the same forwards through
     hooks (the MLP weights finetuning trains, ``params: mlp``, for FT-5), and the same rows."""
     from test_sweep import make_params
 
@@ -252,7 +254,8 @@ def test_sweep_rows_with_grouped_finetuning_equal_one_at_a_time(tmp_path, monkey
     editable_tiny_model("gpt2", n_layers=3).save_pretrained(base.model.name)
     OmegaConf.set_struct(base, False)
     tables = []
-    for size in (1, 3):
+    for size in (1, 3, 6):
+        sizes.clear()
         params = OmegaConf.merge(base, {
             "edit": {"layers": [0, 1, 2], "group_size": size},
             "method": {"ft": {"steps": 4, "lr": 1e-2, "linf_eps": 2e-2},
@@ -260,13 +263,18 @@ def test_sweep_rows_with_grouped_finetuning_equal_one_at_a_time(tmp_path, monkey
         })
         spec = edit_stage.build_spec(params)
         assert run_sweep(spec, progress=False) == len(spec.tasks)
-        # one batch per (fact, method, problem): its three layers
-        assert sizes == ([] if size == 1 else [3] * (len(spec.tasks) // 3))
+        # group_size 3: one batch per (fact, method, problem), its three layers; 6: two
+        # facts' layers to a batch (jobs of two facts), the last fact's alone
+        # (Fact Forcing's too: the facts' subject noise, of different lengths, stacked)
+        assert len(spec.tasks) == 3 * 2 * 2 * 3  # facts x methods x problems x layers
+        assert sizes == {1: [], 3: [3] * 12, 6: [6] * 4 + [3] * 4}[size]
+        assert "one at a time" not in caplog.text  # every batch ran as one
         table = results_table(ResultStore(spec.out_dir).rows(), [t.key for t in spec.tasks])
         tables.append(table.sort_values("key").reset_index(drop=True))
         shutil.rmtree(spec.out_dir)
     assert (tables[0]["status"] == "ok").all()
-    _assert_same_rows(*tables)
+    for other in tables[1:]:
+        _assert_same_rows(tables[0], other)
 
 
 def _assert_same_rows(one: pd.DataFrame, grouped: pd.DataFrame) -> None:
@@ -380,6 +388,93 @@ def test_group_size_setting():
     with pytest.raises(ValueError, match="group_size"):
         group_size_from(0, model)
     assert job_bytes(model) > 24 * 4 * model.config.vocab_size * 4  # the logits at least
+
+
+def test_jobs_hold_enough_facts_for_a_group():
+    """pending_jobs packs ``facts_per_job`` facts of one method into a job, in the plan's
+    order, without the done tasks; facts_per_job fills a group of edit.group_size from each
+    fact's layers (1 where edits run one at a time, as on a CPU with group_size null)."""
+    from locedit.sweep.plan import EditTask
+    from locedit.sweep.runner import facts_per_job, pending_jobs
+
+    tasks = [EditTask(f, layer, method, problem, "h")
+             for f in ("f1", "f2", "f3") for method in ("rome", "ft1")
+             for problem in ("a", "b") for layer in (0, 1)]
+    done = {t.key for t in tasks if t.fact_id == "f2" and t.method == "ft1"}
+    jobs = pending_jobs(tasks, done, facts_per_job=2)
+    assert list(jobs) == [("rome", ("f1", "f2")), ("ft1", ("f1", "f3")), ("rome", ("f3",))]
+    assert jobs[("rome", ("f1", "f2"))] == [
+        t for t in tasks if t.method == "rome" and t.fact_id in ("f1", "f2")
+    ]
+    assert sum(map(len, jobs.values())) == len(tasks) - len(done)
+    assert list(pending_jobs(tasks, set())) == [
+        (m, (f,)) for f in ("f1", "f2", "f3") for m in ("rome", "ft1")
+    ]
+    with pytest.raises(ValueError, match="facts_per_job"):
+        pending_jobs(tasks, set(), 0)
+
+    def per_job(size, device="cpu"):
+        return facts_per_job({"edit": {"group_size": size}, "model": {"device": device}}, tasks)
+
+    assert [per_job(size) for size in (1, 2, 3, 4, 64)] == [1, 1, 2, 2, 32]
+    assert per_job(None) == 1  # a CPU's default group is one edit
+
+
+def test_run_facts_groups_across_facts_and_a_fact_that_cannot_be_prepared_fails_alone(
+    tok, store, monkeypatch
+):
+    """Two facts' edits in groups of 3 (crossing from one fact to the next) give the rows of
+    one edit at a time; a third fact whose pre-edit evaluation fails gives its failure rows
+    and takes no place in a group; tasks of a fact not given are refused."""
+    from locedit.data.records import FactRecord
+    from locedit.models.noise import NoiseConfig
+    from locedit.sweep.plan import EditTask
+    from locedit.sweep.worker import EvaluationConfig, run_facts
+
+    model = editable_tiny_model("gpt2", n_layers=3)
+    facts = [
+        FactRecord("f1", "Eiffel Tower", EIFFEL.prompt, "Paris", "Rome", (),
+                   ("The Louvre is located in",)),
+        FactRecord("f2", "Danielle Darrieux", DARRIEUX.prompt, "French", "English", (),
+                   ("Jean Gabin speaks",)),
+        FactRecord("f3", "Toko Yasuda", YASUDA.prompt, "guitar", "piano", (), ("Bob plays the",)),
+    ]
+    hp = hparams_for("rome", overrides=FAST)
+    tasks = [EditTask(f.fact_id, layer, "rome", "error_injection", "h")
+             for f in facts for layer in (0, 1)]
+    config = EvaluationConfig(NoiseConfig(0.5, 2, 0), essence=False)
+    prepare = sweep_worker._prepare_fact
+
+    def broken_third(model, tokenizer, record, *args):
+        if record.fact_id == "f3":
+            raise ValueError("no subject in the prompt (simulated)")
+        return prepare(model, tokenizer, record, *args)
+
+    monkeypatch.setattr(sweep_worker, "_prepare_fact", broken_third)
+    sizes = []
+
+    def counted(model, tokenizer, edits, covariance):
+        sizes.append(sorted((e.request.subject, e.layer) for e in edits))
+        return optimise_together(model, tokenizer, edits, covariance)
+
+    monkeypatch.setattr(sweep_worker, "optimise_together", counted)
+    runs = []
+    for size in (1, 3):
+        rows: list[dict] = []
+        run_facts(model, tok, store, facts, tasks, {("rome", "error_injection"): hp}, config,
+                  rows.append, group_size=size)
+        runs.append(pd.DataFrame(rows).drop(columns="seconds").sort_values("key"))
+    assert sizes == [  # the first group crosses from f1 to f2
+        [("Danielle Darrieux", 0), ("Eiffel Tower", 0), ("Eiffel Tower", 1)],
+    ]
+    one, grouped_rows = runs
+    assert list(one.loc[one.fact_id == "f3", "status"]) == ["failed"] * 2
+    assert one.loc[one.fact_id == "f3", "reason"].str.contains("simulated").all()
+    assert (one.loc[one.fact_id != "f3", "status"] == "ok").all()
+    _assert_same_rows(one.reset_index(drop=True), grouped_rows.reset_index(drop=True))
+    with pytest.raises(ValueError, match="not given"):
+        run_facts(model, tok, store, facts[:1], tasks, {("rome", "error_injection"): hp},
+                  config, lambda row: None)
 
 
 def test_a_group_whose_edits_all_fail_gives_the_sequential_failure_rows(tok, store):
@@ -499,9 +594,88 @@ def test_a_finetuning_edit_that_blows_up_fails_alone(tok, monkeypatch):
         _assert_same_edit(_edit_outcome(model, tok, "ft1", request, layer, hp, given[index]), want[index])
 
 
-def test_batched_finetuning_refuses_half_precision(tok):
-    from locedit.editing.grouped_finetune import grouped_finetune
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["ft1", "ft5"])
+def test_batched_finetuning_of_half_precision_weights_equals_sequential_edits(method, family, tok):
+    """bfloat16 weights train through float32 masters in a batch as one at a time. GPT-2's
+    batched forward rounds as its single one, so the edits are equal as in float32; Llama's
+    does not (bfloat16 keeps 3 significant digits, and a batch of another size sums in another
+    order), so its p(target) agrees within 2e-3 (measured: 8e-4), its diagnostics within 1e-2
+    and its weight changes' norms within 10% (Adam's normalised step turns the rounding of
+    the smallest gradients into full steps either way, as in float32 but more often)."""
+    model = editable_tiny_model(family, n_layers=6).to(torch.bfloat16)
+    hp = _ft_hparams(method, early_stop_loss=None)
+    want = [_edit_outcome(model, tok, method, r, layer, hp) for r, layer in FT_CASES]
+    given = optimise_together(model, tok, [GroupedEdit(method, r, layer, hp) for r, layer in FT_CASES])
+    for (request, layer), outcome, expected in zip(FT_CASES, given, want, strict=True):
+        got = _edit_outcome(model, tok, method, request, layer, hp, outcome)
+        if family == "gpt2":
+            _assert_same_edit(got, expected)
+            continue
+        (changes, p_got, r_got), (changed, p_want, r_want) = got, expected
+        assert p_got == pytest.approx(p_want, rel=2e-3)
+        assert r_got.flags == r_want.flags
+        for key, value in r_want.diagnostics.items():
+            assert r_got.diagnostics[key] == pytest.approx(value, rel=1e-2, abs=1e-6), key
+        for name, change in changed.items():
+            assert float(changes[name].float().norm()) == pytest.approx(
+                float(change.float().norm()), rel=0.1
+            )
 
-    model = editable_tiny_model("gpt2", n_layers=4).to(torch.bfloat16)
-    with pytest.raises(ValueError, match="float32"):
-        grouped_finetune(model, tok, [EIFFEL], [[1]], _ft_hparams("ft1"))
+
+def test_half_precision_finetuning_steps_on_each_steps_own_gradient(tok, monkeypatch):
+    """bfloat16 weights train through float32 masters; the optimiser zeroes only the masters,
+    so each step must clear the weights' gradients itself, or every step would add the
+    earlier steps' gradients to its own (found in the batched path's review)."""
+    from locedit.editing import finetune
+
+    model = editable_tiny_model("gpt2", n_layers=3).to(torch.bfloat16)
+    step = finetune.ConstrainedFinetune.optimizer_step
+    left = []
+
+    def spy(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        left.append([p.grad is not None for p in self.trained])
+        return step(self, epoch, batch_idx, optimizer, optimizer_closure)
+
+    monkeypatch.setattr(finetune.ConstrainedFinetune, "optimizer_step", spy)
+    with edited(model, tok, "ft1", EIFFEL, 1, _ft_hparams("ft1", early_stop_loss=None, steps=4)):
+        pass
+    assert len(left) == 4 and not any(any(flags) for flags in left)
+
+
+def test_stacked_batches_keep_each_subjects_noise(tok):
+    """Batches of subjects of different lengths, each with its own noise samples, stacked
+    (finetuning several facts' Fact Forcing edits together): every row's hidden states equal
+    its own batch's, its noise at its own subject tokens."""
+    from locedit.editing.batch import build_batch
+    from locedit.editing.forward import hidden_states
+    from locedit.editing.grouped_finetune import stacked_batches
+
+    model = editable_tiny_model("gpt2", n_layers=2)
+    d = model.config.hidden_size
+    batches = []
+    for seed, request in enumerate((EIFFEL, DARRIEUX)):
+        ids = encode_prompt(tok, request.prompt, request.subject)
+        n_tokens = ids.subject_end - ids.subject_start
+        noise = torch.randn(3, n_tokens, d, generator=torch.Generator().manual_seed(seed))
+        noised = dataclasses.replace(request, subject_noise=noise)
+        target = encode_target(tok, request.prompt, request.target)
+        batches.append(build_batch(tok, noised, target, TEMPLATES, pad_id=0))
+    lengths = {int(b.noise.shape[1]) for b in batches}
+    assert len(lengths) == 2  # the padding is exercised
+    stacked = stacked_batches(batches, pad_id=0)
+    with torch.no_grad():
+        together = hidden_states(model, stacked)
+        first = 0
+        for batch in batches:
+            alone = hidden_states(model, batch)
+            width = alone.shape[1]
+            mask = batch.attention_mask.bool()
+            torch.testing.assert_close(
+                together[first : first + batch.size, :width][mask], alone[mask],
+                rtol=1e-5, atol=1e-6,
+            )
+            first += batch.size
+    clean = dataclasses.replace(batches[1], noise=None, noise_sample=(None,) * batches[1].size)
+    with pytest.raises(ValueError, match="every edit or in none"):
+        stacked_batches([batches[0], clean], pad_id=0)

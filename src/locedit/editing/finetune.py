@@ -121,7 +121,7 @@ class ConstrainedFinetune(pl.LightningModule):
         # underflows in float16, and bfloat16 rounds most small steps away); the weights are
         # the masters rounded to their dtype, projected into the ball in both precisions.
         self.masters = [
-            p.detach().float().clone().requires_grad_(True) if _is_half(p) else None
+            p.detach().float().clone().requires_grad_(True) if is_half(p) else None
             for p in self.trained
         ]
         self.master_bounds = [
@@ -174,6 +174,9 @@ class ConstrainedFinetune(pl.LightningModule):
                 for param, master in zip(self.trained, self.masters, strict=True):
                     if master is not None:
                         master.grad = None if param.grad is None else param.grad.float()
+                        # the optimiser zeroes only the masters: without this the next
+                        # step's gradient would be added to this one's
+                        param.grad = None
                 return loss
 
         super().optimizer_step(epoch, batch_idx, optimizer, closure)
@@ -198,7 +201,8 @@ class ConstrainedFinetune(pl.LightningModule):
             param.copy_(torch.maximum(torch.minimum(param, hi), lo))
 
 
-def _is_half(param: torch.Tensor) -> bool:
+def is_half(param: torch.Tensor) -> bool:
+    """bfloat16 and float16 weights train through float32 master copies."""
     return param.dtype in (torch.float16, torch.bfloat16)
 
 

@@ -19,12 +19,14 @@ from locedit.models.noise import positioned_noise
 
 @contextmanager
 def batch_noise(model: nn.Module, batch: EditBatch) -> Iterator[None]:
-    """Apply each row's s_noise at its subject tokens through :func:`noised_subject`."""
+    """Apply each row's s_noise at its subject tokens through :func:`noised_subject` (the
+    sample's first ``subject_len`` tokens: all of them, unless the batch stacks the noise of
+    subjects of different lengths, padded to the longest)."""
     if batch.noise is None:
         yield
         return
     entries = [
-        (row, batch.subject_start[row], batch.noise[sample])
+        (row, batch.subject_start[row], batch.noise[sample, : batch.subject_len[row]])
         for row, sample in enumerate(batch.noise_sample)
         if sample is not None
     ]

@@ -92,10 +92,24 @@ def default_group_size(model: nn.Module, share: float = 0.5) -> int:
     return max(1, min(MAX_GROUP, int(share * free) // max(1, job_bytes(model))))
 
 
+def largest_group(setting: int | None, device: torch.device) -> int:
+    """The most edits ``edit.group_size`` can put in a group on ``device``, known before any
+    model is loaded (the sweep's driver packs jobs by it): the number itself, or for ``null``
+    1 on a CPU and :data:`MAX_GROUP` on a GPU (each worker then takes what its memory holds,
+    :func:`default_group_size`)."""
+    if setting is None:
+        return 1 if device.type != "cuda" else MAX_GROUP
+    return _checked(setting)
+
+
+def _checked(setting: int) -> int:
+    if int(setting) < 1:
+        raise ValueError(f"edit.group_size must be >= 1 or null, got {setting}")
+    return int(setting)
+
+
 def group_size_from(setting: int | None, model: nn.Module) -> int:
     """``edit.group_size``: a positive number as it is, ``null`` the default for the device."""
     if setting is None:
         return default_group_size(model)
-    if int(setting) < 1:
-        raise ValueError(f"edit.group_size must be >= 1 or null, got {setting}")
-    return int(setting)
+    return _checked(setting)

@@ -16,8 +16,10 @@ ball and its float32 bounds exactly those of the sequential run; only the matmul
 order can differ. The LightningModule below is the training loop, as in
 :class:`~locedit.editing.finetune.ConstrainedFinetune`.
 
-Half-precision models (float32 master weights) and modules other than ``nn.Linear`` /
-``Conv1D`` are refused with a ``ValueError``: the sweep then trains those edits one by one.
+Half-precision weights train as the sequential run trains them: Adam steps each edit's
+float32 master copies, and the edit's rows go through the masters rounded to the weights'
+dtype. Modules other than ``nn.Linear`` / ``Conv1D`` are refused with a ``ValueError``: the
+sweep then trains those edits one by one.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from locedit.editing.finetune import (
     effective_linf_eps,
     finetuned_param_names,
     fit,
+    is_half,
     linf_bounds,
 )
 from locedit.editing.forward import hidden_states
@@ -69,15 +72,24 @@ class FinetuneOutcome:
 
 def stacked_batches(batches: Sequence[EditBatch], pad_id: int) -> EditBatch:
     """The rows of ``batches`` in order as one batch, right-padded to the widest (``n_target``
-    is the first batch's: the caller keeps each edit's own). Subject noise, if any, must be
-    equal in every batch (one fact's edits), else ``ValueError``."""
+    is the first batch's: the caller keeps each edit's own). Subject noise, when the batches
+    have it (all or none: one problem), is stacked: every batch's samples, padded with zeros to
+    the longest subject (a row takes its ``subject_len`` tokens), its rows' sample indices
+    shifted to its own."""
     width = max(int(b.input_ids.shape[1]) for b in batches)
-    noise = batches[0].noise
-    if any(
-        (b.noise is None) != (noise is None) or (noise is not None and not torch.equal(b.noise, noise))
-        for b in batches
-    ):
-        raise ValueError("batched finetuning needs the same subject noise in every edit")
+    noised = [b.noise is not None for b in batches]
+    if any(noised) and not all(noised):
+        raise ValueError("batched finetuning needs subject noise in every edit or in none")
+    noise, noise_sample = None, sum((b.noise_sample for b in batches), ())
+    if all(noised):
+        tokens = max(int(b.noise.shape[1]) for b in batches)
+        noise = torch.cat([F.pad(b.noise, (0, 0, 0, tokens - int(b.noise.shape[1])))
+                           for b in batches])
+        shifted, first = [], 0
+        for b in batches:
+            shifted += [None if s is None else s + first for s in b.noise_sample]
+            first += int(b.noise.shape[0])
+        noise_sample = tuple(shifted)
 
     def padded(tensor: torch.Tensor, value: int) -> torch.Tensor:
         return F.pad(tensor, (0, width - int(tensor.shape[1])), value=value)
@@ -99,7 +111,7 @@ def stacked_batches(batches: Sequence[EditBatch], pad_id: int) -> EditBatch:
         target_tokens=torch.cat([b.target_tokens for b in batches]),
         n_target=batches[0].n_target,
         noise=noise,
-        noise_sample=sum((b.noise_sample for b in batches), ()),
+        noise_sample=noise_sample,
         template=sum((b.template for b in batches), ()),
     )
 
@@ -112,6 +124,10 @@ class _Edit:
     n_rewrite: int
     n_target: int
     direction: Direction
+    #: the weights its rows go through, in the model's dtype (trained in place when float32)
+    weights: dict[str, torch.Tensor]
+    #: what Adam trains: the float32 weights themselves, or the half-precision weights'
+    #: float32 masters (as :class:`~locedit.editing.finetune.ConstrainedFinetune`)
     copies: dict[str, torch.Tensor]
     outcome: FinetuneOutcome
     running: bool = True
@@ -138,6 +154,10 @@ class GroupedFinetune(pl.LightningModule):
         named = dict(model.named_parameters())
         names = sorted({name for e in edits for name in e.copies})
         self.bounds = {name: linf_bounds(named[name].detach(), self.eps) for name in names}
+        self.master_bounds = {
+            name: linf_bounds(named[name].detach().float(), self.eps)
+            for name in names if is_half(named[name])
+        }
         if not any(bool(((lo != named[n]) | (hi != named[n])).any())
                    for n, (lo, hi) in self.bounds.items()):
             dtypes = sorted({str(named[n].dtype).removeprefix("torch.") for n in names})
@@ -195,9 +215,14 @@ class GroupedFinetune(pl.LightningModule):
             loss = optimizer_closure()
             stepping = {id(e) for e in self.stepping}
             for edit in self.edits:
-                if id(edit) not in stepping:
-                    for copy in edit.copies.values():
+                for name, copy in edit.copies.items():
+                    weight = edit.weights[name]
+                    if id(edit) not in stepping:
                         copy.grad = None  # Adam skips it: no step, no state change
+                    elif copy is not weight:  # a master takes its weight's gradient
+                        copy.grad = None if weight.grad is None else weight.grad.float()
+                    if copy is not weight:
+                        weight.grad = None  # the optimiser zeroes only what it trains
             return loss
 
         super().optimizer_step(epoch, batch_idx, optimizer, closure)
@@ -205,22 +230,29 @@ class GroupedFinetune(pl.LightningModule):
 
     @torch.no_grad()
     def project_to_linf_ball(self) -> None:
-        """Each stepped edit's copies back into their ball; one with non-finite weights fails
-        (and gets the original weights back, so its rows stay finite)."""
+        """Each stepped edit's weights back into their ball (half-precision weights: their
+        masters into the float32 ball, then rounded, as the sequential run); one with
+        non-finite weights fails (and gets the original weights back, so its rows stay
+        finite)."""
         named = dict(self.model.named_parameters())
         for edit in self.stepping:
             for name, copy in edit.copies.items():
                 lo, hi = self.bounds[name]
-                outside = torch.maximum(copy - hi, lo - copy).max()
+                outside = torch.maximum(copy.float() - hi.float(), lo.float() - copy.float()).max()
                 edit.outcome.max_overshoot = max(edit.outcome.max_overshoot, float(outside) / self.eps)
-            if not all(bool(torch.isfinite(c).all()) for c in edit.copies.values()):
+                if name in self.master_bounds:
+                    master_lo, master_hi = self.master_bounds[name]
+                    copy.copy_(torch.maximum(torch.minimum(copy, master_hi), master_lo))
+                    edit.weights[name].copy_(copy.to(edit.weights[name].dtype))
+            if not all(bool(torch.isfinite(w).all()) for w in edit.weights.values()):
                 edit.fail("non-finite weights after an optimiser step")
                 for name, copy in edit.copies.items():
                     copy.copy_(named[name])
+                    edit.weights[name].copy_(named[name])
                 continue
-            for name, copy in edit.copies.items():
+            for name, weight in edit.weights.items():
                 lo, hi = self.bounds[name]
-                copy.copy_(torch.maximum(torch.minimum(copy, hi), lo))
+                weight.copy_(torch.maximum(torch.minimum(weight, hi), lo))
         self.stepping = []
 
 
@@ -245,8 +277,8 @@ def copies_in_forward(model: nn.Module, edits: Sequence[_Edit]) -> Iterator[None
             start, stop = edit.rows.start, edit.rows.stop
             if start > at:
                 pieces.append(hidden[at:start])
-            weight = edit.copies.get(f"{path}.weight", module.weight)
-            bias = edit.copies.get(f"{path}.bias", module.bias)
+            weight = edit.weights.get(f"{path}.weight", module.weight)
+            bias = edit.weights.get(f"{path}.bias", module.bias)
             pieces.append(F.linear(x[start:stop], linear_out_in(module, weight), bias).to(hidden.dtype))
             at = stop
         if at < hidden.shape[0]:
@@ -280,12 +312,13 @@ def grouped_finetune(
     edits, start = [], 0
     for request, window, batch in zip(requests, windows, batches, strict=True):
         names = finetuned_param_names(model, window, hp.params)
-        if any(named[n].dtype != torch.float32 for n in names):
-            raise ValueError("batched finetuning trains float32 weights only (half precision "
-                             "trains through float32 masters one edit at a time)")
-        copies = {n: named[n].detach().clone().requires_grad_(True) for n in names}
+        weights = {n: named[n].detach().clone().requires_grad_(True) for n in names}
+        copies = {
+            n: w.detach().float().clone().requires_grad_(True) if is_half(w) else w
+            for n, w in weights.items()
+        }
         edits.append(_Edit(slice(start, start + batch.size), batch.n_rewrite, batch.n_target,
-                           request.direction, copies, FinetuneOutcome({})))
+                           request.direction, weights, copies, FinetuneOutcome({})))
         start += batch.size
     batch = stacked_batches(batches, pad)
     module = GroupedFinetune(model, batch, edits, hp)
@@ -306,7 +339,7 @@ def grouped_finetune(
         if edit.failure is not None:
             out.append(edit.failure)
             continue
-        edit.outcome.weights = {n: c.detach().clone() for n, c in edit.copies.items()}
+        edit.outcome.weights = {n: w.detach().clone() for n, w in edit.weights.items()}
         out.append(edit.outcome)
     return out
 

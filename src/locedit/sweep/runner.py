@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -26,11 +27,11 @@ import torch
 from tqdm.auto import tqdm
 
 from locedit.data.records import FactRecord
-from locedit.editing.grouped import group_size_from
-from locedit.models.device import assign_gpus, visible_gpus
+from locedit.editing.grouped import group_size_from, largest_group
+from locedit.models.device import assign_gpus, resolve_device, visible_gpus
 from locedit.sweep.plan import EditTask
 from locedit.sweep.store import ResultStore
-from locedit.sweep.worker import EvaluationConfig, run_fact
+from locedit.sweep.worker import EvaluationConfig, run_facts
 
 log = logging.getLogger(__name__)
 
@@ -64,33 +65,73 @@ def _worker_state(params_yaml: str):
     return model, tokenizer, CovarianceStore.from_params(params, tokenizer)
 
 
-def _run_fact_job(
-    spec: SweepSpec, fact_id: str, tasks: list[EditTask], on_row: Callable[[dict], None] | None = None
+def _run_job(
+    spec: SweepSpec, fact_ids: Sequence[str], tasks: list[EditTask],
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """One fact's edits; rows go to ``on_row`` as they finish, or back to the driver at the end."""
+    """One job's edits (one method, one or more facts); rows go to ``on_row`` as they finish,
+    or back to the driver at the end."""
     from omegaconf import OmegaConf
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
     model, tokenizer, covariance = _worker_state(OmegaConf.to_yaml(OmegaConf.create(spec.params)))
     rows: list[dict] = []
-    group_size = group_size_from((spec.params.get("edit") or {}).get("group_size"), model)
-    run_fact(model, tokenizer, covariance, spec.records[fact_id], tasks, spec.hparams, spec.config,
-             on_row or rows.append, spec.out_dir / "pre", spec.context, spec.records, group_size)
+    group_size = group_size_from(_group_setting(spec.params), model)
+    run_facts(model, tokenizer, covariance, [spec.records[f] for f in fact_ids], tasks,
+              spec.hparams, spec.config, on_row or rows.append, spec.out_dir / "pre",
+              spec.context, spec.records, group_size)
     return rows
 
 
-def pending_jobs(tasks: Sequence[EditTask], done: set[str]) -> dict[tuple[str, str], list[EditTask]]:
-    """The tasks not yet done, one job per (fact, method).
+def _group_setting(params: Mapping[str, Any]) -> int | None:
+    return (params.get("edit") or {}).get("group_size")
+
+
+#: A job: the method and the facts whose edits of it run together in one worker call.
+JobKey = tuple[str, tuple[str, ...]]
+
+
+def pending_jobs(
+    tasks: Sequence[EditTask], done: set[str], facts_per_job: int = 1
+) -> dict[JobKey, list[EditTask]]:
+    """The tasks not yet done, one job per method and ``facts_per_job`` facts (in the plan's
+    order).
 
     A fact's pre-edit values are cached on disk, so splitting its edits by method costs little
     and keeps workers evenly loaded; a killed parallel run loses at most one job per worker.
+    Several facts to a job let ``edit.group_size`` batch edits of several facts (issue 28):
+    :func:`facts_per_job`.
     """
-    grouped: dict[tuple[str, str], list[EditTask]] = defaultdict(list)
-    for task in tasks:
-        if task.key not in done:
-            grouped[(task.fact_id, task.method)].append(task)
-    return dict(grouped)
+    if facts_per_job < 1:
+        raise ValueError(f"facts_per_job must be >= 1, got {facts_per_job}")
+    pending = [task for task in tasks if task.key not in done]
+    facts: dict[str, dict[str, None]] = defaultdict(dict)  # method -> its facts, in order
+    for task in pending:
+        facts[task.method].setdefault(task.fact_id)
+    chunk_of: dict[tuple[str, str], tuple[str, ...]] = {}
+    for method, ids in facts.items():
+        ordered = list(ids)
+        for start in range(0, len(ordered), facts_per_job):
+            chunk = tuple(ordered[start : start + facts_per_job])
+            chunk_of.update({(method, fact_id): chunk for fact_id in chunk})
+    jobs: dict[JobKey, list[EditTask]] = defaultdict(list)
+    for task in pending:
+        jobs[(task.method, chunk_of[(task.method, task.fact_id)])].append(task)
+    return dict(jobs)
+
+
+def facts_per_job(params: Mapping[str, Any], tasks: Sequence[EditTask]) -> int:
+    """How many facts a job holds so that a group of ``edit.group_size`` edits can fill up:
+    the largest group on the run's device (:func:`locedit.editing.grouped.largest_group`) over
+    a fact's edits of one method and problem (its layers), rounded up; 1 when edits run one
+    at a time."""
+    setting = (params.get("model") or {}).get("device", "auto")
+    size = largest_group(_group_setting(params), resolve_device(setting))
+    if size <= 1 or not tasks:
+        return 1
+    per_fact = Counter((t.fact_id, t.method, t.problem) for t in tasks)
+    return max(1, math.ceil(size / max(per_fact.values())))
 
 
 def run_sweep(
@@ -109,7 +150,7 @@ def run_sweep(
         raise ValueError(f"unknown executor {executor!r}; choose from {EXECUTORS}")
     store = ResultStore(spec.out_dir)
     store.repair()
-    pending = pending_jobs(spec.tasks, store.done_keys())
+    pending = pending_jobs(spec.tasks, store.done_keys(), facts_per_job(spec.params, spec.tasks))
     n_pending = sum(len(t) for t in pending.values())
     skipped = len(spec.tasks) - n_pending
     if skipped:
@@ -124,8 +165,8 @@ def run_sweep(
 
     try:
         if executor == "local" and workers <= 1:
-            for (fact_id, _), tasks in pending.items():
-                _run_fact_job(spec, fact_id, tasks, on_row=lambda row: record([row]))
+            for (_, fact_ids), tasks in pending.items():
+                _run_job(spec, fact_ids, tasks, on_row=lambda row: record([row]))
         elif executor == "local":
             context = get_context("spawn")
             queue = context.Queue()
@@ -136,7 +177,7 @@ def run_sweep(
                 initializer=_init_worker, initargs=(queue, os.getpid()),
             )
             try:
-                futures = [pool.submit(_run_fact_job, spec, f, t) for (f, _), t in pending.items()]
+                futures = [pool.submit(_run_job, spec, f, t) for (_, f), t in pending.items()]
                 for future in as_completed(futures):
                     record(future.result())
             except BaseException:
@@ -208,13 +249,13 @@ _PR_SET_PDEATHSIG = 1
 
 
 class _FactWorker:
-    """A Ray actor: one model replica on its own GPU(s), running fact jobs in turn."""
+    """A Ray actor: one model replica on its own GPU(s), running jobs in turn."""
 
     def __init__(self, spec: SweepSpec) -> None:
         self.spec = spec
 
-    def run(self, fact_id: str, tasks: list[EditTask]) -> list[dict]:
-        return _run_fact_job(self.spec, fact_id, tasks)
+    def run(self, fact_ids: tuple[str, ...], tasks: list[EditTask]) -> list[dict]:
+        return _run_job(self.spec, fact_ids, tasks)
 
 
 def _run_ray(
@@ -238,12 +279,12 @@ def _run_ray(
             actor = ray.remote(num_cpus=spec.threads or 1, num_gpus=gpus_per_worker)(_FactWorker)
             n_actors = max(1, min(workers, int(gpus / gpus_per_worker)))
             pool = ActorPool([actor.remote(spec_ref) for _ in range(n_actors)])
-            jobs = [(fact_id, tasks) for (fact_id, _), tasks in pending.items()]
+            jobs = [(fact_ids, tasks) for (_, fact_ids), tasks in pending.items()]
             for rows in pool.map_unordered(lambda a, job: a.run.remote(*job), jobs):
                 record(rows)
             return
-        remote = ray.remote(num_cpus=spec.threads or 1)(_run_fact_job)
-        refs = [remote.remote(spec_ref, fact_id, tasks) for (fact_id, _), tasks in pending.items()]
+        remote = ray.remote(num_cpus=spec.threads or 1)(_run_job)
+        refs = [remote.remote(spec_ref, fact_ids, tasks) for (_, fact_ids), tasks in pending.items()]
         while refs:
             ready, refs = ray.wait(refs, num_returns=1)
             record(ray.get(ready[0]))

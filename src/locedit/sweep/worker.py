@@ -227,6 +227,40 @@ def co_edit_requests(
     return tuple(requests)
 
 
+@dataclass
+class _Fact:
+    """What every edit of one fact shares: the record, the unedited model's values, the probes,
+    the neighbourhood KL reference and the fact's co-edited requests (built once per problem:
+    the unedited model gives every task the same targets and noise)."""
+
+    record: FactRecord
+    pre: PreEdit
+    probes: Any
+    reference: KLReference | None
+    co_requests_for: Callable[[EditTask], tuple[EditRequest, ...]]
+
+
+def _prepare_fact(
+    model, tokenizer, record: FactRecord, problems: Sequence[str], config: EvaluationConfig,
+    cache_dir: Path | None, context: str, records: Mapping[str, FactRecord] | None,
+) -> _Fact:
+    pre = _pre_edit(model, tokenizer, record, problems, config, cache_dir, context)
+    probes = build_probes(tokenizer, record, pre.o_noise, noised="fact_forcing" in problems)
+    reference = (
+        _kl_reference(model, tokenizer, record, config.neighborhood_kl, cache_dir, context)
+        if config.neighborhood_kl.enabled else None
+    )
+    built: dict[tuple[str, tuple[str, ...]], tuple[EditRequest, ...]] = {}
+
+    def co_requests_for(task: EditTask) -> tuple[EditRequest, ...]:
+        key = (task.problem, task.co_facts)
+        if key not in built:
+            built[key] = co_edit_requests(model, tokenizer, task, records or {}, config)
+        return built[key]
+
+    return _Fact(record, pre, probes, reference, co_requests_for)
+
+
 def run_fact(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -241,56 +275,76 @@ def run_fact(
     records: Mapping[str, FactRecord] | None = None,
     group_size: int = 1,
 ) -> None:
-    """Edit ``record`` for each task and report one row per task through ``on_row``.
+    """Edit ``record`` for each task and report one row per task through ``on_row``
+    (:func:`run_facts` with one fact)."""
+    run_facts(model, tokenizer, covariance, [record], tasks, hparams, config, on_row, cache_dir,
+              context, records, group_size)
+
+
+def run_facts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    covariance: Any,
+    facts: Sequence[FactRecord],
+    tasks: Sequence[EditTask],
+    hparams: Mapping[tuple[str, str], Any],
+    config: EvaluationConfig,
+    on_row: Callable[[dict], None],
+    cache_dir: Path | None = None,
+    context: str = "",
+    records: Mapping[str, FactRecord] | None = None,
+    group_size: int = 1,
+) -> None:
+    """Edit the ``facts`` for each of their tasks and report one row per task through
+    ``on_row``; each fact's pre-edit values are computed once (and cached in ``cache_dir``).
 
     ``records`` (by fact id) supplies the facts that tasks co-edit (``EditTask.co_facts``).
-    ``group_size`` > 1 optimises up to that many of the fact's edits of one method and problem
-    (its layers: their v*/z*, or their finetuning) as one batch (:func:`task_groups`); the
-    rows are the same, to rounding (issue 28).
+    ``group_size`` > 1 optimises up to that many edits of one method and problem as one batch
+    (their v*/z*, or their finetuning: :func:`task_groups`), of one fact's layers and of
+    several facts alike; a group's edits of one fact are then measured in the same forwards
+    (:func:`_run_group`). The rows are the same, to rounding (issue 28). Tasks run in the
+    order given, grouped by (method, problem) where they first appear.
     """
-    if not tasks:
-        return
-    problems = sorted({t.problem for t in tasks})
-    try:
-        pre = _pre_edit(model, tokenizer, record, problems, config, cache_dir, context)
-    except (TokenizationError, ProblemNotApplicable, ValueError) as err:
-        for task in tasks:
-            on_row({**_base_row(task, record), "reason": f"pre-edit evaluation: {err}"})
-        return
-    probes = build_probes(tokenizer, record, pre.o_noise, noised="fact_forcing" in problems)
-    reference = (
-        _kl_reference(model, tokenizer, record, config.neighborhood_kl, cache_dir, context)
-        if config.neighborhood_kl.enabled else None
+    by_id = {record.fact_id: record for record in facts}
+    unknown = sorted({t.fact_id for t in tasks} - set(by_id))
+    if unknown:
+        raise ValueError(f"tasks of facts not given to run_facts: {unknown[:5]}")
+    prepared: dict[str, _Fact] = {}
+    for fact_id in dict.fromkeys(t.fact_id for t in tasks):
+        mine = [t for t in tasks if t.fact_id == fact_id]
+        try:
+            prepared[fact_id] = _prepare_fact(
+                model, tokenizer, by_id[fact_id], sorted({t.problem for t in mine}), config,
+                cache_dir, context, records,
+            )
+        except (TokenizationError, ProblemNotApplicable, ValueError) as err:
+            for task in mine:
+                on_row({**_base_row(task, by_id[fact_id]), "reason": f"pre-edit evaluation: {err}"})
+    pairs = list(dict.fromkeys((t.method, t.problem) for t in tasks))
+    live = sorted(
+        (t for t in tasks if t.fact_id in prepared), key=lambda t: pairs.index((t.method, t.problem))
     )
-    # A fact's tasks share their co-edits (drawn per fact), built once per problem: the
-    # unedited model gives every task the same targets and noise.
-    built: dict[tuple[str, tuple[str, ...]], tuple[EditRequest, ...]] = {}
-
-    def co_requests_for(task: EditTask) -> tuple[EditRequest, ...]:
-        key = (task.problem, task.co_facts)
-        if key not in built:
-            built[key] = co_edit_requests(model, tokenizer, task, records or {}, config)
-        return built[key]
-
-    for group in task_groups(tasks, group_size):
-        given, shared = _group_vstars(
-            model, tokenizer, covariance, record, group, hparams, config, pre, co_requests_for
-        )
-        if len(group) > 1:
-            for row in _run_group(model, tokenizer, covariance, record, group, hparams, config,
-                                  pre, probes, reference, co_requests_for, given, shared):
-                on_row(row)
-            continue
-        on_row(_run_task(model, tokenizer, covariance, record, group[0],
-                         hparams[(group[0].method, group[0].problem)], config, pre, probes,
-                         reference, co_requests_for))
+    for group in task_groups(live, group_size):
+        given, shared = _group_vstars(model, tokenizer, covariance, group, hparams, config, prepared)
+        for fact_id in dict.fromkeys(task.fact_id for task in group):
+            fact = prepared[fact_id]
+            members = [i for i, task in enumerate(group) if task.fact_id == fact_id]
+            if len(members) > 1:
+                for row in _run_group(model, tokenizer, covariance, fact, [group[i] for i in members],
+                                      hparams, config, [given[i] for i in members], shared):
+                    on_row(row)
+                continue
+            task = group[members[0]]
+            on_row(_run_task(model, tokenizer, covariance, fact, task,
+                             hparams[(task.method, task.problem)], config, given[members[0]],
+                             shared))
 
 
 def task_groups(tasks: Sequence[EditTask], size: int) -> list[list[EditTask]]:
     """Consecutive tasks of one (method, problem) whose method can optimise independent edits
     together (v*/z*, finetuning), at most ``size`` to a group (their optimisations run as one
-    batch); every other task alone. The order of
-    the tasks, and so of the rows, is kept."""
+    batch), of one fact or several; every other task alone. The order of the tasks, and so of
+    the rows, is kept."""
     groups: list[list[EditTask]] = []
     for task in tasks:
         last = groups[-1] if groups else None
@@ -306,7 +360,8 @@ def task_groups(tasks: Sequence[EditTask], size: int) -> list[list[EditTask]]:
 
 
 def _group_vstars(
-    model, tokenizer, covariance, record, group, hparams, config, pre, co_requests_for
+    model, tokenizer, covariance, group: Sequence[EditTask], hparams, config,
+    facts: Mapping[str, _Fact],
 ) -> tuple[list[tuple], float]:
     """The optimisations of a group's edits (v*/z*, finetuning) run as one batch
     (:func:`locedit.editing.editor.optimise_together`),
@@ -319,9 +374,7 @@ def _group_vstars(
     edits, members = [], []
     for index, task in enumerate(group):
         try:
-            request, co_requests = _task_request(
-                model, tokenizer, record, task, config, pre, co_requests_for
-            )
+            request, co_requests = _task_request(model, tokenizer, facts[task.fact_id], task, config)
         except (ProblemNotApplicable, EditFailed, ValueError, RuntimeError):
             continue
         members.append(index)
@@ -341,53 +394,48 @@ def _group_vstars(
 
 
 def _task_request(
-    model, tokenizer, record, task, config, pre,
-    co_requests_for: Callable[[EditTask], tuple[EditRequest, ...]] | None = None,
+    model, tokenizer, fact: _Fact, task: EditTask, config: EvaluationConfig
 ) -> tuple[EditRequest, tuple[EditRequest, ...]]:
     """The task's request (the problem's target and input) and its co-edited requests."""
     problem = get_problem(task.problem)
-    target = edit_target(problem, record, pre.o_noise)
+    record = fact.record
+    target = edit_target(problem, record, fact.pre.o_noise)
     noise = noise_for_request(model, tokenizer, record, config.noise) if problem.noised_input else None
     request = EditRequest(record.prompt, record.subject, target, problem.direction, noise)
-    co_requests = co_requests_for(task) if co_requests_for and task.co_facts else ()
+    co_requests = fact.co_requests_for(task) if task.co_facts else ()
     return request, co_requests
 
 
 def _run_task(
-    model, tokenizer, covariance, record, task, hparams, config, pre, probes, reference=None,
-    co_requests_for: Callable[[EditTask], tuple[EditRequest, ...]] | None = None,
+    model, tokenizer, covariance, fact: _Fact, task: EditTask, hparams, config,
     vstars: tuple = (), shared_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """One task's row: the edit, measured on the edited model. ``vstars``: its v*/z* from a
     batched run, ``shared_seconds`` its share of that run's time (added to ``seconds``)."""
-    row = _begin_row(task, record, hparams)
+    row = _begin_row(task, fact.record, hparams)
     with _outcome(row, task):
-        with _task_edit(
-            model, tokenizer, covariance, record, task, hparams, config, pre, co_requests_for,
-            vstars, row,
-        ) as result:
-            measured = _measure(model, probes, record, config, pre, reference)[0]
-        _finish_row(row, task, pre, measured, result, config, shared_seconds)
+        with _task_edit(model, tokenizer, covariance, fact, task, hparams, config, vstars, row) as result:
+            measured = _measure(model, fact, config)[0]
+        _finish_row(row, task, fact.pre, measured, result, config, shared_seconds)
     return row
 
 
 def _run_group(
-    model, tokenizer, covariance, record, tasks, hparams, config, pre, probes, reference,
-    co_requests_for, vstars: Sequence[tuple], shared_seconds: float,
+    model, tokenizer, covariance, fact: _Fact, tasks: Sequence[EditTask], hparams, config,
+    vstars: Sequence[tuple], shared_seconds: float,
 ) -> list[dict[str, Any]]:
-    """A group's rows (issue 28): each edit made and restored in turn from its batched v*/z*,
-    then all of them measured in the same forwards, each through its weight change applied
-    in the forward (:func:`locedit.editing.deltas.weight_deltas_by_group`) instead of written
-    into the weights. Should that fail (memory), each is measured with its weights written."""
+    """A group's rows of one fact (issue 28): each edit made and restored in turn from its
+    batched v*/z*, then all of them measured in the same forwards, each through its weight
+    change applied in the forward (:func:`locedit.editing.deltas.weight_deltas_by_group`)
+    instead of written into the weights. Should that fail (memory), each is measured with its
+    weights written."""
     rows, made = [], []
     for task, given in zip(tasks, vstars, strict=True):
-        row = _begin_row(task, record, hparams[(task.method, task.problem)])
+        own = hparams[(task.method, task.problem)]
+        row = _begin_row(task, fact.record, own)
         rows.append(row)
         with _outcome(row, task):
-            with _task_edit(
-                model, tokenizer, covariance, record, task, hparams[(task.method, task.problem)],
-                config, pre, co_requests_for, given, row,
-            ) as result:
+            with _task_edit(model, tokenizer, covariance, fact, task, own, config, given, row) as result:
                 weights = {
                     name: p.detach().clone()
                     for name, p in model.named_parameters() if name in result.changed
@@ -402,7 +450,7 @@ def _run_group(
             for *_, weights in made
         ]
         with weight_deltas_by_group(model, deltas):
-            measured = _measure(model, probes, record, config, pre, reference, len(made))
+            measured = _measure(model, fact, config, len(made))
     except (ValueError, RuntimeError) as err:
         log.warning("measuring %d edits together failed (%s): one at a time", len(made), err)
         measured = []
@@ -410,10 +458,10 @@ def _run_group(
             with preserved_weights(model, list(weights)), torch.no_grad():
                 for name, weight in weights.items():
                     params[name].copy_(weight)
-                measured.append(_measure(model, probes, record, config, pre, reference)[0])
+                measured.append(_measure(model, fact, config)[0])
     for (row, task, result, _), values in zip(made, measured, strict=True):
         with _outcome(row, task):
-            _finish_row(row, task, pre, values, result, config, shared_seconds)
+            _finish_row(row, task, fact.pre, values, result, config, shared_seconds)
     return rows
 
 
@@ -440,15 +488,13 @@ def _outcome(row: dict[str, Any], task: EditTask) -> Iterator[None]:
 
 @contextmanager
 def _task_edit(
-    model, tokenizer, covariance, record, task, hparams, config, pre, co_requests_for, vstars,
+    model, tokenizer, covariance, fact: _Fact, task: EditTask, hparams, config, vstars,
     row: dict[str, Any],
 ) -> Iterator[Any]:
     """The task's edit, in place for the body (:func:`locedit.editing.edited`); the row gets
     its target."""
-    row["target"] = edit_target(get_problem(task.problem), record, pre.o_noise)
-    request, co_requests = _task_request(
-        model, tokenizer, record, task, config, pre, co_requests_for
-    )
+    row["target"] = edit_target(get_problem(task.problem), fact.record, fact.pre.o_noise)
+    request, co_requests = _task_request(model, tokenizer, fact, task, config)
     torch.manual_seed(fact_seed(config.seed, task.seed_key))
     with edited(
         model, tokenizer, task.method, request, task.layer, hparams, covariance, co_requests,
@@ -466,10 +512,11 @@ class _Measured:
     kl: float | None
 
 
-def _measure(model, probes, record, config, pre, reference, copies: int = 1) -> list[_Measured]:
+def _measure(model, fact: _Fact, config: EvaluationConfig, copies: int = 1) -> list[_Measured]:
     """The post-edit measurements of the model as it is, or of ``copies`` edited models in
     the same forwards (see :func:`_run_group`)."""
     one = copies == 1
+    probes, record, pre, reference = fact.probes, fact.record, fact.pre, fact.reference
     posts = (
         [probe_probabilities(model, probes, record, config.noise)] if one
         else copied_probe_probabilities(model, probes, record, config.noise, copies)
