@@ -136,3 +136,27 @@ def test_a_running_invocation_is_on_file_and_kept_up_to_date(tmp_path):
     # a killed piece before a finished one counts towards the stage's latest run
     killed = [{"status": "running", "seconds": 40.0}, {"status": "ok", "seconds": 2.0}]
     assert stage_total(killed)["seconds"] == pytest.approx(42.0)
+
+
+def _record_many(outputs: str, stage: str, n: int) -> None:
+    from locedit.pipeline.costs import record_cost
+
+    for i in range(n):
+        record_cost(outputs, stage, {"status": "ok", "seconds": i})
+
+
+def test_stages_recording_at_once_lose_no_entry(tmp_path):
+    """Two processes appending to one costs.json at the same time (a tune beside an edit
+    stage): every entry of both is kept."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_record_many, args=(str(tmp_path), stage, 300))
+               for stage in ("edit", "tune")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    costs = read_costs(tmp_path)
+    assert len(costs["edit"]) == 300 and len(costs["tune"]) == 300

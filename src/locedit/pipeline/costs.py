@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from locedit.storage import atomic_write_text
 
 COSTS_FILE = "costs.json"
@@ -96,16 +98,20 @@ def read_costs(outputs: Path) -> dict[str, list[dict[str, Any]]]:
 
 def record_cost(outputs: Path, stage: str, entry: dict[str, Any], index: int | None = None) -> int:
     """Append ``entry`` to the stage's invocations, or replace invocation ``index``; returns
-    its index."""
-    costs = read_costs(outputs)
-    entries = costs.setdefault(stage, [])
-    if index is None or index >= len(entries):
-        entries.append(entry)
-        index = len(entries) - 1
-    else:
-        entries[index] = entry
+    its index. Read, change and write hold ``costs.json.lock``: two stages measured at once
+    in one outputs folder (``locedit tune`` beside ``locedit run edit``, each with its
+    heartbeat) would otherwise each write the file it read and lose the other's entry."""
     Path(outputs).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(outputs) / COSTS_FILE, json.dumps(costs, indent=2) + "\n")
+    path = Path(outputs) / COSTS_FILE
+    with FileLock(f"{path}.lock"):
+        costs = read_costs(outputs)
+        entries = costs.setdefault(stage, [])
+        if index is None or index >= len(entries):
+            entries.append(entry)
+            index = len(entries) - 1
+        else:
+            entries[index] = entry
+        atomic_write_text(path, json.dumps(costs, indent=2) + "\n")
     return index
 
 
