@@ -161,8 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--sweep-group-sizes", type=int, nargs="*", default=[],
-        help="also run the sweep's worker (every metric, essence included) on the facts at "
-        "--group-layers with each edit.group_size, e.g. 1 3 (the CPU default's measurement)",
+        help="also run the sweep's worker (every metric, essence included; one job per method "
+        "over all the facts, so groups cross facts) on the facts at --group-layers with each "
+        "edit.group_size, e.g. 1 4 12 (the CPU default's measurement)",
     )
     parser.add_argument(
         "--group-layers", type=int, nargs="*", default=None,
