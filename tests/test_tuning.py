@@ -321,6 +321,33 @@ def test_search_mode_uses_tpe_ranges_steps_and_reports_each_fact(tmp_path, share
     assert again.ran_now == 0 and again.study_name == result.study_name
 
 
+def test_a_trial_edits_its_facts_in_groups_with_the_same_rows(tmp_path, shared, caplog):
+    """edit.group_size 3: a trial's three facts finetuned as one batch (Fact Forcing: their
+    subjects' noise stacked) give the rows of one at a time, and the pruner still hears of
+    each fact in order; edit.group_size reaches the study's target."""
+    import dataclasses
+
+    from locedit.tuning import evaluate
+
+    params = make_params(tmp_path, shared, problems=("fact_forcing",),
+                         extra=["edit.group_size=3"])
+    target, _ = tune_stage.build_target(params, "ft1", "fact_forcing", tune_stage.tune_config(params))
+    assert target.group_size == 3
+    runs = []
+    for size in (1, 3):
+        heard = []
+        scores = evaluate(dataclasses.replace(target, group_size=size), {"steps": 3},
+                          lambda i, _scores, heard=heard: heard.append(i))
+        assert heard == [0, 1, 2]
+        runs.append(sorted(scores.rows, key=lambda r: r["key"]))
+    assert "one at a time" not in caplog.text  # the group ran as one batch
+    for one, grouped in zip(*runs, strict=True):
+        assert one["key"] == grouped["key"] and one["status"] == grouped["status"] == "ok"
+        for name in ("rewrite_score", "paraphrase_score", "neighborhood_score", "p_target_post"):
+            if not math.isnan(one[name]):
+                assert grouped[name] == pytest.approx(one[name], rel=1e-5, abs=1e-9), name
+
+
 def _trial(number_value, rewrite, max_rewrite=0.5):
     return create_trial(
         params={"kl_factor": number_value[0]},

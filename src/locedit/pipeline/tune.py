@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from locedit import versioning
 from locedit.data.records import read_records
 from locedit.editing import CovarianceStore, default_layer, get_method, hparams_for
+from locedit.editing.grouped import group_size_from
 from locedit.metrics.neighborhood_kl import NeighborhoodKLConfig
 from locedit.models.architecture import n_layers
 from locedit.models.snapshot import model_fingerprint
@@ -122,6 +123,7 @@ def build_target(
         evaluation=evaluation,
         cache_dir=output_dir(params, "tune") / "state" / "pre",
         context=context,
+        group_size=group_size_from((params.get("edit") or {}).get("group_size"), model),
     )
     dataset = str(params.get("data", {}).get("dataset", "facts"))
     return target, f"{dataset}[:{len(records)}]"

@@ -1,8 +1,9 @@
 """One trial's evaluation: edit each tuning fact at the tuning layer and average its scores.
 
-The edits and metrics are exactly the sweep's (:func:`locedit.sweep.run_fact`), so a tuned
-value scores in the study what it later scores in the edit stage; the unedited model's
-probabilities are computed once per fact and cached on disk for every later trial.
+The edits and metrics are exactly the sweep's (:func:`locedit.sweep.worker.run_facts`), so a
+tuned value scores in the study what it later scores in the edit stage; the unedited model's
+probabilities are computed once per fact and cached on disk for every later trial. With
+``edit.group_size`` above 1 a trial's facts are edited in groups (issue 28), as the sweep's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import FactRecord
 from locedit.sweep.plan import EditTask, co_facts_for, content_id
-from locedit.sweep.worker import EvaluationConfig, run_fact
+from locedit.sweep.worker import EvaluationConfig, run_facts
 
 #: The per-edit scores a trial averages (paper Sec. 3.4).
 SCORES: tuple[str, ...] = (
@@ -51,6 +52,8 @@ class TuneTarget:
     evaluation: EvaluationConfig
     cache_dir: Path | None = None
     context: str = ""
+    #: edits optimised (and each fact's measured) as one batch: ``edit.group_size``
+    group_size: int = 1
 
     def hparams(self, overrides: dict[str, Any]) -> Any:
         return self.base_hparams.with_overrides(**overrides)
@@ -113,25 +116,23 @@ def evaluate(
     hparams_id = content_id([hparams.to_dict(), target.context])
     scores = TrialScores()
     records = {r.fact_id: r for r in target.records}  # co-edits come from the tuning facts
-    for i, record in enumerate(target.records):
-        co_facts = co_facts_for(record, target.records, target.problem, hparams)
-        task = EditTask(
+    tasks = [
+        EditTask(
             record.fact_id, target.layer, target.method, target.problem, hparams_id,
-            co_facts=co_facts,
+            co_facts=co_facts_for(record, target.records, target.problem, hparams),
         )
-        run_fact(
-            target.model,
-            target.tokenizer,
-            target.covariance,
-            record,
-            [task],
-            {pair: hparams},
-            target.evaluation,
-            scores.rows.append,
-            target.cache_dir,
-            target.context,
-            records,
-        )
+        for record in target.records
+    ]
+    position = {record.fact_id: i for i, record in enumerate(target.records)}
+
+    def on_row(row: dict) -> None:  # after each fact's row, between edits: safe to prune
+        scores.rows.append(row)
         if on_fact is not None:
-            on_fact(i, scores)
+            on_fact(position[row["fact_id"]], scores)
+
+    run_facts(
+        target.model, target.tokenizer, target.covariance, target.records, tasks,
+        {pair: hparams}, target.evaluation, on_row, target.cache_dir, target.context, records,
+        target.group_size,
+    )
     return scores
