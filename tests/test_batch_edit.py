@@ -260,10 +260,12 @@ def test_tuning_draws_co_edits_from_its_facts(monkeypatch):
 
     calls = []
 
-    def fake_run_fact(model, tok, cov, record, tasks, hparams, config, on_row, cache, ctx, records):
-        calls.append((record.fact_id, tasks[0].co_facts, sorted(records)))
+    def fake_run_facts(model, tok, cov, facts, tasks, hparams, config, on_row, cache, ctx, records,
+                       group_size):
+        assert [f.fact_id for f in facts] == [t.fact_id for t in tasks] and group_size == 1
+        calls.extend((task.fact_id, task.co_facts, sorted(records)) for task in tasks)
 
-    monkeypatch.setattr(objective, "run_fact", fake_run_fact)
+    monkeypatch.setattr(objective, "run_facts", fake_run_facts)
     facts = [_fact("a"), _fact("b"), _fact("c")]
     target = objective.TuneTarget(
         None,
