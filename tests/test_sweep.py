@@ -117,3 +117,52 @@ def test_bad_target_and_nan_edit_become_failure_rows(tmp_path, monkeypatch):
     nan_rows = table[table.fact_id == "f1"]
     assert nan_rows.reason.str.contains("NaN|non-finite|nan", case=False).all()
     assert "rewrite_score" not in nan_rows or nan_rows["rewrite_score"].isna().all()
+
+
+def test_local_workers_stream_rows_and_match_one_process(tmp_path):
+    """Two local worker processes with jobs of two facts (edit.group_size 4 over two layers)
+    put each row on the driver's queue as it finishes: the driver stores every row once, and
+    the table equals one process's."""
+    params = make_params(tmp_path, methods=("rome",), problems=("error_injection",))
+    params = OmegaConf.merge(params, {"edit": {"group_size": 4}})
+    spec = edit_stage.build_spec(params)
+    one = run_sweep(spec, progress=False)
+    table = results_table(ResultStore(spec.out_dir).rows(), [t.key for t in spec.tasks])
+    parallel = OmegaConf.merge(params, {"paths": {"outputs": str(tmp_path / "parallel")}})
+    write_records(tmp_path / "parallel" / "filter" / "facts.jsonl", FACTS)
+    parallel_spec = edit_stage.build_spec(parallel)
+    seen: list[int] = []
+    assert run_sweep(parallel_spec, workers=2, progress=False,
+                     on_rows=lambda rows: seen.append(len(rows))) == one == 6
+    rows = ResultStore(parallel_spec.out_dir).rows()
+    assert sum(seen) == len(rows) == 6 and len({r["key"] for r in rows}) == 6
+    other = results_table(rows, [t.key for t in parallel_spec.tasks])
+    pd.testing.assert_frame_equal(comparable(table), comparable(other), rtol=1e-5)
+
+
+def test_a_pool_job_puts_each_row_on_the_queue_as_it_finishes(tmp_path, monkeypatch):
+    """What a local worker runs: every row onto the queue at once (not at the job's end), the
+    count returned for the driver's accounting; the driver's drain stores what is waiting."""
+    import queue
+
+    from locedit.sweep import runner
+
+    params = make_params(tmp_path, methods=("ft1",), problems=("error_injection",))
+    spec = edit_stage.build_spec(params)
+    rows: queue.Queue = queue.Queue()
+    monkeypatch.setattr(runner, "_ROWS", rows)
+    waiting = []
+    original = sweep_worker._run_task
+
+    def noted(*args, **kwargs):  # how many rows were on the queue when each edit started
+        waiting.append(rows.qsize())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_worker, "_run_task", noted)
+    tasks = [t for t in spec.tasks if t.fact_id == "f1"]
+    assert runner._run_pool_job(spec, ("f1",), tasks) == len(tasks) == 2
+    assert waiting == [0, 1]
+    stored: list[list[dict]] = []
+    assert runner._drain(rows, stored.append, wait=0) == 2
+    assert [r["key"] for r in stored[0]] == [t.key for t in tasks]
+    assert runner._drain(rows, stored.append, wait=0) == 0 and len(stored) == 1

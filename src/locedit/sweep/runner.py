@@ -16,11 +16,12 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import torch
@@ -168,27 +169,82 @@ def run_sweep(
             for (_, fact_ids), tasks in pending.items():
                 _run_job(spec, fact_ids, tasks, on_row=lambda row: record([row]))
         elif executor == "local":
-            context = get_context("spawn")
-            queue = context.Queue()
-            for visible in worker_gpu_plan(spec.params, workers, gpus_per_worker):
-                queue.put(visible)
-            pool = ProcessPoolExecutor(
-                max_workers=workers, mp_context=context,
-                initializer=_init_worker, initargs=(queue, os.getpid()),
-            )
-            try:
-                futures = [pool.submit(_run_job, spec, f, t) for (_, f), t in pending.items()]
-                for future in as_completed(futures):
-                    record(future.result())
-            except BaseException:
-                _stop_pool(pool)  # Ctrl-C or a failure: not after every queued job
-                raise
-            pool.shutdown()
+            _run_pool(spec, pending, workers, gpus_per_worker, record)
         else:
             _run_ray(spec, pending, workers, ray_address, record, gpus_per_worker)
     finally:
         bar.close()
     return n_pending
+
+
+def _run_pool(
+    spec: SweepSpec, pending: dict[JobKey, list[EditTask]], workers: int, gpus_per_worker: float,
+    record: Callable[[list[dict]], None],
+) -> None:
+    """The jobs in ``workers`` local processes. Each worker puts every row on a queue as it
+    finishes, and the driver stores them as they come: a killed or failed run keeps every
+    finished row, not only those of finished jobs (a job may hold several facts' edits)."""
+    context = get_context("spawn")
+    gpus, rows = context.Queue(), context.Queue()
+    for visible in worker_gpu_plan(spec.params, workers, gpus_per_worker):
+        gpus.put(visible)
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=context,
+        initializer=_init_worker, initargs=(gpus, os.getpid(), rows),
+    )
+    try:
+        running = {pool.submit(_run_pool_job, spec, f, t) for (_, f), t in pending.items()}
+        sent = received = 0
+        deadline = math.inf
+        while running or (received < sent and time.monotonic() < deadline):
+            finished = {future for future in running if future.done()}
+            for future in finished:
+                sent += future.result()  # a worker's exception is raised here
+            running -= finished
+            if not running and deadline == math.inf:
+                deadline = time.monotonic() + ROW_STRAGGLERS_S
+            received += _drain(rows, record)
+        if received < sent:
+            log.warning("%d rows sent by the workers never arrived", sent - received)
+    except BaseException:
+        _drain(rows, record, wait=0)  # what the workers had finished is kept
+        _stop_pool(pool)  # Ctrl-C or a failure: not after every queued job
+        raise
+    pool.shutdown()
+
+
+#: Seconds the driver waits, once every job has returned, for rows still in the queue.
+ROW_STRAGGLERS_S = 60.0
+#: A local worker's row queue (set by :func:`_init_worker`; None in the driver).
+_ROWS = None
+
+
+def _run_pool_job(spec: SweepSpec, fact_ids: Sequence[str], tasks: list[EditTask]) -> int:
+    """A local worker's job: each row onto the driver's queue as it finishes; returns how many."""
+    sent = 0
+
+    def put(row: dict) -> None:
+        nonlocal sent
+        _ROWS.put(row)
+        sent += 1
+
+    _run_job(spec, fact_ids, tasks, on_row=put)
+    return sent
+
+
+def _drain(rows, record: Callable[[list[dict]], None], wait: float = 0.2) -> int:
+    """Store the rows waiting in the queue (waiting up to ``wait`` seconds for the first);
+    returns how many."""
+    batch = []
+    try:
+        batch.append(rows.get(timeout=wait) if wait else rows.get_nowait())
+        while True:
+            batch.append(rows.get_nowait())
+    except Empty:
+        pass
+    if batch:
+        record(batch)
+    return len(batch)
 
 
 def _stop_pool(pool: ProcessPoolExecutor) -> None:
@@ -212,10 +268,12 @@ def worker_gpu_plan(params: Mapping, workers: int, gpus_per_worker: float = 1.0)
     return assign_gpus(workers, visible_gpus(), gpus_per_worker)
 
 
-def _init_worker(queue, parent: int) -> None:
-    """Worker initializer: exit with the driver, then take this process's GPU(s) before CUDA is
-    initialised."""
+def _init_worker(queue, parent: int, rows=None) -> None:
+    """Worker initializer: exit with the driver, keep the queue rows go to, then take this
+    process's GPU(s) before CUDA is initialised."""
+    global _ROWS
     exit_with_parent(parent)
+    _ROWS = rows
     visible = queue.get()
     if visible is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible
