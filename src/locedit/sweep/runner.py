@@ -100,9 +100,9 @@ def pending_jobs(
     order).
 
     A fact's pre-edit values are cached on disk, so splitting its edits by method costs little
-    and keeps workers evenly loaded; a killed parallel run loses at most one job per worker.
-    Several facts to a job let ``edit.group_size`` batch edits of several facts (issue 28):
-    :func:`facts_per_job`.
+    and keeps workers evenly loaded (local workers send each row as it finishes; a Ray job's
+    rows come back when it ends). Several facts to a job let ``edit.group_size`` batch edits
+    of several facts (issue 28): :func:`facts_per_job`.
     """
     if facts_per_job < 1:
         raise ValueError(f"facts_per_job must be >= 1, got {facts_per_job}")
