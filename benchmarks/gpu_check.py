@@ -548,7 +548,7 @@ def summarise(tracing: dict, editing: dict) -> str:
                     f"G={g} {v['edits_per_second']:.2f}/s" if "edits_per_second" in v
                     else f"G={g} {next(iter(v))}" for g, v in sizes.items()
                 )
-                lines.append(f"  grouped {method}: {rates}")
+                lines.append(f"  grouped, every metric, {method}: {rates}")
         sweep = editing["shapes"][shape].get("default_sweep")
         if sweep and "ok" in sweep:
             lines.append(f"  default sweep: {sweep['ok']}/{sweep['edits']} edits ok in "
