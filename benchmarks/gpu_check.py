@@ -50,7 +50,7 @@ from locedit.models.device import model_device, parse_dtype, resolve_device  # n
 from locedit.models.discovery import prepare_architecture  # noqa: E402
 from locedit.models.noise import NoiseConfig  # noqa: E402
 from locedit.sweep.plan import EditTask  # noqa: E402
-from locedit.sweep.worker import EvaluationConfig, run_fact  # noqa: E402
+from locedit.sweep.worker import EvaluationConfig, run_facts  # noqa: E402
 from locedit.testing import gpt2_tokenizer  # noqa: E402
 from locedit.tracing import trace_fact_many  # noqa: E402
 
@@ -270,8 +270,8 @@ def sweep_bench(model, tokenizer, store, layers, out_dir: Path, dry: bool = Fals
              for m in PAPER_METHODS for layer in layers]
     rows: list[dict] = []
     config = EvaluationConfig(NoiseConfig(0.1, 10, 0), essence=False)
-    seconds, _ = timed(device, lambda: run_fact(
-        model, tokenizer, store, fact, tasks, hparams, config, rows.append, out_dir / "pre", "gpu"
+    seconds, _ = timed(device, lambda: run_facts(
+        model, tokenizer, store, [fact], tasks, hparams, config, rows.append, out_dir / "pre", "gpu"
     ))
     return {
         "edits": len(rows),

@@ -32,6 +32,19 @@ def peak_mb(device: torch.device) -> float:
     return peak_rss_mb()
 
 
+def _share_end(budget, methods_left: int) -> float:
+    """When this method's equal share of what is left of ``budget`` ends (never without one)."""
+    return time.perf_counter() + budget.left() / methods_left if budget else math.inf
+
+
+def _over(share_end: float, n_edits: int, done: dict) -> bool:
+    """Whether ``n_edits`` at the last measured size's rate would not fit in the share left."""
+    left = share_end - time.perf_counter()
+    rate = next((r["edits_per_second"] for r in reversed(done.values())
+                 if "edits_per_second" in r), None)
+    return left <= 0 or bool(rate and n_edits / rate > left)
+
+
 def grouped_throughput(
     model, tokenizer, store, requests: list[EditRequest], layers: list[int],
     hparams: dict, sizes: tuple[int, ...] = (1, 4, 16, 64), min_edits: int = 4,
@@ -62,16 +75,10 @@ def grouped_throughput(
     for index, (method, hp) in enumerate(hparams.items()):
         batched = get_method(method).groupable
         rows, reference = {}, {}
-        # each method gets an equal share of what is left of the budget
-        share_end = (
-            time.perf_counter() + budget.left() / (len(hparams) - index) if budget else math.inf
-        )
+        share_end = _share_end(budget, len(hparams) - index)
         for size in sizes if batched else sizes[:1]:
             n_edits = max(size, min_edits)
-            rate = next((r["edits_per_second"] for r in reversed(rows.values())
-                         if "edits_per_second" in r), None)
-            left = share_end - time.perf_counter()
-            if budget is not None and (left <= 0 or (rate and n_edits / rate > left)):
+            if _over(share_end, n_edits, rows):
                 rows[str(size)] = {"skipped": "over the time budget"}
                 continue
             edits = [GroupedEdit(method, *pairs[i % len(pairs)], hp) for i in range(n_edits)]
@@ -174,17 +181,12 @@ def sweep_throughput(
         run([EditTask(r.fact_id, layers[0], methods[0], problem, "warm-up") for r in records],
             1, [])
         for index, method in enumerate(methods):
-            share_end = (
-                time.perf_counter() + budget.left() / (len(methods) - index) if budget else math.inf
-            )
+            share_end = _share_end(budget, len(methods) - index)
             rows_by_size: dict[str, dict] = {}
             first: dict | None = None
             for size in sizes if get_method(method).groupable else sizes[:1]:
                 n_edits = len(pairs) if min_edits is None else max(size, min_edits)
-                rate = next((r["edits_per_second"] for r in reversed(rows_by_size.values())
-                             if "edits_per_second" in r), None)
-                left = share_end - time.perf_counter()
-                if budget is not None and (left <= 0 or (rate and n_edits / rate > left)):
+                if _over(share_end, n_edits, rows_by_size):
                     rows_by_size[str(size)] = {"skipped": "over the time budget"}
                     continue
                 tasks = [

@@ -19,7 +19,7 @@ from locedit.metrics.neighborhood_kl import NeighborhoodKLConfig
 from locedit.params import model_from_params
 from locedit.pipeline.common import compose_params, to_container
 from locedit.problems import NoiseConfig
-from locedit.sweep import EvaluationConfig, plan_tasks, resolved_hparams, run_fact
+from locedit.sweep import EvaluationConfig, plan_tasks, resolved_hparams, run_facts
 
 
 def main(n_facts: int = 3, layers: tuple[int, ...] = (3, 9, 15)) -> None:
@@ -36,11 +36,11 @@ def main(n_facts: int = 3, layers: tuple[int, ...] = (3, 9, 15)) -> None:
         with tempfile.TemporaryDirectory() as cache:
             for record in records:
                 tasks = plan_tasks([record], list(layers), hparams, prefix)
-                run_fact(
+                run_facts(
                     model,
                     tokenizer,
                     None,
-                    record,
+                    [record],
                     tasks,
                     hparams,
                     config,

@@ -483,7 +483,7 @@ def test_a_group_whose_edits_all_fail_gives_the_sequential_failure_rows(tok, sto
     from locedit.data.records import FactRecord
     from locedit.models.noise import NoiseConfig
     from locedit.sweep.plan import EditTask
-    from locedit.sweep.worker import EvaluationConfig, run_fact
+    from locedit.sweep.worker import EvaluationConfig, run_facts
 
     model = editable_tiny_model("gpt2", n_layers=4)
     record = FactRecord("f1", "Eiffel Tower", EIFFEL.prompt, "Paris", "Rome", (),
@@ -496,7 +496,7 @@ def test_a_group_whose_edits_all_fail_gives_the_sequential_failure_rows(tok, sto
     runs = []
     for size in (1, 2):
         rows: list[dict] = []
-        run_fact(model, tok, store, record, tasks, {("rome", "error_injection"): broken},
+        run_facts(model, tok, store, [record], tasks, {("rome", "error_injection"): broken},
                  config, rows.append, group_size=size)
         runs.append(rows)
     assert [r["status"] for r in runs[1]] == ["failed", "failed"]

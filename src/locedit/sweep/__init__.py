@@ -4,7 +4,7 @@ from locedit.editing.layers import sweep_layers
 from locedit.sweep.plan import EditTask, plan_tasks, resolved_hparams
 from locedit.sweep.runner import EXECUTORS, SweepSpec, run_sweep
 from locedit.sweep.store import ResultStore, results_table
-from locedit.sweep.worker import EvaluationConfig, run_fact
+from locedit.sweep.worker import EvaluationConfig, run_facts
 
 __all__ = [
     "EXECUTORS",
@@ -15,7 +15,7 @@ __all__ = [
     "plan_tasks",
     "resolved_hparams",
     "results_table",
-    "run_fact",
+    "run_facts",
     "run_sweep",
     "sweep_layers",
 ]

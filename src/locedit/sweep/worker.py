@@ -261,26 +261,6 @@ def _prepare_fact(
     return _Fact(record, pre, probes, reference, co_requests_for)
 
 
-def run_fact(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    covariance: Any,
-    record: FactRecord,
-    tasks: Sequence[EditTask],
-    hparams: Mapping[tuple[str, str], Any],
-    config: EvaluationConfig,
-    on_row: Callable[[dict], None],
-    cache_dir: Path | None = None,
-    context: str = "",
-    records: Mapping[str, FactRecord] | None = None,
-    group_size: int = 1,
-) -> None:
-    """Edit ``record`` for each task and report one row per task through ``on_row``
-    (:func:`run_facts` with one fact)."""
-    run_facts(model, tokenizer, covariance, [record], tasks, hparams, config, on_row, cache_dir,
-              context, records, group_size)
-
-
 def run_facts(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
