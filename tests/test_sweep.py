@@ -142,7 +142,7 @@ def test_local_workers_stream_rows_and_match_one_process(tmp_path):
 
 def test_a_pool_job_puts_each_row_on_the_queue_as_it_finishes(tmp_path, monkeypatch):
     """What a local worker runs: every row onto the queue at once (not at the job's end), the
-    count returned for the driver's accounting; the driver's drain stores what is waiting."""
+    count returned for the driver's accounting; the driver takes what is waiting."""
     import queue
 
     from locedit.sweep import runner
@@ -162,7 +162,30 @@ def test_a_pool_job_puts_each_row_on_the_queue_as_it_finishes(tmp_path, monkeypa
     tasks = [t for t in spec.tasks if t.fact_id == "f1"]
     assert runner._run_pool_job(spec, ("f1",), tasks) == len(tasks) == 2
     assert waiting == [0, 1]
-    stored: list[list[dict]] = []
-    assert runner._drain(rows, stored.append, wait=0) == 2
-    assert [r["key"] for r in stored[0]] == [t.key for t in tasks]
-    assert runner._drain(rows, stored.append, wait=0) == 0 and len(stored) == 1
+    stored = runner._taken(rows, 0)
+    assert [r["key"] for r in stored] == [t.key for t in tasks]
+    assert runner._taken(rows, 0) == []
+
+
+def test_ray_actors_on_gpus_stream_rows_and_match_one_process(tmp_path):
+    """The Ray executor's GPU path (one actor per worker, a model replica each), on a cluster
+    that declares two GPUs (Ray's resources, no device: model.device=auto stays on the CPU
+    here): the rows come back through the Ray queue and equal one process's."""
+    ray = pytest.importorskip("ray")
+    params = make_params(tmp_path, methods=("rome",), problems=("error_injection",))
+    spec = edit_stage.build_spec(params)
+    assert run_sweep(spec, progress=False) == 6
+    table = results_table(ResultStore(spec.out_dir).rows(), [t.key for t in spec.tasks])
+    on_gpus = OmegaConf.merge(params, {"paths": {"outputs": str(tmp_path / "actors")}})
+    write_records(tmp_path / "actors" / "filter" / "facts.jsonl", FACTS)
+    actor_spec = edit_stage.build_spec(on_gpus)
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert ray.cluster_resources().get("GPU") == 2
+        assert run_sweep(actor_spec, executor="ray", workers=2, progress=False) == 6
+    finally:
+        ray.shutdown()
+    rows = ResultStore(actor_spec.out_dir).rows()
+    assert len({r["key"] for r in rows}) == len(rows) == 6
+    other = results_table(rows, [t.key for t in actor_spec.tasks])
+    pd.testing.assert_frame_equal(comparable(table), comparable(other), rtol=1e-5)

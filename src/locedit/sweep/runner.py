@@ -100,8 +100,8 @@ def pending_jobs(
     order).
 
     A fact's pre-edit values are cached on disk, so splitting its edits by method costs little
-    and keeps workers evenly loaded (local workers send each row as it finishes; a Ray job's
-    rows come back when it ends). Several facts to a job let ``edit.group_size`` batch edits
+    and keeps workers evenly loaded (workers send each row as it finishes, so a killed run
+    loses only the edits in flight). Several facts to a job let ``edit.group_size`` batch edits
     of several facts (issue 28): :func:`facts_per_job`.
     """
     if facts_per_job < 1:
@@ -194,23 +194,43 @@ def _run_pool(
     )
     try:
         running = {pool.submit(_run_pool_job, spec, f, t) for (_, f), t in pending.items()}
-        sent = received = 0
-        deadline = math.inf
-        while running or (received < sent and time.monotonic() < deadline):
-            finished = {future for future in running if future.done()}
-            for future in finished:
-                sent += future.result()  # a worker's exception is raised here
-            running -= finished
-            if not running and deadline == math.inf:
-                deadline = time.monotonic() + ROW_STRAGGLERS_S
-            received += _drain(rows, record)
-        if received < sent:
-            log.warning("%d rows sent by the workers never arrived", sent - received)
+
+        def finished() -> tuple[list[int], bool]:
+            done = {future for future in running if future.done()}
+            running.difference_update(done)
+            return [future.result() for future in done], not running  # raises a worker's error
+
+        _stream(finished, lambda wait: _taken(rows, wait), record)
     except BaseException:
-        _drain(rows, record, wait=0)  # what the workers had finished is kept
+        _keep(lambda: _taken(rows, 0), record)  # what the workers had finished
         _stop_pool(pool)  # Ctrl-C or a failure: not after every queued job
         raise
     pool.shutdown()
+
+
+def _stream(
+    finished: Callable[[], tuple[list[int], bool]], take: Callable[[float], list[dict]],
+    record: Callable[[list[dict]], None],
+) -> None:
+    """Store the workers' rows as they arrive until every job has finished and its rows are in:
+    ``finished()`` gives the row counts of the jobs finished since it was last asked and
+    whether all have; ``take(wait)`` the rows waiting (up to ``wait`` seconds for the first)."""
+    sent = received = 0
+    deadline = math.inf
+    while True:
+        counts, done = finished()
+        sent += sum(counts)
+        rows = take(0.2)
+        if rows:
+            record(rows)
+            received += len(rows)
+        if done and received >= sent:
+            return
+        if done and deadline == math.inf:
+            deadline = time.monotonic() + ROW_STRAGGLERS_S
+        elif time.monotonic() > deadline:
+            log.warning("%d rows sent by the workers never arrived", sent - received)
+            return
 
 
 #: Seconds the driver waits, once every job has returned, for rows still in the queue.
@@ -219,22 +239,36 @@ ROW_STRAGGLERS_S = 60.0
 _ROWS = None
 
 
-def _run_pool_job(spec: SweepSpec, fact_ids: Sequence[str], tasks: list[EditTask]) -> int:
-    """A local worker's job: each row onto the driver's queue as it finishes; returns how many."""
+def _streamed_job(
+    spec: SweepSpec, fact_ids: Sequence[str], tasks: list[EditTask], put: Callable[[dict], None]
+) -> int:
+    """A job whose rows each go to ``put`` (the driver's queue) as they finish; returns how
+    many, for the driver's accounting."""
     sent = 0
 
-    def put(row: dict) -> None:
+    def each(row: dict) -> None:
         nonlocal sent
-        _ROWS.put(row)
+        put(row)
         sent += 1
 
-    _run_job(spec, fact_ids, tasks, on_row=put)
+    _run_job(spec, fact_ids, tasks, on_row=each)
     return sent
 
 
-def _drain(rows, record: Callable[[list[dict]], None], wait: float = 0.2) -> int:
-    """Store the rows waiting in the queue (waiting up to ``wait`` seconds for the first);
-    returns how many."""
+def _run_pool_job(spec: SweepSpec, fact_ids: Sequence[str], tasks: list[EditTask]) -> int:
+    """A local worker's job (:func:`_streamed_job` onto the queue :func:`_init_worker` kept)."""
+    return _streamed_job(spec, fact_ids, tasks, _ROWS.put)
+
+
+def _keep(take: Callable[[], list[dict]], record: Callable[[list[dict]], None]) -> None:
+    """Store the rows still waiting when the run stops (Ctrl-C, a failed job)."""
+    rows = take()
+    if rows:
+        record(rows)
+
+
+def _taken(rows, wait: float) -> list[dict]:
+    """The rows waiting in a local queue (waiting up to ``wait`` seconds for the first)."""
     batch = []
     try:
         batch.append(rows.get(timeout=wait) if wait else rows.get_nowait())
@@ -242,9 +276,7 @@ def _drain(rows, record: Callable[[list[dict]], None], wait: float = 0.2) -> int
             batch.append(rows.get_nowait())
     except Empty:
         pass
-    if batch:
-        record(batch)
-    return len(batch)
+    return batch
 
 
 def _stop_pool(pool: ProcessPoolExecutor) -> None:
@@ -312,15 +344,24 @@ class _FactWorker:
     def __init__(self, spec: SweepSpec) -> None:
         self.spec = spec
 
-    def run(self, fact_ids: tuple[str, ...], tasks: list[EditTask]) -> list[dict]:
-        return _run_job(self.spec, fact_ids, tasks)
+    def run(self, fact_ids: tuple[str, ...], tasks: list[EditTask], rows) -> int:
+        return _run_ray_job(self.spec, fact_ids, tasks, rows)
+
+
+def _run_ray_job(spec: SweepSpec, fact_ids: Sequence[str], tasks: list[EditTask], rows) -> int:
+    """A Ray job (:func:`_streamed_job` onto the driver's Ray queue ``rows``)."""
+    return _streamed_job(spec, fact_ids, tasks, rows.put)
 
 
 def _run_ray(
     spec: SweepSpec, pending, workers: int, address: str | None, record,
     gpus_per_worker: float = 1.0,
 ) -> None:
+    """The jobs as Ray tasks, or on one actor per worker when the cluster has GPUs; each row
+    comes back through a Ray queue as it finishes, as from local workers."""
     import ray
+    from ray.util.queue import Empty as RayEmpty
+    from ray.util.queue import Queue as RayQueue
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -328,24 +369,52 @@ def _run_ray(
                  include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
         spec_ref = ray.put(spec)
-        gpus = float(ray.cluster_resources().get("GPU", 0))
-        if gpus > 0 and gpus_per_worker > 0:
-            # One actor (model replica) per worker on its own GPU(s); Ray sets their
-            # CUDA_VISIBLE_DEVICES, so model.device=auto finds the GPU it was given.
-            from ray.util import ActorPool
+        rows = RayQueue()
 
-            actor = ray.remote(num_cpus=spec.threads or 1, num_gpus=gpus_per_worker)(_FactWorker)
-            n_actors = max(1, min(workers, int(gpus / gpus_per_worker)))
-            pool = ActorPool([actor.remote(spec_ref) for _ in range(n_actors)])
-            jobs = [(fact_ids, tasks) for (_, fact_ids), tasks in pending.items()]
-            for rows in pool.map_unordered(lambda a, job: a.run.remote(*job), jobs):
-                record(rows)
-            return
-        remote = ray.remote(num_cpus=spec.threads or 1)(_run_job)
-        refs = [remote.remote(spec_ref, fact_ids, tasks) for (_, fact_ids), tasks in pending.items()]
-        while refs:
-            ready, refs = ray.wait(refs, num_returns=1)
-            record(ray.get(ready[0]))
+        def take(wait: float) -> list[dict]:
+            try:
+                first = [rows.get(timeout=wait)] if wait else [rows.get_nowait()]
+            except RayEmpty:
+                return []
+            return first + rows.get_nowait_batch(rows.qsize())
+
+        jobs = [(fact_ids, tasks) for (_, fact_ids), tasks in pending.items()]
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        try:
+            if gpus > 0 and gpus_per_worker > 0:
+                # One actor (model replica) per worker on its own GPU(s); Ray sets their
+                # CUDA_VISIBLE_DEVICES, so model.device=auto finds the GPU it was given.
+                from ray.util import ActorPool
+
+                actor = ray.remote(num_cpus=spec.threads or 1, num_gpus=gpus_per_worker)(_FactWorker)
+                n_actors = max(1, min(workers, int(gpus / gpus_per_worker)))
+                pool = ActorPool([actor.remote(spec_ref) for _ in range(n_actors)])
+                for job in jobs:
+                    pool.submit(lambda a, job: a.run.remote(*job, rows), job)
+
+                def finished() -> tuple[list[int], bool]:
+                    counts = []
+                    while pool.has_next():
+                        try:
+                            counts.append(pool.get_next_unordered(timeout=0))
+                        except TimeoutError:
+                            break
+                    return counts, not pool.has_next()
+            else:
+                remote = ray.remote(num_cpus=spec.threads or 1)(_run_ray_job)
+                refs = [remote.remote(spec_ref, fact_ids, tasks, rows) for fact_ids, tasks in jobs]
+
+                def finished() -> tuple[list[int], bool]:
+                    nonlocal refs
+                    if not refs:
+                        return [], True
+                    ready, refs = ray.wait(refs, num_returns=len(refs), timeout=0)
+                    return ray.get(ready), not refs
+
+            _stream(finished, take, record)
+        except BaseException:
+            _keep(lambda: take(0), record)  # what the jobs had finished
+            raise
     finally:
         if started_here:
             ray.shutdown()
