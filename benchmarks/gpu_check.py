@@ -42,6 +42,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from locedit.data.records import FactRecord  # noqa: E402
 from locedit.editing import CorpusSpec, CovarianceStore, EditRequest, edited, hparams_for  # noqa: E402
+from locedit.editing.layers import layer_grid  # noqa: E402
 from locedit.editing.methods import METHODS as PAPER_METHODS  # noqa: E402
 from locedit.editing.methods import REGISTRY  # noqa: E402
 from locedit.models import device as device_settings  # noqa: E402
@@ -423,6 +424,32 @@ def failures_of(tracing: dict, editing: dict) -> list[str]:
     return found
 
 
+#: ``experiment=paper``'s problems and layer grid (conf/experiment/paper.yaml).
+PAPER_PROBLEMS, PAPER_GRID = 5, 9
+
+
+def paper_projection(grouped: dict, depth: int) -> dict:
+    """Hours of ``experiment=paper``'s sweep per 100 facts on this device (its four methods x
+    five problems x the layer grid), from each method's best measured edits per second with
+    every metric, at whichever group size: an estimate, since the rates are measured on Error
+    Injection at one layer of a random-weight model."""
+    layers = len(layer_grid(depth, PAPER_GRID, PAPER_METHODS))
+    per_method = layers * PAPER_PROBLEMS * 100
+    best = {}
+    for method in PAPER_METHODS:
+        rates = [v["edits_per_second"] for v in (grouped.get(method) or {}).values()
+                 if isinstance(v, dict) and "edits_per_second" in v]
+        if not rates:
+            return {"skipped": f"no edits per second measured for {method}"}
+        best[method] = max(rates)
+    return {
+        "layers": layers,
+        "edits_per_100_facts": per_method * len(PAPER_METHODS),
+        "best_edits_per_second": best,
+        "sweep_hours_per_100_facts": round(sum(per_method / r for r in best.values()) / 3600, 2),
+    }
+
+
 def run_shape(shape, device, tokenizer, work: Path, budget: Budget, dry: bool):
     """(tracing entry, editing entry) of one shape; failures are recorded in them."""
     _, dtype, n_trace, n_edit, sweep_layers = SHAPES[shape]
@@ -478,6 +505,8 @@ def run_shape(shape, device, tokenizer, work: Path, budget: Budget, dry: bool):
             )
         except Exception as err:  # noqa: BLE001
             edit_entry["grouped"] = {"failed": failure(err)}
+        else:
+            edit_entry["paper_projection"] = paper_projection(edit_entry["grouped"], total)
     if dtype != "float32" and "gemma" in shape and device.type == "cuda" and not budget.over():
         edit_entry["cudnn_attention"] = cudnn_attention_bench(model, tokenizer, store, layer)
     return trace_entry, edit_entry
@@ -549,6 +578,10 @@ def summarise(tracing: dict, editing: dict) -> str:
                     else f"G={g} {next(iter(v))}" for g, v in sizes.items()
                 )
                 lines.append(f"  grouped, every metric, {method}: {rates}")
+        projected = editing["shapes"][shape].get("paper_projection") or {}
+        if "sweep_hours_per_100_facts" in projected:
+            lines.append(f"  experiment=paper sweep: ~{projected['sweep_hours_per_100_facts']} h "
+                         f"per 100 facts ({projected['edits_per_100_facts']} edits)")
         sweep = editing["shapes"][shape].get("default_sweep")
         if sweep and "ok" in sweep:
             lines.append(f"  default sweep: {sweep['ok']}/{sweep['edits']} edits ok in "
