@@ -418,6 +418,9 @@ def test_jobs_hold_enough_facts_for_a_group():
 
     assert [per_job(size) for size in (1, 2, 3, 4, 64)] == [1, 1, 2, 2, 32]
     assert per_job(None) == 1  # a CPU's default group is one edit
+    # model.device=cuda: the workers' GPUs (up to 64 edits a group), whether or not the
+    # driver (e.g. a Ray head node, or this test machine) has a GPU itself
+    assert per_job(None, "cuda") == per_job(None, "cuda:1") == 32
 
 
 def test_run_facts_groups_across_facts_and_a_fact_that_cannot_be_prepared_fails_alone(

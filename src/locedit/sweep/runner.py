@@ -127,12 +127,21 @@ def facts_per_job(params: Mapping[str, Any], tasks: Sequence[EditTask]) -> int:
     the largest group on the run's device (:func:`locedit.editing.grouped.largest_group`) over
     a fact's edits of one method and problem (its layers), rounded up; 1 when edits run one
     at a time."""
-    setting = (params.get("model") or {}).get("device", "auto")
-    size = largest_group(_group_setting(params), resolve_device(setting))
+    size = largest_group(_group_setting(params), _workers_device(params))
     if size <= 1 or not tasks:
         return 1
     per_fact = Counter((t.fact_id, t.method, t.problem) for t in tasks)
     return max(1, math.ceil(size / max(per_fact.values())))
+
+
+def _workers_device(params: Mapping[str, Any]) -> torch.device:
+    """Where the workers' models will be, as the driver can tell without loading one:
+    ``model.device`` ``cuda``/``cuda:N`` a GPU (the driver itself may have none, e.g. the
+    head of a Ray cluster), ``cpu`` the CPU, ``auto`` a GPU when this machine sees one."""
+    setting = str((params.get("model") or {}).get("device", "auto")).strip().lower()
+    if setting.startswith("cuda"):
+        return torch.device("cuda")
+    return resolve_device("cpu" if setting == "cpu" else "auto")
 
 
 def run_sweep(
