@@ -58,10 +58,10 @@ def grouped_throughput(
     plus p(target) on the edited model. The edits cycle through ``requests`` x ``layers``
     (groups differ in fact and in layer); each size runs at least ``min_edits`` edits (G = 1
     is the sequential editor); methods that cannot batch are measured at G = 1 only, a size
-    whose batch a method refuses (e.g. finetuning half-precision weights) is recorded as
-    refused; with a ``budget`` (``.left()`` seconds) each method gets an equal share of it, and
-    a size that would not fit in what is left of that share (at the last size's rate) is
-    skipped.
+    whose batch a method refuses (e.g. finetuning a module that is not Linear or Conv1D) is
+    recorded as refused; with a ``budget`` (``.left()`` seconds) each method gets an equal
+    share of it, and a size that would not fit in what is left of that share (at the last
+    size's rate) is skipped.
     Also reports the largest p(target) difference to the G = 1 run of the same edits and the
     peak memory (the accelerator's, else the process's resident set, which never falls).
     """
@@ -94,7 +94,7 @@ def grouped_throughput(
                         optimise_together(model, tokenizer, group, store) if size > 1 and batched
                         else [()] * len(group)
                     )
-                except ValueError as err:  # e.g. batched finetuning of half-precision weights
+                except ValueError as err:  # e.g. finetuning a module that is not Linear/Conv1D
                     refused = str(err)
                     break
                 for edit, vstars in zip(group, given, strict=True):

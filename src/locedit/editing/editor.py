@@ -169,7 +169,8 @@ def optimise_together(
     each method run as one batch by the method's ``batched_fit`` (issue 28): v*/z* for ROME,
     MEMIT, EMMET and AlphaEdit, trained weights for FT-1/FT-5. An edit whose method has none
     gets ``()``; an optimisation that fails comes back as its :class:`EditFailed` and fails
-    only its edit. A batch that cannot run at all (e.g. half-precision finetuning) raises
+    only its edit. A batch that cannot run at all (e.g. finetuning a module that is not
+    Linear or Conv1D) raises
     ``ValueError`` and the caller makes those edits one at a time."""
     out: list[tuple] = [()] * len(edits)
     by_method: dict[str, list[int]] = {}

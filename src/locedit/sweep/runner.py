@@ -68,21 +68,19 @@ def _worker_state(params_yaml: str):
 
 def _run_job(
     spec: SweepSpec, fact_ids: Sequence[str], tasks: list[EditTask],
-    on_row: Callable[[dict], None] | None = None,
-) -> list[dict]:
-    """One job's edits (one method, one or more facts); rows go to ``on_row`` as they finish,
-    or back to the driver at the end."""
+    on_row: Callable[[dict], None],
+) -> None:
+    """One job's edits (one method, one or more facts); each row goes to ``on_row`` as it
+    finishes."""
     from omegaconf import OmegaConf
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
     model, tokenizer, covariance = _worker_state(OmegaConf.to_yaml(OmegaConf.create(spec.params)))
-    rows: list[dict] = []
     group_size = group_size_from(_group_setting(spec.params), model)
     run_facts(model, tokenizer, covariance, [spec.records[f] for f in fact_ids], tasks,
-              spec.hparams, spec.config, on_row or rows.append, spec.out_dir / "pre",
-              spec.context, spec.records, group_size)
-    return rows
+              spec.hparams, spec.config, on_row, spec.out_dir / "pre", spec.context,
+              spec.records, group_size)
 
 
 def _group_setting(params: Mapping[str, Any]) -> int | None:
