@@ -413,14 +413,18 @@ def test_jobs_hold_enough_facts_for_a_group():
     with pytest.raises(ValueError, match="facts_per_job"):
         pending_jobs(tasks, set(), 0)
 
-    def per_job(size, device="cpu"):
-        return facts_per_job({"edit": {"group_size": size}, "model": {"device": device}}, tasks)
+    def per_job(size, device="cpu", ray_gpus=None):
+        params = {"edit": {"group_size": size}, "model": {"device": device}}
+        return facts_per_job(params, tasks, ray_gpus)
 
     assert [per_job(size) for size in (1, 2, 3, 4, 64)] == [1, 1, 2, 2, 32]
     assert per_job(None) == 1  # a CPU's default group is one edit
     # model.device=cuda: the workers' GPUs (up to 64 edits a group), whether or not the
     # driver (e.g. a Ray head node, or this test machine) has a GPU itself
     assert per_job(None, "cuda") == per_job(None, "cuda:1") == 32
+    # model.device=auto on Ray: the GPUs the cluster gives the workers decide, not the driver's
+    assert per_job(None, "auto", ray_gpus=2.0) == 32
+    assert per_job(None, "auto", ray_gpus=0.0) == per_job(None, "cpu", ray_gpus=2.0) == 1
 
 
 def test_run_facts_groups_across_facts_and_a_fact_that_cannot_be_prepared_fails_alone(

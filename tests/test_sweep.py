@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from locedit.data.records import FactRecord, write_records
 from locedit.pipeline import edit as edit_stage
 from locedit.pipeline.common import compose_params
-from locedit.sweep import ResultStore, results_table, run_sweep
+from locedit.sweep import ResultStore, results_table, run_sweep, runner
 from locedit.sweep import worker as sweep_worker
 from locedit.testing import save_tiny
 
@@ -145,8 +145,6 @@ def test_a_pool_job_puts_each_row_on_the_queue_as_it_finishes(tmp_path, monkeypa
     count returned for the driver's accounting; the driver takes what is waiting."""
     import queue
 
-    from locedit.sweep import runner
-
     params = make_params(tmp_path, methods=("ft1",), problems=("error_injection",))
     spec = edit_stage.build_spec(params)
     rows: queue.Queue = queue.Queue()
@@ -167,11 +165,18 @@ def test_a_pool_job_puts_each_row_on_the_queue_as_it_finishes(tmp_path, monkeypa
     assert runner._taken(rows, 0) == []
 
 
-def test_ray_actors_on_gpus_stream_rows_and_match_one_process(tmp_path):
+def test_ray_actors_on_gpus_stream_rows_and_match_one_process(tmp_path, monkeypatch):
     """The Ray executor's GPU path (one actor per worker, a model replica each), on a cluster
     that declares two GPUs (Ray's resources, no device: model.device=auto stays on the CPU
-    here): the rows come back through the Ray queue and equal one process's."""
+    here): the driver, which has no GPU, packs the jobs for GPU workers (a group of up to 64
+    edits, so all three facts in one job); the rows come back through the Ray queue and equal
+    one process's."""
     ray = pytest.importorskip("ray")
+    packed = []
+    pending_jobs = runner.pending_jobs
+    monkeypatch.setattr(runner, "pending_jobs", lambda tasks, done, per_job=1: (
+        packed.append(per_job) or pending_jobs(tasks, done, per_job)
+    ))
     params = make_params(tmp_path, methods=("rome",), problems=("error_injection",))
     spec = edit_stage.build_spec(params)
     assert run_sweep(spec, progress=False) == 6
@@ -185,6 +190,7 @@ def test_ray_actors_on_gpus_stream_rows_and_match_one_process(tmp_path):
         assert run_sweep(actor_spec, executor="ray", workers=2, progress=False) == 6
     finally:
         ray.shutdown()
+    assert packed == [1, 32]  # one process on this CPU; GPU actors: 64 edits / 2 layers
     rows = ResultStore(actor_spec.out_dir).rows()
     assert len({r["key"] for r in rows}) == len(rows) == 6
     other = results_table(rows, [t.key for t in actor_spec.tasks])

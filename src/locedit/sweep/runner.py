@@ -15,8 +15,9 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing import get_context
@@ -120,26 +121,38 @@ def pending_jobs(
     return dict(jobs)
 
 
-def facts_per_job(params: Mapping[str, Any], tasks: Sequence[EditTask]) -> int:
+def facts_per_job(
+    params: Mapping[str, Any], tasks: Sequence[EditTask], ray_gpus: float | None = None
+) -> int:
     """How many facts a job holds so that a group of ``edit.group_size`` edits can fill up:
-    the largest group on the run's device (:func:`locedit.editing.grouped.largest_group`) over
-    a fact's edits of one method and problem (its layers), rounded up; 1 when edits run one
-    at a time."""
-    size = largest_group(_group_setting(params), _workers_device(params))
+    the largest group on the workers' device (:func:`locedit.editing.grouped.largest_group`,
+    :func:`_workers_device`) over a fact's edits of one method and problem (its layers),
+    rounded up; 1 when edits run one at a time."""
+    size = largest_group(_group_setting(params), _workers_device(params, ray_gpus))
     if size <= 1 or not tasks:
         return 1
     per_fact = Counter((t.fact_id, t.method, t.problem) for t in tasks)
     return max(1, math.ceil(size / max(per_fact.values())))
 
 
-def _workers_device(params: Mapping[str, Any]) -> torch.device:
+def _workers_device(params: Mapping[str, Any], ray_gpus: float | None = None) -> torch.device:
     """Where the workers' models will be, as the driver can tell without loading one:
     ``model.device`` ``cuda``/``cuda:N`` a GPU (the driver itself may have none, e.g. the
-    head of a Ray cluster), ``cpu`` the CPU, ``auto`` a GPU when this machine sees one."""
+    head of a Ray cluster), ``cpu`` the CPU, ``auto`` a GPU when the workers get one: on Ray
+    when ``ray_gpus`` (the GPUs the workers' actors take, :func:`_ray_gpus`) is above 0,
+    whatever the driver has; locally when this machine sees one."""
     setting = str((params.get("model") or {}).get("device", "auto")).strip().lower()
     if setting.startswith("cuda"):
         return torch.device("cuda")
+    if setting == "auto" and ray_gpus is not None:
+        return torch.device("cuda" if ray_gpus > 0 else "cpu")
     return resolve_device("cpu" if setting == "cpu" else "auto")
+
+
+def _ray_gpus(ray, gpus_per_worker: float) -> float:
+    """The cluster's GPUs the sweep's Ray workers use: all of them on actors of
+    ``gpus_per_worker`` each, none when that is 0 (plain CPU tasks)."""
+    return float(ray.cluster_resources().get("GPU", 0)) if gpus_per_worker > 0 else 0.0
 
 
 def run_sweep(
@@ -158,29 +171,34 @@ def run_sweep(
         raise ValueError(f"unknown executor {executor!r}; choose from {EXECUTORS}")
     store = ResultStore(spec.out_dir)
     store.repair()
-    pending = pending_jobs(spec.tasks, store.done_keys(), facts_per_job(spec.params, spec.tasks))
-    n_pending = sum(len(t) for t in pending.values())
-    skipped = len(spec.tasks) - n_pending
-    if skipped:
-        log.info("resuming: %d of %d edits already done", skipped, len(spec.tasks))
-    bar = tqdm(total=n_pending, desc="edits", unit="edit", disable=not progress or n_pending == 0)
+    with ExitStack() as session:
+        ray_gpus = None
+        if executor == "ray":  # first: the jobs are packed for the GPUs the cluster has
+            ray_gpus = _ray_gpus(session.enter_context(_ray_session(ray_address, workers)),
+                                 gpus_per_worker)
+        per_job = facts_per_job(spec.params, spec.tasks, ray_gpus)
+        pending = pending_jobs(spec.tasks, store.done_keys(), per_job)
+        n_pending = sum(len(t) for t in pending.values())
+        skipped = len(spec.tasks) - n_pending
+        if skipped:
+            log.info("resuming: %d of %d edits already done", skipped, len(spec.tasks))
+        bar = session.enter_context(tqdm(
+            total=n_pending, desc="edits", unit="edit", disable=not progress or n_pending == 0
+        ))
 
-    def record(rows: list[dict]) -> None:
-        store.append(rows)
-        bar.update(len(rows))
-        if on_rows is not None:
-            on_rows(rows)
+        def record(rows: list[dict]) -> None:
+            store.append(rows)
+            bar.update(len(rows))
+            if on_rows is not None:
+                on_rows(rows)
 
-    try:
         if executor == "local" and workers <= 1:
             for (_, fact_ids), tasks in pending.items():
                 _run_job(spec, fact_ids, tasks, on_row=lambda row: record([row]))
         elif executor == "local":
             _run_pool(spec, pending, workers, gpus_per_worker, record)
         else:
-            _run_ray(spec, pending, workers, ray_address, record, gpus_per_worker)
-    finally:
-        bar.close()
+            _run_ray(spec, pending, record, ray_gpus, gpus_per_worker, workers)
     return n_pending
 
 
@@ -360,68 +378,76 @@ def _run_ray_job(spec: SweepSpec, fact_ids: Sequence[str], tasks: list[EditTask]
     return _streamed_job(spec, fact_ids, tasks, rows.put)
 
 
-def _run_ray(
-    spec: SweepSpec, pending, workers: int, address: str | None, record,
-    gpus_per_worker: float = 1.0,
-) -> None:
-    """The jobs as Ray tasks, or on one actor per worker when the cluster has GPUs; each row
-    comes back through a Ray queue as it finishes, as from local workers."""
+@contextmanager
+def _ray_session(address: str | None, workers: int) -> Iterator[Any]:
+    """Ray, connected to ``address`` or started here with ``workers`` CPUs (and shut down
+    after, only if started here)."""
     import ray
-    from ray.util.queue import Empty as RayEmpty
-    from ray.util.queue import Queue as RayQueue
 
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, num_cpus=None if address else max(workers, 1),
                  include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
-        spec_ref = ray.put(spec)
-        rows = RayQueue()
-
-        def take(wait: float) -> list[dict]:
-            try:
-                first = [rows.get(timeout=wait)] if wait else [rows.get_nowait()]
-            except RayEmpty:
-                return []
-            return first + rows.get_nowait_batch(rows.qsize())
-
-        jobs = [(fact_ids, tasks) for (_, fact_ids), tasks in pending.items()]
-        gpus = float(ray.cluster_resources().get("GPU", 0))
-        try:
-            if gpus > 0 and gpus_per_worker > 0:
-                # One actor (model replica) per worker on its own GPU(s); Ray sets their
-                # CUDA_VISIBLE_DEVICES, so model.device=auto finds the GPU it was given.
-                from ray.util import ActorPool
-
-                actor = ray.remote(num_cpus=spec.threads or 1, num_gpus=gpus_per_worker)(_FactWorker)
-                n_actors = max(1, min(workers, int(gpus / gpus_per_worker)))
-                pool = ActorPool([actor.remote(spec_ref) for _ in range(n_actors)])
-                for job in jobs:
-                    pool.submit(lambda a, job: a.run.remote(*job, rows), job)
-
-                def finished() -> tuple[list[int], bool]:
-                    counts = []
-                    while pool.has_next():
-                        try:
-                            counts.append(pool.get_next_unordered(timeout=0))
-                        except TimeoutError:
-                            break
-                    return counts, not pool.has_next()
-            else:
-                remote = ray.remote(num_cpus=spec.threads or 1)(_run_ray_job)
-                refs = [remote.remote(spec_ref, fact_ids, tasks, rows) for fact_ids, tasks in jobs]
-
-                def finished() -> tuple[list[int], bool]:
-                    nonlocal refs
-                    if not refs:
-                        return [], True
-                    ready, refs = ray.wait(refs, num_returns=len(refs), timeout=0)
-                    return ray.get(ready), not refs
-
-            _stream(finished, take, record)
-        except BaseException:
-            _keep(lambda: take(0), record)  # what the jobs had finished
-            raise
+        yield ray
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _run_ray(
+    spec: SweepSpec, pending, record, gpus: float, gpus_per_worker: float = 1.0, workers: int = 1,
+) -> None:
+    """The jobs as Ray tasks, or on one actor per worker when the workers take ``gpus`` > 0
+    (:func:`_ray_gpus`); each row comes back through a Ray queue as it finishes, as from
+    local workers. Ray is connected (:func:`_ray_session`)."""
+    import ray
+    from ray.util.queue import Empty as RayEmpty
+    from ray.util.queue import Queue as RayQueue
+
+    spec_ref = ray.put(spec)
+    rows = RayQueue()
+
+    def take(wait: float) -> list[dict]:
+        try:
+            first = [rows.get(timeout=wait)] if wait else [rows.get_nowait()]
+        except RayEmpty:
+            return []
+        return first + rows.get_nowait_batch(rows.qsize())
+
+    jobs = [(fact_ids, tasks) for (_, fact_ids), tasks in pending.items()]
+    try:
+        if gpus > 0:
+            # One actor (model replica) per worker on its own GPU(s); Ray sets their
+            # CUDA_VISIBLE_DEVICES, so model.device=auto finds the GPU it was given.
+            from ray.util import ActorPool
+
+            actor = ray.remote(num_cpus=spec.threads or 1, num_gpus=gpus_per_worker)(_FactWorker)
+            n_actors = max(1, min(workers, int(gpus / gpus_per_worker)))
+            pool = ActorPool([actor.remote(spec_ref) for _ in range(n_actors)])
+            for job in jobs:
+                pool.submit(lambda a, job: a.run.remote(*job, rows), job)
+
+            def finished() -> tuple[list[int], bool]:
+                counts = []
+                while pool.has_next():
+                    try:
+                        counts.append(pool.get_next_unordered(timeout=0))
+                    except TimeoutError:
+                        break
+                return counts, not pool.has_next()
+        else:
+            remote = ray.remote(num_cpus=spec.threads or 1)(_run_ray_job)
+            refs = [remote.remote(spec_ref, fact_ids, tasks, rows) for fact_ids, tasks in jobs]
+
+            def finished() -> tuple[list[int], bool]:
+                nonlocal refs
+                if not refs:
+                    return [], True
+                ready, refs = ray.wait(refs, num_returns=len(refs), timeout=0)
+                return ray.get(ready), not refs
+
+        _stream(finished, take, record)
+    except BaseException:
+        _keep(lambda: take(0), record)  # what the jobs had finished
+        raise
