@@ -359,3 +359,29 @@ def test_sliding_window_shorter_than_prompt(tok):
     ref = trace_fact_reference(model, tok, MIDDLE, **args)
     np.testing.assert_allclose(fast.p_restored, ref.p_restored, rtol=1e-9)
     np.testing.assert_allclose(fast.effect, ref.effect, atol=1e-5)
+
+
+def test_restorations_compute_no_indices_from_data_per_token_or_chunk(models, tok, monkeypatch):
+    """On a GPU an index computed from data (``torch.nonzero``) waits for the device: the
+    restored rows of each layer are worked out once per trace (a layer's worth of calls),
+    not per token x layer, and the vocabulary chunks of p(o) pick the target by a mask, with
+    the numbers of one chunk."""
+    from locedit.tracing.patching import target_probs_from_final
+
+    model = models["gpt2"]
+    calls = []
+    nonzero = torch.nonzero
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: calls.append(1) or nonzero(*a, **k))
+    result = trace_fact(model, tok, MIDDLE, sigma=SIGMA, seed=SEED, kind="mlp", window=3,
+                        n_samples=3)
+    assert len(result.tokens) - result.subject_start >= 3  # several tokens restored
+    assert len(calls) <= n_layers(model)
+    calls.clear()
+    final = torch.randn(5, 2, model.config.n_embd, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(0))
+    targets = [7, model.config.vocab_size - 1]  # in the first and the last chunk
+    chunked = target_probs_from_final(model, final, targets, budget=1)  # 1024 ids a chunk
+    assert model.config.vocab_size > 2 * 1024 and not calls
+    torch.testing.assert_close(
+        chunked, target_probs_from_final(model, final, targets), rtol=1e-12, atol=0
+    )

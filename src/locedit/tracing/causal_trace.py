@@ -296,47 +296,60 @@ class FactRuns:
         grid = np.full((self.inp.n_prompt, total), self.p_noised)
         # Tokens before the subject are clean in the noised run: restoring them is a no-op.
         tokens = list(range(self.inp.subject_start, self.inp.n_prompt))
-        finals = torch.cat([self._restore_token(kind, window, token) for token in tokens])
+        rows = self._restoration_rows(window)
+        finals = torch.cat([self._restore_token(kind, rows, token) for token in tokens])
         # One pass over the output embedding for all restorations of the fact.
         probs = target_probs_from_final(self.model, finals, self.inp.target_ids)
         grid[tokens] = probs.view(len(tokens), total, n_samples).mean(-1).cpu().numpy()
         return grid
 
-    def _restore_token(self, kind: Component, window: int, token: int) -> torch.Tensor:
+    def _restoration_rows(self, window: int) -> RestorationRows:
+        """Which rows each layer restores, for every token of the grid: computed once, on the
+        CPU, and moved to the model's device in one copy (on a GPU, a copy or an index
+        computed from data inside the layer loop would wait for the GPU every layer)."""
+        total = len(self.layer_inputs)
+        n_samples = self.noise.shape[0]
+        spans = [window_layers(layer, window, total) for layer in range(total)]
+        starts = torch.tensor([span.start for span in spans], device="cpu")
+        ends = torch.tensor([span.stop for span in spans], device="cpu")
+        # Rows are (window centre, sample), centres in order, so rows whose window has started
+        # by layer j form a prefix of the batch that grows with j.
+        row_centre = torch.arange(total, device="cpu").repeat_interleave(n_samples)
+        active_at = [int((starts <= j).sum()) * n_samples for j in range(total)]
+        first = int(starts.min())
+        restored = []
+        for j in range(first, total):
+            centres = row_centre[: active_at[j]]
+            restored.append(torch.nonzero((starts[centres] <= j) & (j < ends[centres]))[:, 0])
+        device = model_device(self.model)
+        on_device = torch.cat(restored).to(device).split([len(r) for r in restored])
+        return RestorationRows(
+            first=first, active_at=active_at, restored=(None,) * first + tuple(on_device),
+            sample=torch.arange(n_samples, device=device).repeat(total),
+        )
+
+    def _restore_token(self, kind: Component, rows: RestorationRows, token: int) -> torch.Tensor:
         """Final-norm hidden states at the object positions, restoring at ``token``.
 
         Returns [window centres x samples, n_target, d], centre-major.
         """
         model = self.model
         total = len(self.layer_inputs)
-        n_samples = self.noise.shape[0]
-        spans = [window_layers(layer, window, total) for layer in range(total)]
-        device = model_device(model)
-        # Row bookkeeping stays on the CPU (it is read by Python every layer); the rows that
-        # index the model's tensors go to its device.
-        starts = torch.tensor([span.start for span in spans], device="cpu")
-        ends = torch.tensor([span.stop for span in spans], device="cpu")
-        # Rows are (window centre, sample), centres in order, so rows whose window has started
-        # by layer j form a prefix of the batch that grows with j.
-        row_centre = torch.arange(total, device="cpu").repeat_interleave(n_samples)
-        row_sample = torch.arange(n_samples, device=device).repeat(total)
-        active_at = [int((starts <= j).sum()) * n_samples for j in range(total)]
+        active_at = rows.active_at
         prefix = token if self.kv is not None else 0
         position = token - prefix
         calls = self._layer_calls(prefix)
-        cache = self._prefix_cache(prefix, row_sample, active_at)
+        cache = self._prefix_cache(prefix, rows.sample, active_at)
         layers = decoder_layers(model)
         hidden: torch.Tensor | None = None
         with torch.no_grad():
-            for j in range(int(starts.min()), total):
+            for j in range(rows.first, total):
                 n_active = active_at[j]
                 n_have = 0 if hidden is None else hidden.shape[0]
                 if n_active > n_have:
-                    fresh = self.layer_inputs[j][row_sample[n_have:n_active], prefix:]
+                    fresh = self.layer_inputs[j][rows.sample[n_have:n_active], prefix:]
                     hidden = fresh if hidden is None else torch.cat([hidden, fresh])
-                centres = row_centre[:n_active]
-                rows = torch.nonzero((starts[centres] <= j) & (j < ends[centres]))[:, 0].to(device)
-                patch = set_positions(rows, position, self.clean[kind][j][token])
+                patch = set_positions(rows.restored[j], position, self.clean[kind][j][token])
                 args, kwargs = calls[j].build(hidden.shape[0], cache)
                 if kind == "resid":
                     hidden = patch(hidden_of(layers[j](hidden, *args[1:], **kwargs)))
@@ -385,6 +398,19 @@ class FactRuns:
             rows = row_sample[: max(active_at[j], 1)]
             cache.update(keys[rows, :, :prefix], values[rows, :, :prefix], j)
         return cache
+
+
+@dataclass(frozen=True)
+class RestorationRows:
+    """The rows of one restoration batch (window centre x noise sample, centre-major) by layer:
+    ``active_at[j]`` rows have entered by layer j (their window has started), of which
+    ``restored[j]`` (on the model's device) restore at layer j; layers below ``first`` restore
+    none; ``sample[r]`` is row r's noise sample."""
+
+    first: int
+    active_at: list[int]
+    restored: tuple[torch.Tensor | None, ...]
+    sample: torch.Tensor
 
 
 def _swap_cache(call: tuple[tuple, dict], old, new) -> tuple[tuple, dict]:

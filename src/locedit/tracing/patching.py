@@ -207,8 +207,11 @@ def target_probs_from_final(
         stop = min(vocab, start + chunk)
         logits = logits_of(start, stop)
         lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
-        inside = torch.nonzero((ids >= start) & (ids < stop))[:, 0]
-        picked[inside] = logits[inside, ids[inside] - start]
+        # A mask, not the indices of the rows whose target is in this chunk: an index computed
+        # from data (torch.nonzero) waits for the GPU, once per chunk.
+        inside = (ids >= start) & (ids < stop)
+        local = (ids - start).clamp(0, stop - start - 1)
+        picked = torch.where(inside, logits.gather(1, local[:, None])[:, 0], picked)
     logp = (picked - lse).double().view(rows, n_target)
     return logp.sum(-1).exp()
 
