@@ -353,6 +353,44 @@ def test_edits_measured_together_equal_each_measured_in_place(family, tok, store
         model, probes, record, noise)
 
 
+def test_measuring_together_holds_a_modules_change_only_for_the_edits_that_change_it(monkeypatch):
+    """Three edits at layers 0, 1 and 1-2 (a MEMIT-like window): each module's stacked change
+    holds the edits that change it (1, 2 and 1 of them), not all three (on GPT-J, MEMIT's
+    dense float32 changes for every edit of a fact in every module of its windows would take
+    tens of GB); each block of rows still sees its own edit, the others' none."""
+    from locedit.editing.deltas import weight_deltas_by_group
+
+    model = editable_tiny_model("llama", n_layers=3).double()
+    names = [down_proj_name(model, layer) for layer in range(3)]  # the weights
+    params = dict(model.named_parameters())
+    generator = torch.Generator().manual_seed(0)
+
+    def change(name):
+        return 0.05 * torch.randn(params[name].shape, generator=generator, dtype=torch.float64)
+
+    deltas = [{names[0]: change(names[0])}, {names[1]: change(names[1])},
+              {names[1]: change(names[1]), names[2]: change(names[2])}]
+    ids = torch.tensor([[5, 17, 42, 7, 99]], device="cpu")
+    want = []
+    for delta in deltas:
+        originals = {name: params[name].detach().clone() for name in delta}
+        with torch.no_grad():
+            for name, value in delta.items():
+                params[name].add_(value)
+            want.append(model(input_ids=ids).logits[0])
+            for name, value in originals.items():
+                params[name].copy_(value)
+    stacked, stack = [], torch.stack
+    monkeypatch.setattr(torch, "stack", lambda t, *a, **k: stacked.append(len(t)) or stack(t, *a, **k))
+    with weight_deltas_by_group(model, deltas), torch.no_grad():
+        monkeypatch.setattr(torch, "stack", stack)
+        got = model(input_ids=ids.repeat(3, 1)).logits
+    assert sorted(stacked) == [1, 1, 2]
+    for g in range(3):
+        torch.testing.assert_close(got[g], want[g], rtol=1e-5, atol=1e-5)  # changes in float32
+    assert (want[0] - want[1]).abs().max() > 1e-3  # the edits differ
+
+
 def test_measuring_together_supports_linear_weights_only():
     from locedit.editing.deltas import weight_deltas_by_group
 

@@ -39,7 +39,8 @@ def weight_deltas_by_group(
     The changed parameters must be weights and biases of ``nn.Linear`` or ``Conv1D`` modules
     (the down-projections ROME, MEMIT, EMMET and AlphaEdit change, the MLP weights finetuning
     trains): each adds ``x dW_g^T + db_g`` to its module's output for block g's rows, in
-    float32. Equal to writing the update into the weights up to rounding.
+    float32, and leaves the blocks of edits that do not change it as they are. Equal to
+    writing the update into the weights up to rounding.
     """
     groups = len(deltas)
     by_module: dict[str, set[str]] = {}
@@ -52,10 +53,17 @@ def weight_deltas_by_group(
     for path, kinds in by_module.items():
         module = get_module(model, path)
         out_in = linear_out_in(module, module.weight)  # refuses other module types
+        names = [f"{path}.{kind}" for kind in kinds]
+        # Only the groups that change this module hold a stacked change: on a large model a
+        # dense [out, in] change in float32 for every group and module would not fit (MEMIT's
+        # window of 5 layers over 10 edit layers touches 14 modules, each edit 5 of them).
+        owners = [g for g, delta in enumerate(deltas) if any(n in delta for n in names)]
 
-        def stacked(name: str, like: torch.Tensor, view=lambda t: t) -> torch.Tensor:
+        def stacked(name: str, like: torch.Tensor, view=lambda t: t, owners=owners) -> torch.Tensor:
             zero = torch.zeros_like(like, dtype=torch.float32)
-            return torch.stack([view(d[name].float()) if name in d else zero for d in deltas])
+            return torch.stack([
+                view(deltas[g][name].float()) if name in deltas[g] else zero for g in owners
+            ])
 
         weights = (
             stacked(f"{path}.weight", out_in, lambda t, m=module: linear_out_in(m, t))
@@ -63,21 +71,24 @@ def weight_deltas_by_group(
         )
         biases = stacked(f"{path}.bias", module.bias) if "bias" in kinds else None
 
-        def add(x, hidden, weights=weights, biases=biases):
+        index = torch.tensor(owners, device=module.weight.device)
+
+        def add(x, hidden, weights=weights, biases=biases, index=index):
             size = int(hidden.shape[0])
             if size % groups:
                 raise ValueError(f"a batch of {size} rows is not {groups} equal blocks")
+            blocks = hidden.reshape(groups, size // groups, *hidden.shape[1:])
             change = torch.zeros(
-                (groups, size // groups, *hidden.shape[1:]), dtype=torch.float32,
-                device=hidden.device,
+                (len(index), *blocks.shape[1:]), dtype=torch.float32, device=hidden.device
             )
             if weights is not None:
-                blocks = x.reshape(groups, size // groups, *x.shape[1:]).float()
-                change = change + torch.einsum("gn...i,goi->gn...o", blocks, weights)
+                inputs = x.reshape(groups, size // groups, *x.shape[1:])[index].float()
+                change = change + torch.einsum("gn...i,goi->gn...o", inputs, weights)
             if biases is not None:
-                shape = (groups,) + (1,) * (change.dim() - 2) + (biases.shape[-1],)
+                shape = (len(index),) + (1,) * (change.dim() - 2) + (biases.shape[-1],)
                 change = change + biases.reshape(shape)
-            return hidden + change.reshape(hidden.shape).to(hidden.dtype)
+            changed = blocks[index] + change.to(hidden.dtype)
+            return blocks.index_copy(0, index, changed).reshape(hidden.shape)
 
         modules[path], edits[path] = module, add
     with edited_from_inputs(modules, edits):
