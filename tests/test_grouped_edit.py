@@ -87,6 +87,27 @@ def test_batched_vstar_equals_one_optimisation_per_job(family, tok):
         _assert_same(got, _sequential(model, job))
 
 
+def test_vstar_steps_compute_no_indices_from_data(tok, monkeypatch):
+    """On a GPU an index computed from data (``torch.nonzero``) waits for the device: the v*
+    optimisation, one job or a batch of them, works out its row indices (the KL rows among
+    them) before its steps, so 6 steps compute as many as 2."""
+    model = editable_tiny_model("llama", n_layers=4)
+    calls, nonzero = [], torch.nonzero
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: calls.append(1) or nonzero(*a, **k))
+    counts = {}
+    for steps in (2, 6):
+        hp = hparams_for("rome", overrides={**FAST, "v_steps": steps})
+        jobs = _rome_jobs(model, tok, hp, CASES[:2])
+        assert hp.kl_factor > 0 and bool(jobs[0].batch.kl.any())  # the KL rows are used
+        calls.clear()
+        assert _sequential(model, jobs[0]).steps == steps
+        one = len(calls)
+        calls.clear()
+        assert [r.steps for r in optimise_vstars(model, jobs)] == [steps, steps]
+        counts[steps] = (one, len(calls))
+    assert counts[2] == counts[6]
+
+
 def test_batched_zstar_with_relative_lr_and_fact_erasure(tok):
     """MEMIT's z* (residual output, layers up to it frozen), per-job learning rates from
     v_lr_relative, a minimising (Fact Erasure) job among maximising ones."""

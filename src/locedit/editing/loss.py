@@ -55,9 +55,7 @@ def split_log_probs(
     reading the vocabulary matrix, so one read instead of two halves it.
     """
     kl_rows = (
-        torch.nonzero(split.kl)[:, 0]
-        if with_kl
-        else torch.zeros(0, dtype=torch.long, device=split.kl.device)
+        split.kl_rows if with_kl else torch.zeros(0, dtype=torch.long, device=split.kl.device)
     )
     rows = torch.cat([split.target_rows, kl_rows])
     cols = torch.cat([split.target_cols, torch.zeros_like(kl_rows)])

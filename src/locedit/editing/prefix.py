@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -37,6 +38,12 @@ class SplitBatch:
     kl: torch.Tensor
     noise_prefix: tuple  # (row, start, noise[n, d]) in prefix coordinates
     noise_suffix: tuple  # (row, start, noise[n, d]) in suffix coordinates
+
+    @cached_property
+    def kl_rows(self) -> torch.Tensor:
+        """The KL rows' indices, worked out once: every optimisation step reads them, and on a
+        GPU an index computed from data waits for the device."""
+        return torch.nonzero(self.kl)[:, 0]
 
     @property
     def size(self) -> int:
