@@ -163,6 +163,21 @@ def test_refusals_name_a_setting_only_where_one_helps(family, what):
     assert "set model.arch" not in message and "ARCHITECTURES" not in message
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2"])
+def test_mixture_of_experts_families_get_a_tiny_model_and_their_refusal(family):
+    """Their default expert counts and widths made every tiny MoE model model-sized, so the
+    zoo listed them as unbuilt instead of saying why locedit refuses them."""
+    from locedit.zoo import MAX_PARAMS, build_tiny
+
+    with pytest.raises(UnsupportedArchitectureError, match="mixture-of-experts") as err:
+        build_tiny(family)  # not zoo._Unbuilt
+    assert family in str(err.value)
+    config = tiny_config(family, n_layers=2)
+    with torch.device("meta"):
+        size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    assert size < MAX_PARAMS
+
+
 def test_blocks_of_different_structure_are_refused_without_a_setting():
     """Hybrids alternating attention and recurrent blocks have no single path per component."""
     config = tiny_config("bamba", n_layers=2)

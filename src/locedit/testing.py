@@ -38,6 +38,7 @@ _EXTRA: dict[str, dict] = {
     "mistral": {"sliding_window": 16},
     "starcoder2": {"sliding_window": 16},
     "opt": {"word_embed_proj_dim": 64},
+    "zaya": {"num_experts_per_tok": 1},  # its only supported value
 }
 
 
@@ -102,6 +103,18 @@ def tiny_config(
         "mamba_d_state": 16,
         "mamba_chunk_size": 16,
         "state_size": 16,
+        # mixture-of-experts MLPs (4 experts of the MLP's width): their defaults are
+        # model-sized (multi-head latent attention's ranks are left as they are: MiniCPM3,
+        # a dense MLA family, then stays unbuilt; see docs/models.md)
+        "num_experts": 4,
+        "num_local_experts": 4,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "moe_intermediate_size": 2 * d_model,
+        "shared_expert_intermediate_size": 2 * d_model,
         "tie_word_embeddings": tie_embeddings,
         **_EXTRA.get(family, {}),
     }
