@@ -56,6 +56,7 @@ CI_SUBSET = [
     ("parallel attention/MLP", "gptj", None),
     ("post-norms", "gemma2", None),
     ("flattened MLP rows", "opt", None),
+    ("latent attention (cached latents, not keys)", "minicpm3", None),
 ]
 
 

@@ -104,8 +104,7 @@ def tiny_config(
         "mamba_chunk_size": 16,
         "state_size": 16,
         # mixture-of-experts MLPs (4 experts of the MLP's width): their defaults are
-        # model-sized (multi-head latent attention's ranks are left as they are: MiniCPM3,
-        # a dense MLA family, then stays unbuilt; see docs/models.md)
+        # model-sized
         "num_experts": 4,
         "num_local_experts": 4,
         "n_routed_experts": 4,
@@ -118,6 +117,15 @@ def tiny_config(
         "tie_word_embeddings": tie_embeddings,
         **_EXTRA.get(family, {}),
     }
+    if hasattr(defaults, "kv_lora_rank"):
+        # multi-head latent attention (DeepSeek-V2/V3, MiniCPM3, ...): low-rank keys and
+        # queries; a key per query head (no grouping) and the rotary width as head_dim, as
+        # the families' real configs have them
+        wanted.update(
+            kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=d_model // 8,
+            qk_nope_head_dim=d_model // 8, v_head_dim=d_model // 4,
+            num_key_value_heads=wanted["num_attention_heads"], head_dim=d_model // 8,
+        )
     if family in ("gpt2", "gptj", "gpt_neox"):
         del wanted["tie_word_embeddings"]  # as before: the family's default (tied)
     kwargs = {
