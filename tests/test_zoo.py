@@ -48,6 +48,15 @@ def _sliding_window_mistral() -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
 
 
+def _local_window_gpt_neo() -> torch.nn.Module:
+    """GPT-Neo with a window of 3 tokens (shorter than the prompts) and an odd number of
+    layers: global, local, global attention."""
+    config = tiny_config("gpt_neo", n_layers=3)
+    config.window_size = 3
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+
+
 #: One family per structural kind: (kind, family, builder or None for the zoo's own).
 CI_SUBSET = [
     ("learned positions", "gpt2", None),
@@ -57,6 +66,7 @@ CI_SUBSET = [
     ("post-norms", "gemma2", None),
     ("flattened MLP rows", "opt", None),
     ("latent attention (cached latents, not keys)", "minicpm3", None),
+    ("alternating global and local attention", "gpt_neo", _local_window_gpt_neo),
 ]
 
 

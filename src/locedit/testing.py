@@ -112,11 +112,22 @@ def tiny_config(
         "n_shared_experts": 1,
         "n_group": 1,
         "topk_group": 1,
+        # decoders of encoder-decoder families (BART-like, Whisper): their own names
+        "d_model": d_model,
+        "decoder_attention_heads": 4,
+        "encoder_attention_heads": 4,
+        "decoder_ffn_dim": 2 * d_model,
+        "encoder_ffn_dim": 2 * d_model,
         "moe_intermediate_size": 2 * d_model,
         "shared_expert_intermediate_size": 2 * d_model,
         "tie_word_embeddings": tie_embeddings,
         **_EXTRA.get(family, {}),
     }
+    if hasattr(defaults, "attention_types"):
+        # GPT-Neo: global and local (windowed) attention alternate, one type per layer
+        pairs, odd = divmod(n_layers, 2)
+        wanted["attention_types"] = [[["global", "local"], pairs]] + odd * [[["global"], 1]]
+        wanted["window_size"] = 16
     if hasattr(defaults, "kv_lora_rank"):
         # multi-head latent attention (DeepSeek-V2/V3, MiniCPM3, ...): low-rank keys and
         # queries; a key per query head (no grouping) and the rotary width as head_dim, as
