@@ -25,6 +25,7 @@ from locedit.editing.covariance import CovarianceStore
 from locedit.editing.editor import prepared
 from locedit.editing.types import EditFailed, GroupedEdit
 from locedit.editing.vstar import VStar, optimise_vstars
+from locedit.models.architecture import text_config
 from locedit.models.device import attention_without_cudnn, model_device
 
 
@@ -72,7 +73,7 @@ def job_bytes(model: nn.Module) -> int:
     """A generous estimate of one v*/z* job's memory: every layer's activations kept for the
     backward (about 12 d_model + 4 d_mlp floats per token) and the target positions'
     full-vocabulary logits, log-probabilities and their gradient, in float32."""
-    config = model.config
+    config = text_config(model)
     d_model = int(config.hidden_size)
     d_mlp = int(getattr(config, "intermediate_size", None) or 4 * d_model)
     layers = int(config.num_hidden_layers)

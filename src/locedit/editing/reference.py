@@ -19,6 +19,7 @@ from locedit.editing.batch import EditBatch
 from locedit.editing.hparams import VStarHParams
 from locedit.editing.loss import objective
 from locedit.editing.vstar import clamped_step
+from locedit.models.architecture import text_config
 from locedit.models.hooks import edited_output
 
 
@@ -37,7 +38,7 @@ def optimise_vstar_reference(
         raise ValueError("the reference v* handles clean requests only")
     device = batch.input_ids.device
     rows = torch.arange(batch.size, device=device)
-    delta = torch.zeros(int(model.config.hidden_size), requires_grad=True, device=device)
+    delta = torch.zeros(int(text_config(model).hidden_size), requires_grad=True, device=device)
     optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
     state: dict[str, torch.Tensor] = {}
 

@@ -28,6 +28,7 @@ from locedit.editing.hparams import VStarHParams
 from locedit.editing.loss import objective, split_log_probs
 from locedit.editing.prefix import PrefixCachedForward, merge_splits, split_batch
 from locedit.editing.types import EditFailed
+from locedit.models.architecture import text_config
 from locedit.models.hooks import frozen_layers
 from locedit.models.scoring import pad_token_id
 
@@ -158,7 +159,7 @@ def optimise_vstar(
     Each step recomputes only the suffix of every row (lookup token onwards) in the layers from
     ``n_frozen`` on: the prefix's keys and values and the lower layers' outputs are cached.
     """
-    d_model = int(model.config.hidden_size)
+    d_model = int(text_config(model).hidden_size)
     if hp.v_steps < 1:
         raise ValueError(f"{method} needs v_steps >= 1")
     split = split_batch(batch, pad_token_id(model))
@@ -284,7 +285,7 @@ def optimise_vstars(model: nn.Module, jobs: list[VStarJob]) -> list[VStar | Edit
     for job in jobs:
         if job.hparams.v_steps < 1:
             raise ValueError(f"{job.method} needs v_steps >= 1")
-    d_model = int(model.config.hidden_size)
+    d_model = int(text_config(model).hidden_size)
     pad = pad_token_id(model)
     splits = [split_batch(job.batch, pad) for job in jobs]
     merged, _ = merge_splits(splits, pad)

@@ -154,9 +154,19 @@ def block_returns_tuple(model: nn.Module) -> bool:
     return known
 
 
+def text_config(model: nn.Module):
+    """The config of the text decoder locedit traces and edits: the model's own for a text
+    LM, its ``text_config`` for a multimodal wrapper (Gemma-3 4B and larger load as
+    ``Gemma3ForConditionalGeneration``), whose depth, width, vocabulary and logit soft-cap
+    live there."""
+    config = model.config
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if callable(get) else config
+
+
 def n_layers(model: nn.Module) -> int:
     spec = arch_spec(model)
-    config = model.config
+    config = text_config(model)
     value = getattr(config, spec.n_layers_attr, None)
     if value is None:
         value = config.num_hidden_layers

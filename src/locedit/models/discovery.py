@@ -21,6 +21,7 @@ from locedit.models.architecture import (
     ARCHITECTURES,
     ArchSpec,
     UnsupportedArchitectureError,
+    text_config,
 )
 from locedit.models.tolerance import within
 
@@ -165,8 +166,9 @@ def refuse_unsupported_structure(model: nn.Module) -> None:
 
 
 def config_n_layers(model: nn.Module) -> tuple[str, int]:
-    """(attribute, value) of the config's layer count, preferring the stored attribute name."""
-    config = model.config
+    """(attribute, value) of the (text) config's layer count, preferring the stored attribute
+    name."""
+    config = text_config(model)
     stored = vars(config)
     for attr in _N_LAYERS_ATTRS:
         if isinstance(stored.get(attr), int):

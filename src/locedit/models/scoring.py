@@ -12,12 +12,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from locedit.models.architecture import text_config
 from locedit.models.device import model_device
 
 
 def logit_scale(model: nn.Module) -> float:
     """Factor some heads apply to the logits after the output embedding (Cohere, Granite)."""
-    config = model.config
+    config = text_config(model)
     scale = float(getattr(config, "logit_scale", None) or 1.0)
     return scale / float(getattr(config, "logits_scaling", None) or 1.0)
 
@@ -28,7 +29,7 @@ def unembed(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     scale = logit_scale(model)
     if scale != 1.0:
         logits = logits * scale
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    softcap = getattr(text_config(model), "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
@@ -49,7 +50,7 @@ def pad_right(
 
 
 def pad_token_id(model: nn.Module) -> int:
-    config = model.config
+    config = text_config(model)
     for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
         value = getattr(config, attr, None)
         if isinstance(value, list):

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import FactRecord, RecordError
-from locedit.models.architecture import Component, component_module, n_layers
+from locedit.models.architecture import Component, component_module, n_layers, text_config
 from locedit.models.device import model_device
 from locedit.models.hooks import Edit, edited_outputs, hidden_of, recorded
 from locedit.models.noise import NoiseSource, d_model, noised_subject, resolve_noise
@@ -181,7 +181,7 @@ def target_probs_from_final(
     """
     head = model.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    softcap = getattr(text_config(model), "final_logit_softcapping", None)
     scale = logit_scale(model)
     rows, n_target, width = final_hidden.shape
     flat = final_hidden.reshape(rows * n_target, width).to(weight.dtype)
