@@ -67,6 +67,7 @@ CI_SUBSET = [
     ("flattened MLP rows", "opt", None),
     ("latent attention (cached latents, not keys)", "minicpm3", None),
     ("alternating global and local attention", "gpt_neo", _local_window_gpt_neo),
+    ("multimodal wrapper (its text decoder's config)", "gemma3", None),
 ]
 
 
@@ -159,6 +160,7 @@ def test_validation_compares_small_values_relatively():
         ("mamba", "no attention"),
         ("bert", "no norm module reads the last block's output"),
         ("cpmant", "the head transforms it further"),
+        ("mllama", "base_model is the model itself"),
     ],
 )
 def test_refusals_name_a_setting_only_where_one_helps(family, what):

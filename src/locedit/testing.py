@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2TokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2TokenizerFast, PretrainedConfig
 
 from locedit.models.architecture import arch_spec
 
@@ -87,6 +87,12 @@ def tiny_config(
     positions, GPT-2's vocabulary and special tokens (the tests' tokenizer).
     """
     defaults = AutoConfig.for_model(family)
+    text = getattr(defaults, "text_config", None)
+    if isinstance(text, PretrainedConfig) and text.model_type not in ("", family):
+        return _tiny_wrapper(
+            family, defaults, tiny_config(text.model_type, n_layers, d_model, vocab_size,
+                                          tie_embeddings)
+        )
     wanted = {
         "num_hidden_layers": n_layers,
         "hidden_size": d_model,
@@ -153,6 +159,34 @@ def tiny_config(
         pad_token_id=pad if isinstance(pad, int) and pad < vocab_size else None,
         **kwargs,
     )
+
+
+#: A vision tower of one layer of width 32 over 32x32 images of 2x2 patches.
+_TINY_VISION = {
+    "hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64,
+    "num_attention_heads": 2, "image_size": 32, "patch_size": 16,
+}
+
+
+def _tiny_wrapper(family: str, defaults: PretrainedConfig, text: PretrainedConfig):
+    """A multimodal wrapper (e.g. Gemma-3 4B's ``gemma3``) around the tiny ``text`` decoder,
+    with a tiny vision tower, its special image tokens moved inside the tiny vocabulary and
+    4 image tokens per image."""
+    vocab = int(text.vocab_size)
+    kwargs: dict = {"text_config": text.to_dict()}
+    vision = getattr(defaults, "vision_config", None)
+    if isinstance(vision, PretrainedConfig):
+        kwargs["vision_config"] = {
+            **vision.to_dict(), **{k: v for k, v in _TINY_VISION.items() if hasattr(vision, k)}
+        }
+    special = sorted(
+        name for name, value in vars(defaults).items()
+        if name.endswith(("token_index", "token_id")) and isinstance(value, int) and value >= vocab
+    )
+    kwargs.update({name: vocab - 2 - i for i, name in enumerate(special)})  # not GPT-2's EOS
+    if hasattr(defaults, "mm_tokens_per_image"):
+        kwargs["mm_tokens_per_image"] = 4
+    return AutoConfig.for_model(family, **kwargs)
 
 
 def tiny_model(

@@ -142,7 +142,8 @@ def refuse_mixed_blocks(model: nn.Module, layers: str, stack: nn.ModuleList) -> 
 
 
 def refuse_unsupported_structure(model: nn.Module) -> None:
-    """Encoder-decoder and mixture-of-experts models are out of scope: say so in one line."""
+    """Encoder-decoder and mixture-of-experts models, and LMs without a separate decoder
+    stack, are out of scope: say so in one line."""
     config = getattr(model, "config", None)
     name = _model_type(model)
     # BartForCausalLM & co. clear is_encoder_decoder on their copy; the encoder width stays.
@@ -151,6 +152,17 @@ def refuse_unsupported_structure(model: nn.Module) -> None:
         raise UnsupportedArchitectureError(
             f"model_type {name!r} is an encoder-decoder model; locedit traces and edits "
             "decoder-only causal LMs (the experiment's layer l is a decoder block of one stack)"
+        )
+    if getattr(model, "base_model", None) is model:
+        # e.g. MllamaForCausalLM: its base_model_prefix names no attribute, so base_model is
+        # the LM itself and returns logits, where tracing and editing read the decoder
+        # stack's last hidden state
+        raise _refuse(
+            model,
+            f"{type(model).__name__}.base_model is the model itself (no attribute "
+            f"{getattr(model, 'base_model_prefix', '')!r}), so the decoder stack's hidden "
+            "states cannot be read",
+            settable=False,
         )
     experts = max((int(getattr(config, a, 0) or 0) for a in _EXPERT_ATTRS), default=0)
     routed = any(
