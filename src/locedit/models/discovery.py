@@ -153,17 +153,6 @@ def refuse_unsupported_structure(model: nn.Module) -> None:
             f"model_type {name!r} is an encoder-decoder model; locedit traces and edits "
             "decoder-only causal LMs (the experiment's layer l is a decoder block of one stack)"
         )
-    if getattr(model, "base_model", None) is model:
-        # e.g. MllamaForCausalLM: its base_model_prefix names no attribute, so base_model is
-        # the LM itself and returns logits, where tracing and editing read the decoder
-        # stack's last hidden state
-        raise _refuse(
-            model,
-            f"{type(model).__name__}.base_model is the model itself (no attribute "
-            f"{getattr(model, 'base_model_prefix', '')!r}), so the decoder stack's hidden "
-            "states cannot be read",
-            settable=False,
-        )
     experts = max((int(getattr(config, a, 0) or 0) for a in _EXPERT_ATTRS), default=0)
     routed = any(
         "expert" in type(m).__name__.lower() or "moe" in type(m).__name__.lower()
@@ -174,6 +163,17 @@ def refuse_unsupported_structure(model: nn.Module) -> None:
             f"model_type {name!r} has mixture-of-experts MLPs; locedit does not support them "
             "(ROME/MEMIT edit one dense MLP down-projection per layer, and a routed MLP has no "
             "single one)"
+        )
+    if getattr(model, "base_model", None) is model:
+        # e.g. MllamaForCausalLM: its base_model_prefix names no attribute, so base_model is
+        # the LM itself and returns logits, where tracing and editing read the decoder
+        # stack's last hidden state
+        raise _refuse(
+            model,
+            f"{type(model).__name__}.base_model is the model itself (no attribute "
+            f"{getattr(model, 'base_model_prefix', '')!r}), so the decoder stack's hidden "
+            "states cannot be read",
+            settable=False,
         )
 
 
