@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from e2e_support import ROOT, run_all, tiny_params
+from e2e_support import ROOT, run_all, tiny_overrides, tiny_params, write_data_root
+
+from locedit.pipeline.common import compose_params
+from locedit.testing import save_tiny
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
@@ -42,3 +45,20 @@ def test_experiment_runs_end_to_end(experiment, tmp_path):
     assert added, summary
     assert added[1] != "n/a" or re.search(r"Caveats: [^.]*R² undefined", summary), summary
     assert re.search(r"correlate at Pearson r = -?\d\.\d\d", summary), summary
+
+
+def test_a_multimodal_wrapper_runs_the_default_pipeline(tmp_path):
+    """Gemma-3 4B and larger load as Gemma3ForConditionalGeneration: every stage on a tiny one
+    (its language model traced, its statistics gathered and edited through its text config),
+    no edit failing."""
+    model_dir = save_tiny(tmp_path / "tiny-gemma3", "gemma3", n_layers=4)
+    overrides = tiny_overrides(tmp_path, model_dir, write_data_root(tmp_path / "data"))
+    params = compose_params(
+        ROOT / "conf", ["experiment=default", *overrides, "edit.methods=[rome,memit,ft1]"]
+    )
+    run_all(params)
+    results = pd.read_parquet(Path(params.paths.outputs) / "edit" / "results.parquet")
+    assert len(results) == 2 * 2 * 3 * len(params.edit.problems)
+    failed = results[results.status == "failed"]
+    assert failed.empty, failed[["fact_id", "method", "layer", "reason"]].to_string()
+    assert (results.status == "ok").any()
