@@ -173,10 +173,7 @@ class ConstrainedFinetune(pl.LightningModule):
                 loss = optimizer_closure()
                 for param, master in zip(self.trained, self.masters, strict=True):
                     if master is not None:
-                        master.grad = None if param.grad is None else param.grad.float()
-                        # the optimiser zeroes only the masters: without this the next
-                        # step's gradient would be added to this one's
-                        param.grad = None
+                        pass_gradient_to_master(param, master)
                 return loss
 
         super().optimizer_step(epoch, batch_idx, optimizer, closure)
@@ -185,25 +182,53 @@ class ConstrainedFinetune(pl.LightningModule):
     @torch.no_grad()
     def project_to_linf_ball(self) -> None:
         """Clamp every trained weight back into [original - eps, original + eps]."""
-        for param, master, (lo, hi) in zip(self.trained, self.masters, self.bounds, strict=True):
-            stepped = (param if master is None else master).float()
-            outside = torch.maximum(stepped - hi.float(), lo.float() - stepped).max()
-            self.max_overshoot = max(self.max_overshoot, float(outside) / self.eps)
+        for param, master, bounds in zip(self.trained, self.masters, self.bounds, strict=True):
+            stepped = param if master is None else master
+            self.max_overshoot = max(self.max_overshoot, overshoot(stepped, bounds, self.eps))
         for param, master, master_bounds in zip(
             self.trained, self.masters, self.master_bounds, strict=True
         ):
             if master is not None:
-                master.copy_(torch.maximum(torch.minimum(master, master_bounds[1]), master_bounds[0]))
-                param.copy_(master.to(param.dtype))
+                round_master_into(param, master, master_bounds)
         if not bool(torch.stack([torch.isfinite(p).all() for p in self.trained]).all()):
             raise EditFailed("ft", "non-finite weights after an optimiser step")
-        for param, (lo, hi) in zip(self.trained, self.bounds, strict=True):
-            param.copy_(torch.maximum(torch.minimum(param, hi), lo))
+        for param, bounds in zip(self.trained, self.bounds, strict=True):
+            clamp_into(param, bounds)
 
 
 def is_half(param: torch.Tensor) -> bool:
     """bfloat16 and float16 weights train through float32 master copies."""
     return param.dtype in (torch.float16, torch.bfloat16)
+
+
+def pass_gradient_to_master(weight: torch.Tensor, master: torch.Tensor) -> None:
+    """Hand a half-precision weight's gradient to its float32 master (what Adam steps) and
+    clear the weight's: the optimiser zeroes only the masters, so a gradient left on the
+    weight would be added to the next step's."""
+    master.grad = None if weight.grad is None else weight.grad.float()
+    weight.grad = None
+
+
+def overshoot(stepped: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor], eps: float) -> float:
+    """How far a step left the ball [lo, hi], in units of its radius ``eps`` (<= 0 inside)."""
+    lo, hi = bounds
+    stepped = stepped.float()
+    return float(torch.maximum(stepped - hi.float(), lo.float() - stepped).max()) / eps
+
+
+def clamp_into(weight: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Project ``weight`` into [lo, hi] in place (the L-inf ball of constrained finetuning)."""
+    lo, hi = bounds
+    weight.copy_(torch.maximum(torch.minimum(weight, hi), lo))
+
+
+def round_master_into(
+    weight: torch.Tensor, master: torch.Tensor, master_bounds: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """Project a float32 master into its ball, then make the weight the master rounded to the
+    weight's dtype (the weight is projected into its own ball after)."""
+    clamp_into(master, master_bounds)
+    weight.copy_(master.to(weight.dtype))
 
 
 @contextlib.contextmanager

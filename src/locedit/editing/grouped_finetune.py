@@ -41,12 +41,16 @@ from locedit.editing.batch import EditBatch, build_batch
 from locedit.editing.deltas import linear_out_in
 from locedit.editing.editor import prepared
 from locedit.editing.finetune import (
+    clamp_into,
     d_mlp,
     effective_linf_eps,
     finetuned_param_names,
     fit,
     is_half,
     linf_bounds,
+    overshoot,
+    pass_gradient_to_master,
+    round_master_into,
 )
 from locedit.editing.forward import hidden_states
 from locedit.editing.hparams import FTHParams
@@ -217,10 +221,11 @@ class GroupedFinetune(pl.LightningModule):
             for edit in self.edits:
                 for name, copy in edit.copies.items():
                     weight = edit.weights[name]
-                    if id(edit) not in stepping:
-                        copy.grad = None  # Adam skips it: no step, no state change
-                    elif copy is not weight:  # a master takes its weight's gradient
-                        copy.grad = None if weight.grad is None else weight.grad.float()
+                    if id(edit) in stepping:
+                        if copy is not weight:  # a master takes its weight's gradient
+                            pass_gradient_to_master(weight, copy)
+                        continue
+                    copy.grad = None  # Adam skips it: no step, no state change
                     if copy is not weight:
                         weight.grad = None  # the optimiser zeroes only what it trains
             return loss
@@ -237,13 +242,11 @@ class GroupedFinetune(pl.LightningModule):
         named = dict(self.model.named_parameters())
         for edit in self.stepping:
             for name, copy in edit.copies.items():
-                lo, hi = self.bounds[name]
-                outside = torch.maximum(copy.float() - hi.float(), lo.float() - copy.float()).max()
-                edit.outcome.max_overshoot = max(edit.outcome.max_overshoot, float(outside) / self.eps)
+                edit.outcome.max_overshoot = max(
+                    edit.outcome.max_overshoot, overshoot(copy, self.bounds[name], self.eps)
+                )
                 if name in self.master_bounds:
-                    master_lo, master_hi = self.master_bounds[name]
-                    copy.copy_(torch.maximum(torch.minimum(copy, master_hi), master_lo))
-                    edit.weights[name].copy_(copy.to(edit.weights[name].dtype))
+                    round_master_into(edit.weights[name], copy, self.master_bounds[name])
             if not all(bool(torch.isfinite(w).all()) for w in edit.weights.values()):
                 edit.fail("non-finite weights after an optimiser step")
                 for name, copy in edit.copies.items():
@@ -251,8 +254,7 @@ class GroupedFinetune(pl.LightningModule):
                     edit.weights[name].copy_(named[name])
                 continue
             for name, weight in edit.weights.items():
-                lo, hi = self.bounds[name]
-                weight.copy_(torch.maximum(torch.minimum(weight, hi), lo))
+                clamp_into(weight, self.bounds[name])
         self.stepping = []
 
 
