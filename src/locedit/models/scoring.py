@@ -25,7 +25,12 @@ def logit_scale(model: nn.Module) -> float:
 
 def unembed(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Logits from final-layer hidden states (after the final norm), as the LM head does."""
-    logits = model.get_output_embeddings()(hidden)
+    return head_logits(model, model.get_output_embeddings()(hidden))
+
+
+def head_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """What the LM head does after the output embedding: the logit scale (Cohere, Granite),
+    then the soft-cap (Gemma 2), both from the text decoder's config."""
     scale = logit_scale(model)
     if scale != 1.0:
         logits = logits * scale

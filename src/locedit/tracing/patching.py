@@ -18,11 +18,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from locedit.data.records import FactRecord, RecordError
-from locedit.models.architecture import Component, component_module, n_layers, text_config
+from locedit.models.architecture import Component, component_module, n_layers
 from locedit.models.device import model_device
 from locedit.models.hooks import Edit, edited_outputs, hidden_of, recorded
 from locedit.models.noise import NoiseSource, d_model, noised_subject, resolve_noise
-from locedit.models.scoring import logit_scale
+from locedit.models.scoring import head_logits
 from locedit.models.tokens import TokenizationError, encode_prompt, encode_target
 
 KINDS: tuple[str, ...] = ("mlp", "attn", "resid")
@@ -181,8 +181,6 @@ def target_probs_from_final(
     """
     head = model.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
-    softcap = getattr(text_config(model), "final_logit_softcapping", None)
-    scale = logit_scale(model)
     rows, n_target, width = final_hidden.shape
     flat = final_hidden.reshape(rows * n_target, width).to(weight.dtype)
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -191,11 +189,7 @@ def target_probs_from_final(
         logits = nn.functional.linear(
             flat, weight[start:stop], None if bias is None else bias[start:stop]
         )
-        if scale != 1.0:
-            logits = logits * scale
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits.to(compute)
+        return head_logits(model, logits).to(compute)
 
     vocab = weight.shape[0]
     chunk = max(1024, budget // max(1, flat.shape[0]))
