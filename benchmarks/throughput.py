@@ -9,6 +9,8 @@ import math
 import resource
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,6 +32,21 @@ def peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return peak_rss_mb()
+
+
+@contextmanager
+def _clocked(device: torch.device) -> Iterator[dict[str, float]]:
+    """Time the body: the accelerator synchronised at both ends and its peak-memory counter
+    reset first; the wall seconds land in the yielded dict's ``seconds``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    clock = {"seconds": math.nan}
+    start = time.perf_counter()
+    yield clock
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    clock["seconds"] = time.perf_counter() - start
 
 
 def _share_end(budget, methods_left: int) -> float:
@@ -82,36 +99,31 @@ def grouped_throughput(
                 rows[str(size)] = {"skipped": "over the time budget"}
                 continue
             edits = [GroupedEdit(method, *pairs[i % len(pairs)], hp) for i in range(n_edits)]
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
             probs, failed, refused = [], 0, None
-            start = time.perf_counter()
-            for first in range(0, n_edits, size):
-                group = edits[first : first + size]
-                try:
-                    given = (
-                        optimise_together(model, tokenizer, group, store) if size > 1 and batched
-                        else [()] * len(group)
-                    )
-                except ValueError as err:  # e.g. finetuning a module that is not Linear/Conv1D
-                    refused = str(err)
-                    break
-                for edit, vstars in zip(group, given, strict=True):
-                    ids = encode_prompt(tokenizer, edit.request.prompt, edit.request.subject)
-                    target = encode_target(tokenizer, edit.request.prompt, edit.request.target)
+            with _clocked(device) as clock:
+                for first in range(0, n_edits, size):
+                    group = edits[first : first + size]
                     try:
-                        with edited(model, tokenizer, method, edit.request, edit.layer, hp,
-                                    store, (), vstars):
-                            probs.append(
-                                float(target_log_probs(model, [ids.input_ids], [target]).exp())
-                            )
-                    except EditFailed:
-                        failed += 1
-                        probs.append(float("nan"))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - start
+                        given = (
+                            optimise_together(model, tokenizer, group, store)
+                            if size > 1 and batched else [()] * len(group)
+                        )
+                    except ValueError as err:  # e.g. finetuning a non-Linear/Conv1D module
+                        refused = str(err)
+                        break
+                    for edit, vstars in zip(group, given, strict=True):
+                        request = edit.request
+                        ids = encode_prompt(tokenizer, request.prompt, request.subject)
+                        target = encode_target(tokenizer, request.prompt, request.target)
+                        try:
+                            with edited(model, tokenizer, method, request, edit.layer, hp, store,
+                                        (), vstars):
+                                log_p = target_log_probs(model, [ids.input_ids], [target])
+                                probs.append(float(log_p.exp()))
+                        except EditFailed:
+                            failed += 1
+                            probs.append(float("nan"))
+            seconds = clock["seconds"]
             if refused is not None:
                 rows[str(size)] = {"refused": refused}
                 log.info("%s G=%d refused: %s", method, size, refused)
@@ -194,14 +206,9 @@ def sweep_throughput(
                     for i in range(n_edits)
                 ]
                 rows: list[dict] = []
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                start = time.perf_counter()
-                run(tasks, size, rows)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                seconds = time.perf_counter() - start
+                with _clocked(device) as clock:
+                    run(tasks, size, rows)
+                seconds = clock["seconds"]
                 values = {
                     (r["key"], k): v for r in rows for k, v in r.items()
                     if isinstance(v, float) and k != "seconds" and not math.isnan(v)
